@@ -1,0 +1,10 @@
+"""fastnotes: fused PyTorch ops for techniques from Su Jianlin's research notes (kexue.fm).
+
+Each op runs a fused kernel: Triton on GPU, Numba on CPU, with a plain-torch reference as the
+oracle and fallback. See README.md for the op table.
+"""
+from ._dispatch import BACKENDS, BackendUnsupportedError, use_backend
+from .losses import MultilabelCE, multilabel_ce
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "BackendUnsupportedError", "MultilabelCE", "multilabel_ce", "use_backend"]

@@ -1,0 +1,114 @@
+"""Backend choice, in one place.
+
+Order of precedence: fastnotes.use_backend(...) (innermost wins), then FASTNOTES_BACKEND, then the
+device: CUDA tensors -> cuda, triton; CPU tensors -> numba. When no fused kernel fits an automatic
+choice falls back to the plain-torch reference with a one-time warning; a forced backend that cannot
+run the call raises BackendUnsupportedError with the reason.
+"""
+import contextvars
+import functools
+import importlib.util
+import os
+import warnings
+
+BACKENDS = ("triton", "cuda", "numba", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("numba", "reference")}
+_forced = contextvars.ContextVar("fastnotes_backend", default=None)
+_warned = set()
+
+
+class BackendUnsupportedError(RuntimeError):
+    """The requested backend cannot run this call; the message says why."""
+
+
+def _check_name(name, source):
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+class use_backend:
+    """Force a backend: `fastnotes.use_backend("numba")` sets it for the current context;
+    `with fastnotes.use_backend("reference"): ...` sets it for the block and restores afterwards.
+    `use_backend(None)` returns to automatic choice."""
+
+    def __init__(self, name):
+        self.name = None if name is None else _check_name(name, "use_backend")
+        self._token = _forced.set(self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _forced.reset(self._token)
+        return False
+
+
+def forced_backend():
+    """The backend forced by use_backend or FASTNOTES_BACKEND, or None."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("FASTNOTES_BACKEND", "").strip()
+    return _check_name(env, "FASTNOTES_BACKEND") if env else None
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_module(module):
+    return None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
+
+
+def triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability(backend, device_type):
+    """None if `backend` can run on `device_type` here, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "numba":
+        if device_type != "cpu":
+            return "numba runs on CPU tensors only"
+        return _missing_module("numba")
+    if backend == "triton":
+        missing = _missing_module("triton")
+        if missing:
+            return missing
+        if device_type == "cpu" and not triton_interpreted():
+            return "triton needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for testing)"
+        if device_type not in ("cpu", "cuda"):
+            return f"triton does not run on {device_type} tensors"
+        return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return "the cuda backend needs CUDA tensors"
+        return _missing_module("fastnotes._C") and "fastnotes was built without its CUDA extension"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select(op_name, device_type, why_not):
+    """Pick the backend for one call. `why_not(backend)` gives the op's own reason a backend cannot
+    run these arguments (dtype, shape, ...) or None."""
+
+    def reason(backend):
+        return availability(backend, device_type) or why_not(backend)
+
+    forced = forced_backend()
+    if forced is not None:
+        problem = reason(forced)
+        if problem:
+            raise BackendUnsupportedError(f"{op_name}: backend {forced!r} cannot run this call: {problem}")
+        return forced
+    order = _AUTO_ORDER.get(device_type, ("reference",))
+    reasons = {}
+    for backend in order:
+        problem = reason(backend)
+        if problem is None:
+            if backend == "reference" and reasons and (op_name, device_type) not in _warned:
+                _warned.add((op_name, device_type))
+                detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+                warnings.warn(f"{op_name}: no fused kernel for this call ({detail}); "
+                              "using the plain-torch reference", RuntimeWarning, stacklevel=3)
+            return backend
+        reasons[backend] = problem
+    raise BackendUnsupportedError(f"{op_name}: no backend can run this call: {reasons}")

@@ -1,0 +1,204 @@
+"""ZLPR (multi-label softmax cross-entropy) on the CPU: one fused pass forward, one backward.
+
+Per row, with validity v_i (not masked, logit != -inf) and targets t_i in [0, 1]:
+    pos stream a_i = -s_i + log t_i      (v_i and t_i > 0)
+    neg stream b_i =  s_i + log(1 - t_i) (v_i and t_i < 1)
+    LA = lse([a, 0]), LB = lse([b, 0]), loss = LA + LB
+    dL/ds_i = -exp(a_i - LA) + exp(b_i - LB)
+Excluded entries take no part (selects, never 1e12 arithmetic). Rows run in parallel.
+
+Each stream keeps (m, l) with lse = m + log l, started at (0, 1): the appended zero logit. A row is
+streamed in chunks that stay in L1, and a chunk adds sum(exp(a_i - m)) = sum(t_i exp(-s_i - m)) with
+the m it already has: no max pass (float max reductions do not vectorise here) and no logarithm.
+That is exact unless a term overflows, which shows as an inf (or NaN) chunk sum; then the chunk is
+redone with its true maximum and log t_i (scalar, rare: logits beyond ~88 above the running lse or
+targets below ~1e-38). Terms that underflow are below e^-87 of l >= 1 and cannot matter. l is folded
+into m when it grows large. The backward uses the same identity and the same inf check per chunk.
+"""
+import math
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ._math import FASTMATH, fast_exp, like
+
+CHUNK = 1024
+_JIT = dict(fastmath=FASTMATH, boundscheck=False, cache=True)
+
+
+@njit(inline="always", **_JIT)
+def _entry(s, t, mask, j):
+    """(s_j, t_j, in pos stream, in neg stream, valid) with t_j in the compute dtype."""
+    x = s[j]
+    tj = like(s, t[j])
+    valid = x != like(s, -np.inf)
+    if mask is not None:
+        valid = valid & (mask[j] != 0)
+    return x, tj, valid & (tj > like(s, 0.0)), valid & (tj < like(s, 1.0)), valid
+
+
+@njit(**_JIT)
+def _chunk_sums(s, t, mask, lo, hi, m_pos, m_neg):
+    """Sums of exp(a - m_pos) and exp(b - m_neg) over entries lo..hi, and the count of targets
+    outside [0, 1] (NaN included)."""
+    zero = like(s, 0.0)
+    one = like(s, 1.0)
+    sum_pos = zero
+    sum_neg = zero
+    n_bad = zero  # counted in the compute dtype: an int64 counter halves the vector width
+    for j in range(lo, hi):
+        x, tj, pos, neg, _ = _entry(s, t, mask, j)
+        sum_pos += tj * fast_exp(-x - m_pos) if pos else zero
+        sum_neg += (one - tj) * fast_exp(x - m_neg) if neg else zero
+        n_bad += zero if (tj >= zero) & (tj <= one) else one
+    return sum_pos, sum_neg, n_bad
+
+
+@njit(**_JIT)
+def _add_chunk_exactly(s, t, mask, lo, hi, m_pos, l_pos, m_neg, l_neg):
+    """The overflow path: move m to the chunk's true maximum, then add its terms."""
+    for j in range(lo, hi):
+        x, tj, pos, neg, _ = _entry(s, t, mask, j)
+        if pos:
+            a = -x + like(s, math.log(tj))
+            if a > m_pos:
+                l_pos *= fast_exp(m_pos - a)
+                m_pos = a
+            l_pos += fast_exp(a - m_pos)
+        if neg:
+            b = x + like(s, math.log1p(-tj))
+            if b > m_neg:
+                l_neg *= fast_exp(m_neg - b)
+                m_neg = b
+            l_neg += fast_exp(b - m_neg)
+    return m_pos, l_pos, m_neg, l_neg
+
+
+@njit(**_JIT)
+def _forward_row(s, t, mask):
+    """(LA, LB, number of targets outside [0, 1]) for one row."""
+    inf = like(s, np.inf)
+    big = like(s, 2.0**60)
+    m_pos = like(s, 0.0)
+    l_pos = like(s, 1.0)
+    m_neg = like(s, 0.0)
+    l_neg = like(s, 1.0)
+    n_bad = 0
+    for lo in range(0, s.shape[0], CHUNK):
+        hi = min(lo + CHUNK, s.shape[0])
+        sum_pos, sum_neg, bad = _chunk_sums(s, t, mask, lo, hi, m_pos, m_neg)
+        n_bad += int(bad)
+        if (sum_pos < inf) & (sum_neg < inf):
+            l_pos += sum_pos
+            l_neg += sum_neg
+        else:
+            m_pos, l_pos, m_neg, l_neg = _add_chunk_exactly(s, t, mask, lo, hi, m_pos, l_pos, m_neg, l_neg)
+        if l_pos > big:
+            m_pos += like(s, math.log(l_pos))
+            l_pos = like(s, 1.0)
+        if l_neg > big:
+            m_neg += like(s, math.log(l_neg))
+            l_neg = like(s, 1.0)
+    return m_pos + math.log(l_pos), m_neg + math.log(l_neg), n_bad
+
+
+@njit(parallel=True, **_JIT)
+def _forward(logits, targets, mask, loss, lse):
+    n_bad = 0
+    mask_step = 0 if mask is None or mask.shape[0] == 1 else 1  # a [1, C] mask is shared by all rows
+    for i in prange(logits.shape[0]):
+        if mask is None:
+            la, lb, bad = _forward_row(logits[i], targets[i], None)
+        else:
+            la, lb, bad = _forward_row(logits[i], targets[i], mask[i * mask_step])
+        lse[i, 0] = la
+        lse[i, 1] = lb
+        loss[i] = la + lb
+        n_bad += bad
+    return n_bad
+
+
+@njit(**_JIT)
+def _backward_row(s, t, mask, la, lb, g, grad_s, grad_t):
+    zero = like(s, 0.0)
+    one = like(s, 1.0)
+    inf = like(s, np.inf)
+    for lo in range(0, s.shape[0], CHUNK):
+        hi = min(lo + CHUNK, s.shape[0])
+        # exp(a - LA) = t exp(-s - LA) overflows only for targets below ~1e-38: checked per chunk
+        total = zero
+        for j in range(lo, hi):
+            x, tj, pos, neg, _ = _entry(s, t, mask, j)
+            d = (one - tj) * fast_exp(x - lb) if neg else zero
+            d -= tj * fast_exp(-x - la) if pos else zero
+            grad_s[j] = g * d
+            total += d
+        if not (abs(total) < inf):
+            for j in range(lo, hi):
+                x, tj, pos, neg, _ = _entry(s, t, mask, j)
+                d = (one - tj) * fast_exp(x - lb) if neg else zero
+                if pos:
+                    d -= fast_exp(-x + like(s, math.log(tj)) - la)
+                grad_s[j] = g * d
+        if grad_t is not None:
+            # dL/dt_j = exp(-s_j - LA) - exp(s_j - LB), one-sided at t = 0 and 1 (spec section 5)
+            for j in range(lo, hi):
+                x, _, _, _, valid = _entry(s, t, mask, j)
+                grad_t[j] = g * (fast_exp(-x - la) - fast_exp(x - lb)) if valid else zero
+
+
+@njit(parallel=True, **_JIT)
+def _backward(logits, targets, mask, lse, grad_loss, grad_logits, grad_targets):
+    mask_step = 0 if mask is None or mask.shape[0] == 1 else 1
+    for i in prange(logits.shape[0]):
+        g = like(logits, grad_loss[i])
+        if mask is None:
+            m = None
+        else:
+            m = mask[i * mask_step]
+        if grad_targets is None:
+            _backward_row(logits[i], targets[i], m, lse[i, 0], lse[i, 1], g, grad_logits[i], None)
+        else:
+            _backward_row(logits[i], targets[i], m, lse[i, 0], lse[i, 1], g, grad_logits[i], grad_targets[i])
+
+
+# ---- launch functions: 2-D contiguous CPU tensors in, tensors out --------------------------------
+
+
+def _compute_view(x):
+    """Numba computes in float32 or float64; float16/bfloat16 logits are widened here."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _array(x):
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    elif x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return x.detach().numpy()
+
+
+def zlpr_forward(logits, targets, mask):
+    """logits, targets [N, C]; mask [N or 1, C] bool or None.
+    Returns (loss [N], lse [N, 2], number of targets outside [0, 1]); float32, or float64 for
+    float64 logits."""
+    work = _compute_view(logits)
+    loss = torch.empty(work.shape[0], dtype=work.dtype)
+    lse = torch.empty(work.shape[0], 2, dtype=work.dtype)
+    n_bad = _forward(_array(work), _array(targets), None if mask is None else _array(mask),
+                     loss.numpy(), lse.numpy())
+    return loss, lse, n_bad
+
+
+def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
+    """grad_loss [N]. Returns (grad_logits in logits.dtype, grad_targets in targets.dtype or None)."""
+    work = _compute_view(logits)
+    grad_logits = torch.empty_like(work)
+    grad_targets = torch.empty_like(work) if need_grad_targets else None
+    _backward(_array(work), _array(targets), None if mask is None else _array(mask), lse.numpy(),
+              _array(grad_loss.to(work.dtype).contiguous()), grad_logits.numpy(),
+              None if grad_targets is None else grad_targets.numpy())
+    if grad_targets is not None:
+        grad_targets = grad_targets.to(targets.dtype)
+    return grad_logits.to(logits.dtype), grad_targets
