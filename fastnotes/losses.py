@@ -1,5 +1,6 @@
 """Losses: the multi-label softmax cross-entropy (ZLPR) and its family. Math: specs/zlpr.md."""
 import importlib
+import math
 
 import torch
 
@@ -96,12 +97,15 @@ def multilabel_ce(logits, targets, *, mask=None, reduction="mean"):
     if backend == "reference":
         if targets.dtype != torch.bool and bool(((targets < 0) | (targets > 1) | targets.isnan()).any()):
             raise ValueError(f"{_OP}: targets must lie in [0, 1]")
+        if targets.requires_grad and bool(((targets == 0) | (targets == 1)).any()):
+            raise ValueError(f"{_OP}: the reference backend differentiates targets only inside (0, 1); "
+                             "the numba and triton backends give the one-sided gradient at 0 and 1")
         return reference.multilabel_ce(logits, targets, mask, reduction)
     kernels = importlib.import_module(_KERNELS[backend])
-    n_classes = logits.shape[-1]
+    shape_2d = (math.prod(logits.shape[:-1]), logits.shape[-1])
     rows = _MultilabelCEFunction.apply(
-        logits.reshape(-1, n_classes).contiguous(),
-        targets.reshape(-1, n_classes).contiguous(),
+        logits.reshape(shape_2d).contiguous(),
+        targets.reshape(shape_2d).contiguous(),
         None if mask is None else _mask_rows(mask, logits.shape),
         kernels,
     )

@@ -40,7 +40,7 @@ def fast_exp(x):
     raise NotImplementedError("fast_exp is only callable from numba-compiled code")
 
 
-@overload(fast_exp, inline="always", fastmath=FASTMATH)
+@overload(fast_exp, fastmath=FASTMATH)
 def _fast_exp_impl(x):
     if x == types.float32:
 

@@ -1,0 +1,209 @@
+"""ZLPR (multi-label softmax cross-entropy) on the GPU. Math: specs/zlpr.md sections 4, 5 and 8.
+
+forward: grid (rows, splits). Each program streams its slice of the classes in BLOCK tiles with an
+online logsumexp per stream (pos a = -s + log t, neg b = s + log(1 - t)). All partial states use the
+reference point m = 0; split 0 starts at l = 1 (the appended zero logit, added exactly once), the
+others at l = 0, so no state is ever -inf and exp(-inf - -inf) cannot occur. A combine kernel merges
+the splits per row into (LA, LB) and the loss. Splitting C keeps the GPU busy when rows are few.
+backward: grid (rows, column tiles), one elementwise pass: g (exp(b - LB) - exp(a - LA)).
+Targets outside [0, 1] make the row's loss NaN and are counted (the caller raises on CPU).
+"""
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_BLOCK = 2048
+BACKWARD_BLOCK = 2048
+NUM_WARPS = 8
+_PARTIAL = 5  # per (row, split): m_pos, l_pos, m_neg, l_neg, bad-target count
+
+
+@triton.jit
+def _load_row_tile(logits_ptr, targets_ptr, mask_ptr, row, cols, n_cols,
+                   logits_stride, targets_stride, mask_stride, HAS_MASK: tl.constexpr):
+    """(s, t, valid, a, b, in_bounds) for one tile of one row, in float32."""
+    inb = cols < n_cols
+    s = tl.load(logits_ptr + row * logits_stride + cols, mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(targets_ptr + row * targets_stride + cols, mask=inb, other=0).to(tl.float32)
+    valid = inb & (s != float("-inf"))
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + row * mask_stride + cols, mask=inb, other=0) != 0)
+    a = tl.where(valid & (t > 0.0), -s + tl.log(t), float("-inf"))
+    b = tl.where(valid & (t < 1.0), s + tl.log(1.0 - t), float("-inf"))
+    return s, t, valid, a, b, inb
+
+
+@triton.jit
+def zlpr_forward_kernel(logits_ptr, targets_ptr, mask_ptr, partial_ptr, n_cols, cols_per_split,
+                        logits_stride, targets_stride, mask_stride,
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    start = split * cols_per_split
+    m_pos = 0.0
+    m_neg = 0.0
+    l_pos = (split == 0).to(tl.float32)
+    l_neg = (split == 0).to(tl.float32)
+    n_bad = 0.0
+    for offset in range(0, cols_per_split, BLOCK):
+        cols = start + offset + tl.arange(0, BLOCK)
+        s, t, valid, a, b, inb = _load_row_tile(logits_ptr, targets_ptr, mask_ptr, row, cols, n_cols,
+                                                logits_stride, targets_stride, mask_stride, HAS_MASK)
+        n_bad += tl.sum((inb & ~((t >= 0.0) & (t <= 1.0))).to(tl.float32), axis=0)
+        m_new = tl.maximum(m_pos, tl.max(a, axis=0))
+        l_pos = l_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(a - m_new), axis=0)
+        m_pos = m_new
+        m_new = tl.maximum(m_neg, tl.max(b, axis=0))
+        l_neg = l_neg * tl.exp(m_neg - m_new) + tl.sum(tl.exp(b - m_new), axis=0)
+        m_neg = m_new
+    out = partial_ptr + (row * n_splits + split) * 5
+    tl.store(out + 0, m_pos)
+    tl.store(out + 1, l_pos)
+    tl.store(out + 2, m_neg)
+    tl.store(out + 3, l_neg)
+    tl.store(out + 4, n_bad)
+
+
+@triton.jit
+def zlpr_combine_kernel(partial_ptr, loss_ptr, lse_ptr, bad_ptr, n_splits, SPLITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, SPLITS)
+    ok = k < n_splits
+    base = partial_ptr + (row * n_splits + k) * 5
+    m_pos = tl.load(base + 0, mask=ok, other=0.0)
+    l_pos = tl.load(base + 1, mask=ok, other=0.0)
+    m_neg = tl.load(base + 2, mask=ok, other=0.0)
+    l_neg = tl.load(base + 3, mask=ok, other=0.0)
+    n_bad = tl.sum(tl.load(base + 4, mask=ok, other=0.0), axis=0)
+    top = tl.max(m_pos, axis=0)
+    lse_pos = top + tl.log(tl.sum(l_pos * tl.exp(m_pos - top), axis=0))
+    top = tl.max(m_neg, axis=0)
+    lse_neg = top + tl.log(tl.sum(l_neg * tl.exp(m_neg - top), axis=0))
+    tl.store(lse_ptr + row * 2, lse_pos)
+    tl.store(lse_ptr + row * 2 + 1, lse_neg)
+    tl.store(loss_ptr + row, tl.where(n_bad > 0, float("nan"), lse_pos + lse_neg))
+    tl.store(bad_ptr + row, n_bad)
+
+
+@triton.jit
+def zlpr_backward_kernel(logits_ptr, targets_ptr, mask_ptr, lse_ptr, grad_loss_ptr,
+                         grad_logits_ptr, grad_targets_ptr, n_cols,
+                         logits_stride, targets_stride, mask_stride,
+                         HAS_MASK: tl.constexpr, NEED_GRAD_TARGETS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    s, t, valid, a, b, inb = _load_row_tile(logits_ptr, targets_ptr, mask_ptr, row, cols, n_cols,
+                                            logits_stride, targets_stride, mask_stride, HAS_MASK)
+    lse_pos = tl.load(lse_ptr + row * 2)
+    lse_neg = tl.load(lse_ptr + row * 2 + 1)
+    g = tl.load(grad_loss_ptr + row).to(tl.float32)
+    grad = g * (tl.exp(b - lse_neg) - tl.exp(a - lse_pos))
+    tl.store(grad_logits_ptr + row * n_cols + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inb)
+    if NEED_GRAD_TARGETS:
+        # dL/dt = exp(-s - LA) - exp(s - LB), from s directly so t = 0 and 1 get the one-sided value
+        grad_t = tl.where(valid, g * (tl.exp(-s - lse_pos) - tl.exp(s - lse_neg)), 0.0)
+        tl.store(grad_targets_ptr + row * n_cols + cols, grad_t.to(grad_targets_ptr.dtype.element_ty), mask=inb)
+
+
+# ---- launch -------------------------------------------------------------------------------------
+
+
+def _block(n_cols, largest):
+    return max(16, min(largest, triton.next_power_of_2(max(n_cols, 1))))
+
+
+def _target_programs(device):
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # interpreter: one program per row keeps the test cost down
+
+
+def _as_loadable(x):
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
+
+
+def zlpr_forward(logits, targets, mask, n_splits=None):
+    """logits, targets [N, C] (row-contiguous); mask [N or 1, C] bool or None.
+    Returns (loss [N] float32, lse [N, 2] float32, bad-target count per row [N] float32)."""
+    n_rows, n_cols = logits.shape
+    block = _block(n_cols, FORWARD_BLOCK)
+    n_tiles = triton.cdiv(n_cols, block)
+    if n_splits is None:
+        n_splits = min(n_tiles, max(1, triton.cdiv(_target_programs(logits.device), max(n_rows, 1))))
+    n_splits = max(1, min(n_splits, n_tiles))
+    cols_per_split = triton.cdiv(n_tiles, n_splits) * block
+    n_splits = triton.cdiv(n_cols, cols_per_split) if n_cols else 1
+    device = logits.device
+    partial = torch.empty(n_rows, n_splits, _PARTIAL, dtype=torch.float32, device=device)
+    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
+    bad = torch.empty(n_rows, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return loss, lse, bad.sum()
+    mask_arg = _as_loadable(mask) if mask is not None else logits
+    mask_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    zlpr_forward_kernel[(n_rows, n_splits)](
+        logits, _as_loadable(targets), mask_arg, partial, n_cols, cols_per_split,
+        logits.stride(0), targets.stride(0), mask_stride,
+        HAS_MASK=mask is not None, BLOCK=block, num_warps=NUM_WARPS)
+    zlpr_combine_kernel[(n_rows,)](partial, loss, lse, bad, n_splits,
+                                   SPLITS=max(2, triton.next_power_of_2(n_splits)), num_warps=1)
+    return loss, lse, bad.sum()
+
+
+def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
+    """Returns (grad_logits in logits.dtype, grad_targets in targets.dtype or None)."""
+    n_rows, n_cols = logits.shape
+    grad_logits = torch.empty_like(logits)
+    grad_targets = torch.empty(targets.shape, dtype=targets.dtype, device=targets.device) \
+        if need_grad_targets else None
+    if n_rows == 0 or n_cols == 0:
+        if grad_targets is not None:
+            grad_targets.zero_()
+        return grad_logits.zero_(), grad_targets
+    block = _block(n_cols, BACKWARD_BLOCK)
+    mask_arg = _as_loadable(mask) if mask is not None else logits
+    mask_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    zlpr_backward_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        logits, _as_loadable(targets), mask_arg, lse, grad_loss.contiguous(),
+        grad_logits, grad_logits if grad_targets is None else grad_targets, n_cols,
+        logits.stride(0), targets.stride(0), mask_stride,
+        HAS_MASK=mask is not None, NEED_GRAD_TARGETS=need_grad_targets, BLOCK=block,
+        num_warps=NUM_WARPS)
+    return grad_logits, grad_targets
+
+
+# Every configuration the launchers use, for ahead-of-time compilation in the tests:
+# (kernel, signature, constexprs, num_warps).
+def _aot_configs():
+    configs = []
+    for logits_ty in ("fp32", "fp16", "bf16"):
+        for targets_ty in (logits_ty, "u8"):
+            for has_mask in (False, True):
+                sig_common = {"logits_ptr": f"*{logits_ty}", "targets_ptr": f"*{targets_ty}",
+                              "mask_ptr": "*u8" if has_mask else f"*{logits_ty}"}
+                strides = {"logits_stride": "i32", "targets_stride": "i32", "mask_stride": "i32"}
+                for block in (16, FORWARD_BLOCK) if logits_ty == "fp32" else (FORWARD_BLOCK,):
+                    configs.append((zlpr_forward_kernel,
+                                    {**sig_common, "partial_ptr": "*fp32", "n_cols": "i32",
+                                     "cols_per_split": "i32", **strides,
+                                     "HAS_MASK": "constexpr", "BLOCK": "constexpr"},
+                                    {"HAS_MASK": has_mask, "BLOCK": block}, NUM_WARPS))
+                for need_t in (False, True):
+                    grad_t_ty = targets_ty if need_t else logits_ty
+                    configs.append((zlpr_backward_kernel,
+                                    {**sig_common, "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+                                     "grad_logits_ptr": f"*{logits_ty}", "grad_targets_ptr": f"*{grad_t_ty}",
+                                     "n_cols": "i32", **strides, "HAS_MASK": "constexpr",
+                                     "NEED_GRAD_TARGETS": "constexpr", "BLOCK": "constexpr"},
+                                    {"HAS_MASK": has_mask, "NEED_GRAD_TARGETS": need_t,
+                                     "BLOCK": BACKWARD_BLOCK}, NUM_WARPS))
+    for splits in (2, 64, 1024):
+        configs.append((zlpr_combine_kernel,
+                        {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "bad_ptr": "*fp32",
+                         "n_splits": "i32", "SPLITS": "constexpr"}, {"SPLITS": splits}, 1))
+    return configs
+
+
+AOT_CONFIGS = _aot_configs()
