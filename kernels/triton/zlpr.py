@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 FORWARD_BLOCK = 2048
-BACKWARD_BLOCK = 2048
+BACKWARD_BLOCK = 1024
 NUM_WARPS = 8
 _PARTIAL = 5  # per (row, split): m_pos, l_pos, m_neg, l_neg, bad-target count
 
