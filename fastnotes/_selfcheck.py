@@ -1,0 +1,96 @@
+"""Self-check and quick timing of every op, for `python -m fastnotes`.
+
+Each op registers one check (fused backend vs the float64 reference on fresh random inputs,
+forward and backward) and one timing case (fused vs the composite users would write)."""
+import time
+
+import torch
+
+from . import _dispatch, reference
+from .losses import multilabel_ce
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _multilabel_ce_check(device, dtype):
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    logits = (torch.randn(64, 1001, generator=gen, dtype=torch.float64) * 4)
+    targets = torch.rand(64, 1001, generator=gen, dtype=torch.float64)
+    targets = torch.where(torch.rand(64, 1001, generator=gen, dtype=torch.float64) < 0.5, (targets > 0.9).double(), targets)
+    mask = torch.rand(64, 1001, generator=gen) < 0.9
+    upstream = torch.randn(64, dtype=torch.float64, generator=gen)
+    exact_x = logits.clone().requires_grad_()
+    exact = reference.multilabel_ce(exact_x, targets, mask, "none")
+    exact.backward(upstream)
+    x = logits.to(device=device, dtype=dtype).requires_grad_()
+    loss = multilabel_ce(x, targets.to(device=device, dtype=dtype), mask=mask.to(device), reduction="none")
+    loss.backward(upstream.to(device=device, dtype=dtype))
+    scale = max(1.0, exact.abs().max().item())
+    return {"loss_error": (loss.double().cpu() - exact.detach()).abs().max().item() / scale,
+            "grad_error": (x.grad.double().cpu() - exact_x.grad).abs().max().item()}
+
+
+def _multilabel_ce_timing(device):
+    logits = torch.randn(256, 20000, device=device) * 3
+    targets = (torch.rand(256, 20000, device=device) < 0.01).float()
+
+    def fused():
+        x = logits.detach().requires_grad_()
+        torch.autograd.grad(multilabel_ce(x, targets), x)
+
+    def composite():
+        x = logits.detach().requires_grad_()
+        torch.autograd.grad(reference.multilabel_ce_composite(x, targets).mean(), x)
+
+    return {"shape": "256x20000 fp32 fwd+bwd", "fused": fused, "composite": composite}
+
+
+OPS = {"multilabel_ce": (_multilabel_ce_check, _multilabel_ce_timing)}
+
+
+def backends_for(device_type):
+    return [b for b in ("cuda", "triton", "numba") if _dispatch.availability(b, device_type) is None]
+
+
+def run_checks(device):
+    """One row per (op, backend, dtype): errors vs the float64 reference and pass/fail."""
+    rows = []
+    for op, (check, _) in OPS.items():
+        for backend in backends_for(device.type) + ["reference"]:
+            for dtype in (torch.float32, torch.float64):
+                row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", "")}
+                with _dispatch.use_backend(backend):
+                    try:
+                        row.update(check(device, dtype))
+                    except _dispatch.BackendUnsupportedError:
+                        continue  # e.g. triton has no float64 path
+                    except Exception as exc:  # a crash is a failed check, reported, not raised
+                        row.update(error=f"{type(exc).__name__}: {exc}")
+                tol = TOLERANCE[dtype]
+                row["tolerance"] = tol
+                row["passed"] = "error" not in row and row["loss_error"] <= tol and row["grad_error"] <= tol
+                rows.append(row)
+    return rows
+
+
+def _median_ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def run_timings(device, repeats=5):
+    rows = []
+    for op, (_, timing) in OPS.items():
+        case = timing(device)
+        fused = _median_ms(case["fused"], repeats)
+        composite = _median_ms(case["composite"], repeats)
+        rows.append({"op": op, "case": case["shape"], "fused_ms": fused, "composite_ms": composite,
+                     "speedup": composite / fused})
+    return rows
