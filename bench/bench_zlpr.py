@@ -14,7 +14,6 @@ CPU runs on every machine; CUDA is added when torch sees a GPU. Each benchmark i
 benchmark.pedantic call whose timed function is the op only (plus a synchronize on CUDA).
 """
 import os
-import platform
 import tempfile
 import time
 
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastnotes  # noqa: E402
+from fastnotes import _env  # noqa: E402
 from fastnotes.reference import multilabel_ce_composite  # noqa: E402
 
 OP = "multilabel_ce"
@@ -56,34 +56,12 @@ def _composite_mean(logits, targets):
 _compiled_composite = torch.compile(_composite_mean, dynamic=False)
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions():
-    out = {"torch": torch.__version__, "fastnotes": fastnotes.__version__,
-           "python": platform.python_version()}
-    for name in ("numba", "triton"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = "not installed"
-    return out
-
-
 def _device_info(device):
     if device == "cuda":
         return {"device_name": torch.cuda.get_device_name(), "threads": None}
     import numba
 
-    return {"device_name": _cpu_model(), "threads": {"torch": torch.get_num_threads(),
+    return {"device_name": _env.cpu_name(), "threads": {"torch": torch.get_num_threads(),
                                                      "numba": numba.get_num_threads()}}
 
 
@@ -152,7 +130,7 @@ def test_multilabel_ce(benchmark, inputs, mode, contender):
         benchmark.group = f"{OP} {device} {n}x{c} {mode}"
         benchmark.extra_info.update(
             op=OP, shape=[n, c], mode=mode, contender=contender, device=device,
-            **_device_info(device), versions=_versions(), bytes=n * c * BYTES_PER_ELEMENT[mode],
+            **_device_info(device), versions=_env.versions(), bytes=n * c * BYTES_PER_ELEMENT[mode],
             positive_rate=POSITIVE_RATE, dtype="float32",
         )
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)

@@ -2,33 +2,7 @@
 Exits non-zero when a check fails. `--json` prints one machine-readable object instead."""
 import argparse
 import json
-import os
-import platform
 import sys
-
-
-def _versions():
-    import numpy
-    import torch
-
-    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for name in ("numba", "triton"):
-        try:
-            found[name] = __import__(name).__version__
-        except ImportError:
-            found[name] = None
-    return found
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -41,13 +15,13 @@ def main(argv=None):
     import torch
 
     import fastnotes
-    from fastnotes import _dispatch, _selfcheck
+    from fastnotes import _dispatch, _env, _selfcheck
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {
         "fastnotes": fastnotes.__version__,
-        "versions": _versions(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "versions": _env.versions(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _env.cpu_name(),
         "threads": torch.get_num_threads(),
         "forced_backend": _dispatch.forced_backend(),
         "backends": {b: _dispatch.availability(b, device.type) or "available" for b in fastnotes.BACKENDS},

@@ -1,6 +1,8 @@
 """ZLPR in plain torch (specs/zlpr.md, section 4): masked logsumexps with an appended zero."""
 import torch
 
+from .._checks import reduce
+
 
 def _appended_zero_lse(x):
     zero = x.new_zeros(x.shape[:-1] + (1,))
@@ -19,12 +21,7 @@ def multilabel_ce(logits, targets, mask=None, reduction="mean"):
     ninf = torch.tensor(float("-inf"), dtype=work.dtype, device=work.device)
     pos = torch.where(valid & (t > 0), -work + torch.log(t), ninf)
     neg = torch.where(valid & (t < 1), work + torch.log1p(-t), ninf)
-    per_row = _appended_zero_lse(pos) + _appended_zero_lse(neg)
-    if reduction == "mean":
-        return per_row.mean().to(logits.dtype)
-    if reduction == "sum":
-        return per_row.sum().to(logits.dtype)
-    return per_row.to(logits.dtype)
+    return reduce(_appended_zero_lse(pos) + _appended_zero_lse(neg), reduction, logits.dtype)
 
 
 def multilabel_ce_composite(logits, targets):
