@@ -38,16 +38,25 @@ def _entry(s, t, mask, j):
     return x, tj, valid & (tj > like(s, 0.0)), valid & (tj < like(s, 1.0)), valid
 
 
+@njit(inline="always", **_JIT)
+def _part(array, lo, hi):
+    """array[lo:hi], or None for None."""
+    if array is None:
+        return None
+    return array[lo:hi]
+
+
 @njit(**_JIT)
-def _chunk_sums(s, t, mask, lo, hi, m_pos, m_neg):
-    """Sums of exp(a - m_pos) and exp(b - m_neg) over entries lo..hi, and the count of targets
-    outside [0, 1] (NaN included)."""
+def _chunk_sums(s, t, mask, m_pos, m_neg):
+    """Sums of exp(a - m_pos) and exp(b - m_neg) over a chunk (views indexed from 0, so numba's
+    negative-index check folds away and the loop vectorises), and the count of targets outside
+    [0, 1] (NaN included)."""
     zero = like(s, 0.0)
     one = like(s, 1.0)
     sum_pos = zero
     sum_neg = zero
     n_bad = zero  # counted in the compute dtype: an int64 counter halves the vector width
-    for j in range(lo, hi):
+    for j in range(s.shape[0]):
         x, tj, pos, neg, _ = _entry(s, t, mask, j)
         sum_pos += tj * fast_exp(-x - m_pos) if pos else zero
         sum_neg += (one - tj) * fast_exp(x - m_neg) if neg else zero
@@ -87,7 +96,7 @@ def _forward_row(s, t, mask):
     n_bad = 0
     for lo in range(0, s.shape[0], CHUNK):
         hi = min(lo + CHUNK, s.shape[0])
-        sum_pos, sum_neg, bad = _chunk_sums(s, t, mask, lo, hi, m_pos, m_neg)
+        sum_pos, sum_neg, bad = _chunk_sums(s[lo:hi], t[lo:hi], _part(mask, lo, hi), m_pos, m_neg)
         n_bad += int(bad)
         if (sum_pos < inf) & (sum_neg < inf):
             l_pos += sum_pos
@@ -120,32 +129,37 @@ def _forward(logits, targets, mask, loss, lse):
 
 
 @njit(**_JIT)
-def _backward_row(s, t, mask, la, lb, g, grad_s, grad_t):
+def _backward_chunk(s, t, mask, la, lb, g, grad_s, grad_t):
+    """One chunk of the backward (views indexed from 0, see _chunk_sums)."""
     zero = like(s, 0.0)
     one = like(s, 1.0)
-    inf = like(s, np.inf)
-    for lo in range(0, s.shape[0], CHUNK):
-        hi = min(lo + CHUNK, s.shape[0])
-        # exp(a - LA) = t exp(-s - LA) overflows only for targets below ~1e-38: checked per chunk
-        total = zero
-        for j in range(lo, hi):
+    # exp(a - LA) = t exp(-s - LA) overflows only for targets below ~1e-38: checked per chunk
+    total = zero
+    for j in range(s.shape[0]):
+        x, tj, pos, neg, _ = _entry(s, t, mask, j)
+        d = (one - tj) * fast_exp(x - lb) if neg else zero
+        d -= tj * fast_exp(-x - la) if pos else zero
+        grad_s[j] = g * d
+        total += d
+    if not (abs(total) < like(s, np.inf)):
+        for j in range(s.shape[0]):
             x, tj, pos, neg, _ = _entry(s, t, mask, j)
             d = (one - tj) * fast_exp(x - lb) if neg else zero
-            d -= tj * fast_exp(-x - la) if pos else zero
+            if pos:
+                d -= fast_exp(-x + like(s, math.log(tj)) - la)
             grad_s[j] = g * d
-            total += d
-        if not (abs(total) < inf):
-            for j in range(lo, hi):
-                x, tj, pos, neg, _ = _entry(s, t, mask, j)
-                d = (one - tj) * fast_exp(x - lb) if neg else zero
-                if pos:
-                    d -= fast_exp(-x + like(s, math.log(tj)) - la)
-                grad_s[j] = g * d
-        if grad_t is not None:
-            # dL/dt_j = exp(-s_j - LA) - exp(s_j - LB), one-sided at t = 0 and 1 (spec section 5)
-            for j in range(lo, hi):
-                x, _, _, _, valid = _entry(s, t, mask, j)
-                grad_t[j] = g * (fast_exp(-x - la) - fast_exp(x - lb)) if valid else zero
+    if grad_t is not None:
+        # dL/dt_j = exp(-s_j - LA) - exp(s_j - LB), one-sided at t = 0 and 1 (spec section 5)
+        for j in range(s.shape[0]):
+            x, _, _, _, valid = _entry(s, t, mask, j)
+            grad_t[j] = g * (fast_exp(-x - la) - fast_exp(x - lb)) if valid else zero
+
+
+@njit(**_JIT)
+def _backward_row(s, t, mask, la, lb, g, grad_s, grad_t):
+    for lo in range(0, s.shape[0], CHUNK):
+        hi = min(lo + CHUNK, s.shape[0])
+        _backward_chunk(s[lo:hi], t[lo:hi], _part(mask, lo, hi), la, lb, g, grad_s[lo:hi], _part(grad_t, lo, hi))
 
 
 @njit(parallel=True, **_JIT)
