@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from . import _buffers
 from ._math import FASTMATH, fast_exp, like
 
 CHUNK = 1024
@@ -208,7 +209,7 @@ def zlpr_forward(logits, targets, mask):
 def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
     """grad_loss [N]. Returns (grad_logits in logits.dtype, grad_targets in targets.dtype or None)."""
     work = _compute_view(logits)
-    grad_logits = torch.empty_like(work)
+    grad_logits = _buffers.empty("zlpr.grad_logits", work.shape, work.dtype)
     grad_targets = torch.empty_like(work) if need_grad_targets else None
     _backward(_array(work), _array(targets), None if mask is None else _array(mask), lse.numpy(),
               _array(grad_loss.to(work.dtype).contiguous()), grad_logits.numpy(),
