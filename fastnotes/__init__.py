@@ -4,7 +4,9 @@ Each op runs a fused kernel: Triton on GPU, Numba on CPU, with a plain-torch ref
 oracle and fallback. See README.md for the op table.
 """
 from ._dispatch import BACKENDS, BackendUnsupportedError, use_backend
+from .exact import ExactLoss, GradientNormalizer, exact_loss, expected_accuracy, smooth_accuracy_loss
 from .losses import MultilabelCE, multilabel_ce
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnsupportedError", "MultilabelCE", "multilabel_ce", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnsupportedError", "ExactLoss", "GradientNormalizer", "MultilabelCE", "exact_loss",
+           "expected_accuracy", "multilabel_ce", "smooth_accuracy_loss", "use_backend"]

@@ -16,6 +16,9 @@ from numba.extending import intrinsic, overload
 # Fast-math flags for our kernels: reassociation lets reductions vectorise. Deliberately without
 # 'nnan'/'ninf': masked entries are excluded by selects on values that may be inf or NaN.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
+# Every kernel and helper compiles with these: numpy's error model drops the zero-division check
+# that Python semantics put on every float division, which would block vectorisation.
+JIT_OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", boundscheck=False)
 
 _F = np.float32
 
@@ -40,7 +43,7 @@ def fast_exp(x):
     raise NotImplementedError("fast_exp is only callable from numba-compiled code")
 
 
-@overload(fast_exp, fastmath=FASTMATH)
+@overload(fast_exp, jit_options=JIT_OPTIONS)
 def _fast_exp_impl(x):
     if x == types.float32:
 
@@ -84,4 +87,118 @@ def _like_impl(array, value):
         return lambda array, value: np.float32(value)
     if array.dtype == types.float64:
         return lambda array, value: np.float64(value)
+    return None
+
+
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The bits of a float32 as an int32 (an LLVM bitcast)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(value), codegen
+
+
+def fast_log(x):
+    """log(x); float32 vectorises (exponent from the bits, Cephes logf polynomial on the mantissa,
+    ~1e-7 relative), float64 calls libm. log(0) = -inf, log(inf) = inf, NaN for x < 0 or NaN."""
+    raise NotImplementedError("fast_log is only callable from numba-compiled code")
+
+
+@overload(fast_log, jit_options=JIT_OPTIONS)
+def _fast_log_impl(x):
+    if x == types.float32:
+
+        def impl(x):
+            # denormals are scaled up first so the exponent field is meaningful
+            tiny = x < _F(1.1754944e-38)
+            xs = x * _F(16777216.0) if tiny else x
+            bits = _float32_bits(xs)
+            e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(126)
+            m = _bits_as_float32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F000000))  # in [0.5, 1)
+            small = m < _F(0.70710678)
+            e = e - (np.int32(1) if small else np.int32(0))
+            f = (m + m - _F(1.0)) if small else (m - _F(1.0))
+            ef = _F(e) - (_F(24.0) if tiny else _F(0.0))
+            z = f * f
+            p = _F(7.0376836292e-2)
+            p = p * f - _F(1.1514610310e-1)
+            p = p * f + _F(1.1676998740e-1)
+            p = p * f - _F(1.2420140846e-1)
+            p = p * f + _F(1.4249322787e-1)
+            p = p * f - _F(1.6668057665e-1)
+            p = p * f + _F(2.0000714765e-1)
+            p = p * f - _F(2.4999993993e-1)
+            p = p * f + _F(3.3333331174e-1)
+            y = p * f * z - _F(2.12194440e-4) * ef - _F(0.5) * z
+            y = f + y + _F(0.693359375) * ef
+            y = _F(-np.inf) if x == _F(0.0) else y
+            y = x if x == _F(np.inf) else y
+            return _F(np.nan) if (x < _F(0.0)) | (x != x) else y
+
+        return impl
+    if x == types.float64:
+        return lambda x: math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+    return None
+
+
+# log(erfcx(z) / t) with t = 1 / (1 + z/2), z >= 0: a degree-11 least-squares fit in t on (0, 1]
+# (relative error of erfcx 1e-8 in float64 arithmetic, 6e-7 in float32).
+_ERFCX_FIT = (-1.2655121243e00, 9.9999992847e-01, 3.7502016718e-01, 8.2592815175e-02, -7.4736740662e-02,
+              -2.3369752008e-01, 3.3551310460e-01, -1.2253786752e00, 2.3986817643e00, -2.2050710334e00,
+              9.9134301048e-01, -1.7875470703e-01)
+_C = tuple(np.float32(c) for c in _ERFCX_FIT)
+_HALF_LOG_2PI = 0.9189385332046727
+
+
+def log_ndtr(x):
+    """log Phi(x), the log of the standard normal CDF, stable over the whole range. float32
+    vectorises (erfcx fit + fast exp/log); float64 uses libm erfc and, below -20, the asymptotic
+    series (relative error < 1e-12)."""
+    raise NotImplementedError("log_ndtr is only callable from numba-compiled code")
+
+
+@overload(log_ndtr, inline="always", jit_options=JIT_OPTIONS)
+def _log_ndtr_impl(x):
+    if x == types.float32:
+
+        def impl(x):
+            z = abs(x) * _F(0.70710678118654752)
+            t = _F(1.0) / (_F(1.0) + _F(0.5) * z)
+            q = _C[11]
+            q = q * t + _C[10]
+            q = q * t + _C[9]
+            q = q * t + _C[8]
+            q = q * t + _C[7]
+            q = q * t + _C[6]
+            q = q * t + _C[5]
+            q = q * t + _C[4]
+            q = q * t + _C[3]
+            q = q * t + _C[2]
+            q = q * t + _C[1]
+            q = q * t + _C[0]
+            # x < 0: log(erfc(z)/2) = log(t) + q - z^2 - log 2
+            left = fast_log(t) + q - z * z - _F(0.69314718)
+            # x >= 0: log(1 - erfc(z)/2), as a series when erfc(z)/2 is small
+            u = _F(0.5) * t * fast_exp(q - z * z)
+            series = -u * (_F(1.0) + u * (_F(0.5) + u * (_F(0.33333333) + u * _F(0.25))))
+            right = series if u < _F(0.01) else fast_log(_F(1.0) - u)
+            return left if x < _F(0.0) else right
+
+        return impl
+    if x == types.float64:
+
+        def impl(x):
+            if x > 0.0:
+                return math.log1p(-0.5 * math.erfc(x * 0.7071067811865476))
+            if x > -20.0:
+                return math.log(0.5 * math.erfc(-x * 0.7071067811865476))
+            x2 = 1.0 / (x * x)
+            tail = x2 * (-1.0 + x2 * (3.0 + x2 * (-15.0 + x2 * (105.0 + x2 * (-945.0 + x2 * 10395.0)))))
+            return -0.5 * x * x - math.log(-x) - _HALF_LOG_2PI + math.log1p(tail)
+
+        return impl
     return None

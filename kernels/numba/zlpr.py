@@ -22,10 +22,10 @@ import torch
 from numba import njit, prange
 
 from . import _buffers
-from ._math import FASTMATH, fast_exp, like
+from ._math import JIT_OPTIONS, fast_exp, like
 
 CHUNK = 1024
-_JIT = dict(fastmath=FASTMATH, boundscheck=False, cache=True)
+_JIT = dict(JIT_OPTIONS, cache=True)
 
 
 @njit(inline="always", **_JIT)

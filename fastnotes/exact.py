@@ -1,0 +1,191 @@
+"""EXACT: train for accuracy directly (Karpukhin et al. 2022; Su, kexue.fm/archives/9098).
+Math: specs/exact.md."""
+import functools
+import importlib
+import math
+
+import numpy as np
+import torch
+
+from . import _checks, _dispatch
+from .reference import exact as reference
+
+_OP = "exact_loss"
+_KERNELS = {"numba": "fastnotes.kernels.numba.exact", "triton": "fastnotes.kernels.triton.exact"}
+AGGREGATIONS = ("mean", "meanlog")
+MEANLOG_FLOOR = 1e-6
+
+
+@functools.lru_cache(maxsize=None)
+def gauss_hermite(nodes):
+    """Probabilists' Gauss-Hermite nodes and weights normalised to sum to 1, as float64 tensors."""
+    t, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / math.sqrt(2 * math.pi)
+    return torch.from_numpy(t), torch.from_numpy(w)
+
+
+def _why_not(backend, logits, nodes):
+    if backend == "triton":
+        if logits.dtype == torch.float64:
+            return "triton takes float32/float16/bfloat16 logits (float64 runs on numba and reference)"
+        if logits.device.type == "cpu" and logits.dtype != torch.float32:
+            return "the Triton interpreter (CPU) runs float32 only"
+        if nodes not in (16, 32, 64):
+            return "triton compiles nodes in {16, 32, 64}"
+    if backend == "cuda":
+        return "no CUDA C++ kernel for this op (triton covers it)"
+    return None
+
+
+class _ExpectedAccuracyFunction(torch.autograd.Function):
+    """P(correct) per row [B] through a fused kernel module; gradients for logits and sigma_rows."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, sigma_rows, margin, nodes, log_weights, kernels):
+        prob, log_terms = kernels.exact_forward(logits, labels, sigma_rows, margin, nodes, log_weights)
+        ctx.save_for_backward(logits, labels, sigma_rows, log_terms)
+        ctx.margin, ctx.nodes, ctx.log_weights, ctx.kernels = margin, nodes, log_weights, kernels
+        return prob
+
+    @staticmethod
+    def backward(ctx, grad_prob):
+        logits, labels, sigma_rows, log_terms = ctx.saved_tensors
+        grad_logits, grad_sigma = ctx.kernels.exact_backward(
+            logits, labels, sigma_rows, ctx.margin, ctx.nodes, ctx.log_weights, log_terms, grad_prob)
+        return (grad_logits if ctx.needs_input_grad[0] else None, None,
+                grad_sigma.to(sigma_rows.dtype) if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+
+def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregation):
+    _checks.check_tensor(_OP, "logits", logits, _checks.FLOAT_DTYPES)
+    _checks.check_tensor(_OP, "target", target, (torch.int64, torch.int32))
+    if logits.dim() != 2:
+        raise ValueError(f"{_OP}: logits must be [batch, classes], got shape {tuple(logits.shape)}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"{_OP}: target must have shape [{logits.shape[0]}], got {tuple(target.shape)}")
+    if isinstance(sigma, torch.Tensor):
+        if not sigma.is_floating_point():
+            raise TypeError(f"{_OP}: sigma must be a float or a floating tensor, got {sigma.dtype}")
+        if sigma.shape not in ((), (1,), logits.shape[:1]):
+            raise ValueError(f"{_OP}: sigma must be a scalar or have shape [{logits.shape[0]}], got {tuple(sigma.shape)}")
+        if sigma.device.type == "cpu" and not bool((sigma > 0).all()):
+            raise ValueError(f"{_OP}: sigma must be positive")
+    elif not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"{_OP}: sigma must be a positive finite number or tensor, got {sigma!r}")
+    if margin is not None and not (isinstance(margin, (int, float)) and margin > 0):
+        raise ValueError(f"{_OP}: margin must be None or a positive number, got {margin!r}")
+    if not (isinstance(nodes, int) and 2 <= nodes <= 128):
+        raise ValueError(f"{_OP}: nodes must be an int in [2, 128], got {nodes!r}")
+    _checks.check_reduction(_OP, reduction)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"{_OP}: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    _checks.check_same_device(_OP, "logits", logits, target=target,
+                              sigma=sigma if isinstance(sigma, torch.Tensor) else None)
+
+
+def expected_accuracy(logits, target, *, sigma=1.0, margin=None, nodes=32, ignore_index=-100):
+    """P(argmax(logits + sigma * eps) == target), eps ~ N(0, I), per row [B], by a K-node
+    Gauss-Hermite rule (deterministic; error ~2e-10 at K = 32). Rows whose target is ignore_index
+    give 1. Differentiable in logits and, when it is a tensor, sigma."""
+    _check_arguments(logits, target, sigma, margin, nodes, "none", "mean")
+    n_classes = logits.shape[1]
+    ignored = target == ignore_index
+    if logits.device.type == "cpu" and bool(((target < 0) | (target >= n_classes))[~ignored].any()):
+        raise ValueError(f"{_OP}: target values must lie in [0, {n_classes}) or equal ignore_index")
+    labels = torch.where(ignored, -1, target).to(torch.int64).contiguous()
+    sigma_rows = (sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma), device=logits.device))
+    sigma_rows = sigma_rows.reshape(-1).expand(logits.shape[0]).to(torch.float32 if logits.dtype != torch.float64
+                                                                    else torch.float64)
+    node_values, weights = gauss_hermite(nodes)
+    backend = _dispatch.select(_OP, logits.device.type, lambda b: _why_not(b, logits, nodes))
+    if backend == "reference":
+        return reference.expected_accuracy(logits, labels, sigma_rows, margin, node_values, weights)
+    kernels = importlib.import_module(_KERNELS[backend])
+    return _ExpectedAccuracyFunction.apply(
+        logits.contiguous(), labels, sigma_rows, math.inf if margin is None else float(margin),
+        node_values, torch.log(weights), kernels)
+
+
+def exact_loss(logits, target, *, sigma=1.0, margin=None, nodes=32, reduction="mean", aggregation="mean",
+               ignore_index=-100):
+    """EXACT loss: 1 - P(correct) per row (aggregation='mean', the paper's "expected error rate"),
+    or -log(max(P, 1e-6)) (aggregation='meanlog', the fork's variant), where P is
+    expected_accuracy(...): the probability that the target wins the argmax of logits + sigma * N(0, I).
+
+    Args:
+        logits: [B, C] float32/float16/bfloat16 (float64 on CPU).
+        target: [B] int64 class indices; rows equal to ignore_index take no part.
+        sigma: noise scale (temperature): positive float, or tensor [] / [B] that gets a gradient.
+        margin: optional M: competitors beaten by more than M stop pushing (r = min(s_y - s_i, M)/sigma).
+        nodes: Gauss-Hermite nodes (32: error ~2e-10).
+        reduction: 'mean' over non-ignored rows | 'sum' | 'none' ([B], 0 at ignored rows).
+    Batch standardisation of the logits, the sigma schedule and gradient normalisation live in
+    fastnotes.ExactLoss and fastnotes.GradientNormalizer, outside the kernel.
+    """
+    _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregation)
+    prob = expected_accuracy(logits, target, sigma=sigma, margin=margin, nodes=nodes, ignore_index=ignore_index)
+    per_row = 1 - prob if aggregation == "mean" else -torch.log(prob.clamp_min(MEANLOG_FLOOR))
+    kept = target != ignore_index
+    per_row = torch.where(kept, per_row, torch.zeros_like(per_row))
+    if reduction == "mean":
+        return (per_row.sum() / kept.sum().clamp_min(1)).to(logits.dtype)
+    return _checks.reduce(per_row, reduction, logits.dtype)
+
+
+def smooth_accuracy_loss(logits, target, *, tau=1.0, reduction="mean"):
+    """Su's smooth-accuracy loss 1 - softmax(logits / tau)_target (kexue.fm/archives/9098): its
+    gradient is p_y times the cross-entropy gradient. Plain torch; for comparison with exact_loss."""
+    _checks.check_tensor("smooth_accuracy_loss", "logits", logits, _checks.FLOAT_DTYPES)
+    _checks.check_reduction("smooth_accuracy_loss", reduction)
+    return _checks.reduce(reference.smooth_accuracy_loss(logits, target, tau), reduction, logits.dtype)
+
+
+class ExactLoss(torch.nn.Module):
+    """EXACT with what stays outside the kernel (specs/exact.md section 7):
+    - standardize: logits <- (logits - mean) / std over the whole batch tensor (gradients flow);
+    - a sigma schedule: sigma = max(sigma_min, sigma0 * decay ** step), advanced by .step_schedule();
+    - margin, nodes, aggregation, reduction as in exact_loss.
+    Pair it with GradientNormalizer after backward() when sigma gets small."""
+
+    def __init__(self, sigma=1.0, *, decay=1.0, sigma_min=1e-3, margin=None, standardize=True, nodes=32,
+                 aggregation="mean", reduction="mean", ignore_index=-100):
+        super().__init__()
+        if not (0 < decay <= 1):
+            raise ValueError(f"ExactLoss: decay must lie in (0, 1], got {decay!r}")
+        self.sigma0, self.decay, self.sigma_min = float(sigma), float(decay), float(sigma_min)
+        self.margin, self.standardize, self.nodes = margin, standardize, nodes
+        self.aggregation, self.reduction, self.ignore_index = aggregation, reduction, ignore_index
+        self.steps = 0
+
+    @property
+    def sigma(self):
+        return max(self.sigma_min, self.sigma0 * self.decay ** self.steps)
+
+    def step_schedule(self):
+        self.steps += 1
+
+    def forward(self, logits, target):
+        if self.standardize:
+            logits = (logits - logits.mean()) / logits.std().clamp_min(1e-12)
+        return exact_loss(logits, target, sigma=self.sigma, margin=self.margin, nodes=self.nodes,
+                          reduction=self.reduction, aggregation=self.aggregation, ignore_index=self.ignore_index)
+
+
+class GradientNormalizer:
+    """Divide every parameter gradient by max(EMA of the global gradient norm, clip), after
+    backward(): EXACT's gradient scale swings with sigma. The first call uses the raw norm."""
+
+    def __init__(self, parameters, *, clip=1e-2, momentum=0.9):
+        self.parameters = [p for p in parameters]
+        self.clip, self.momentum, self.average = clip, momentum, None
+
+    @torch.no_grad()
+    def __call__(self):
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        self.average = norm if self.average is None else self.momentum * self.average + (1 - self.momentum) * norm
+        scale = 1.0 / self.average.clamp_min(self.clip)
+        for g in grads:
+            g.mul_(scale)

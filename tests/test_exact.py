@@ -1,0 +1,254 @@
+"""exact_loss / expected_accuracy on every backend against the float64 reference, the spec oracles,
+an independent Monte Carlo estimate, and the toy problem."""
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+from conftest import DEVICE, available_backends
+
+import fastnotes
+from fastnotes.exact import gauss_hermite
+from fastnotes.reference import exact as reference
+
+
+def backend_dtype(backend):
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def oracle(logits, labels, sigma, margin=None, ignore_index=-100, nodes=32):
+    """float64 P through the reference with the same quadrature (the spec oracles check the
+    quadrature itself); backward it for the gradients of logits and sigma."""
+    x = logits.detach().double().clone().requires_grad_()
+    sig = torch.as_tensor(sigma, dtype=torch.float64).clone().requires_grad_()
+    rows = sig.reshape(-1).expand(x.shape[0])
+    labels = torch.where(labels == ignore_index, -1, labels)
+    t, w = gauss_hermite(nodes)
+    prob = reference.expected_accuracy(x, labels, rows, margin, t, w)
+    return prob, x, sig
+
+
+def run(logits, labels, sigma, margin=None, upstream=None, **kwargs):
+    x = logits.detach().clone().to(DEVICE).requires_grad_()
+    sig = torch.as_tensor(sigma, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+    sig = sig.to(DEVICE).clone().requires_grad_()
+    prob = fastnotes.expected_accuracy(x, labels.to(DEVICE), sigma=sig, margin=margin, **kwargs)
+    prob.backward(upstream.to(prob) if upstream is not None else torch.ones_like(prob))
+    return prob.detach().cpu(), x.grad.cpu(), sig.grad.cpu()
+
+
+def r_logits(r):
+    """Logits whose label 0 beats class i by r_i at sigma = 1."""
+    return torch.tensor([[0.0] + [-v for v in r]], dtype=torch.float64)
+
+
+# ---- spec oracles (specs/exact.md section 10) ------------------------------------------------------
+
+ORACLES = {
+    "X1": ([4.0], 0.9976611325, [0.0051667463]),
+    "X2": ([0.0, 0.0], 1 / 3, [0.1410473959] * 2),
+    "X3": ([0.0] * 4, 0.2, [0.0581482237] * 4),
+    "X4": ([1.0, -0.5], 0.330085097, [0.04550075, 0.22426796]),
+    "X5": ([2.0, 0.3, -1.0], 0.1978834422, [0.00290803, 0.04710077, 0.16129396]),
+    "X6": ([-6.0, -6.0], 1.16332094e-7, [2.5e-7, 2.5e-7]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_spec_oracles(backend, name):
+    r, p_expected, dp_dr_expected = ORACLES[name]
+    dtype = backend_dtype(backend)
+    prob, grad, _ = run(r_logits(r).to(dtype), torch.tensor([0]), 1.0)
+    tol = 1e-9 if dtype == torch.float64 else 2e-6
+    assert abs(prob.item() - p_expected) <= tol * 10
+    # dP/ds_i = -dP/dr_i for the competitors (sigma = 1)
+    got = -grad[0, 1:].double()
+    assert torch.allclose(got, torch.tensor(dp_dr_expected, dtype=torch.float64), atol=max(tol, 1e-8) * 10, rtol=1e-6)
+
+
+FULL_LOGITS = torch.tensor([[1, 2, 0.5, -1], [0.2, -0.3, 0.1, 0]], dtype=torch.float64)
+FULL_LABELS = torch.tensor([1, 3])
+
+
+@pytest.mark.parametrize("margin, loss_expected, dp_dsigma", [
+    (None, 0.4306593977, [-0.51135481, 0.08356087]),
+    (1.0, 0.4750333409, [-0.82086697, 0.08356087]),
+])
+def test_spec_full_loss(backend, margin, loss_expected, dp_dsigma):
+    dtype = backend_dtype(backend)
+    x = FULL_LOGITS.to(dtype).to(DEVICE).clone().requires_grad_()
+    loss = fastnotes.exact_loss(x, FULL_LABELS.to(DEVICE), sigma=0.5, margin=margin)
+    tol = 1e-9 if dtype == torch.float64 else 2e-6
+    assert abs(loss.item() - loss_expected) < tol * 10
+    if margin is None:
+        loss.backward()
+        expected = torch.tensor([[0.0984585, -0.11804036, 0.01957693, 0.00000494],
+                                 [0.11245605, 0.03623997, 0.09271, -0.24140602]], dtype=torch.float64)
+        assert torch.allclose(x.grad.double().cpu(), expected, atol=1e-7 if dtype == torch.float64 else 2e-6)
+    _, _, sig_grad = run(FULL_LOGITS.to(dtype), FULL_LABELS, torch.full((2,), 0.5), margin=margin)
+    assert torch.allclose(sig_grad.double(), torch.tensor(dp_dsigma, dtype=torch.float64), atol=1e-7 if dtype == torch.float64 else 2e-6)
+
+
+def test_two_classes_closed_form(backend, rng):
+    dtype = backend_dtype(backend)
+    logits = (torch.randn(9, 2, generator=rng, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, 2, (9,), generator=rng)
+    prob, _, _ = run(logits, labels, 0.7)
+    m = (logits.double().gather(1, labels[:, None]) - logits.double().gather(1, 1 - labels[:, None])).squeeze(1)
+    expected = 0.5 * torch.erfc(-(m / 0.7) / 2)  # Phi(r / sqrt 2)
+    assert torch.allclose(prob.double(), expected, atol=1e-9 if dtype == torch.float64 else 2e-6)
+
+
+# ---- random inputs against the reference ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 17), (3, 130)], ids=str)
+@pytest.mark.parametrize("margin", [None, 0.8])
+def test_random_against_reference(backend, shape, margin, rng):
+    dtype = backend_dtype(backend)
+    logits = (torch.randn(shape, generator=rng, dtype=torch.float64) * 2).to(dtype)
+    labels = torch.randint(0, shape[1], (shape[0],), generator=rng)
+    labels[1] = -100  # an ignored row
+    sigma = torch.rand(shape[0], generator=rng, dtype=torch.float64) + 0.3
+    upstream = torch.randn(shape[0], generator=rng, dtype=torch.float64)
+    prob, grad, sig_grad = run(logits, labels, sigma.to(dtype), margin=margin, upstream=upstream)
+    exact, x, sig = oracle(logits, labels, sigma, margin)
+    exact.backward(upstream)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert prob[1] == 1 and (grad[1] == 0).all() and sig_grad[1] == 0, "ignored rows take no part"
+    assert torch.allclose(prob.double(), exact.detach(), atol=tol)
+    assert torch.allclose(grad.double(), x.grad, atol=tol)
+    assert torch.allclose(sig_grad.double(), sig.grad, atol=tol * 10)
+
+
+def test_many_classes(backend, rng):
+    n_rows = 2 if backend == "triton" else 16  # the interpreter runs one program per row
+    dtype = backend_dtype(backend)
+    logits = (torch.randn(n_rows, 1000, generator=rng, dtype=torch.float64)).to(dtype)
+    labels = logits.double().argmax(1)  # likely-correct rows: P well above 0
+    prob, grad, _ = run(logits, labels, 0.3)
+    exact, x, _ = oracle(logits, labels, 0.3)
+    exact.sum().backward()
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(prob.double(), exact.detach(), atol=tol, rtol=1e-5)
+    assert torch.allclose(grad.double(), x.grad, atol=tol, rtol=1e-4)
+
+
+def test_extreme_logits_stay_finite(backend):
+    """r out to +-200: naive log Phi is -inf below -14.5 in float32 and gives NaN gradients."""
+    dtype = backend_dtype(backend)
+    logits = torch.tensor([[0.0, 40.0, -40.0, 3.0], [0.0, -40.0, -40.0, -40.0], [0.0, 20.0, 20.0, 20.0]], dtype=dtype)
+    prob, grad, sig_grad = run(logits, torch.tensor([0, 0, 0]), 0.2)
+    assert torch.isfinite(prob).all() and torch.isfinite(grad).all() and torch.isfinite(sig_grad).all()
+    assert prob[1].item() == pytest.approx(1.0) and prob[0].item() < 1e-30
+
+
+def test_monte_carlo_agrees(rng):
+    """The quadrature against sampling argmax(logits + sigma * eps) directly."""
+    logits = torch.tensor([[0.5, 0.0, -0.3, 0.4, -1.0]], dtype=torch.float64)
+    sigma = 0.6
+    prob = fastnotes.expected_accuracy(logits, torch.tensor([0]), sigma=sigma).item()
+    n = 400_000
+    noisy = logits + sigma * torch.randn(n, 5, generator=rng, dtype=torch.float64)
+    estimate = (noisy.argmax(1) == 0).double().mean().item()
+    std = math.sqrt(prob * (1 - prob) / n)
+    assert abs(estimate - prob) < 5 * std
+
+
+@pytest.mark.parametrize("backend_name", [b for b in ("numba", "reference") if b in available_backends("cpu")])
+def test_gradcheck(backend_name, rng):
+    logits = torch.randn(3, 6, generator=rng, dtype=torch.float64).requires_grad_()
+    sigma = (torch.rand(3, generator=rng, dtype=torch.float64) + 0.5).requires_grad_()
+    labels = torch.tensor([0, 5, 2])
+    with fastnotes.use_backend(backend_name):
+        assert torch.autograd.gradcheck(
+            lambda x, s: fastnotes.expected_accuracy(x, labels, sigma=s, margin=1.5), (logits, sigma))
+
+
+# ---- loss wrapper, module, alternatives -----------------------------------------------------------
+
+
+def test_loss_reductions_and_meanlog(backend, rng):
+    dtype = backend_dtype(backend)
+    logits = torch.randn(6, 7, generator=rng, dtype=torch.float64).to(dtype).to(DEVICE)
+    labels = torch.tensor([0, 1, -100, 3, 4, 5], device=DEVICE)
+    prob = fastnotes.expected_accuracy(logits, labels, sigma=0.5).double().cpu()
+    kept = labels.cpu() != -100
+    none = fastnotes.exact_loss(logits, labels, sigma=0.5, reduction="none").double().cpu()
+    assert torch.allclose(none, torch.where(kept, 1 - prob, 0.0), atol=1e-6)
+    mean = fastnotes.exact_loss(logits, labels, sigma=0.5).item()
+    assert mean == pytest.approx((1 - prob[kept]).mean().item(), abs=1e-6)
+    meanlog = fastnotes.exact_loss(logits, labels, sigma=0.5, aggregation="meanlog", reduction="sum").item()
+    assert meanlog == pytest.approx((-torch.log(prob[kept].clamp_min(1e-6))).sum().item(), rel=1e-5)
+
+
+def test_smooth_accuracy_oracle():
+    x = FULL_LOGITS.clone().requires_grad_()
+    loss = fastnotes.smooth_accuracy_loss(x, torch.tensor([1, 3]), reduction="none")
+    assert torch.allclose(loss, torch.tensor([0.39053996, 0.75414221], dtype=torch.float64), atol=1e-8)
+    loss.sum().backward()
+    expected = torch.tensor([[0.13664571, -0.2380185, 0.08287981, 0.01849299],
+                             [0.07382898, 0.04477954, 0.06680322, -0.18541174]], dtype=torch.float64)
+    assert torch.allclose(x.grad, expected, atol=1e-8)
+
+
+def test_module_schedule_and_normalizer(rng):
+    criterion = fastnotes.ExactLoss(sigma=1.0, decay=0.5, sigma_min=0.2)
+    assert criterion.sigma == 1.0
+    criterion.step_schedule()
+    criterion.step_schedule()
+    criterion.step_schedule()
+    assert criterion.sigma == 0.2
+    weight = torch.randn(4, 5, generator=rng, requires_grad=True)
+    features = torch.randn(8, 4, generator=rng)
+    criterion(features @ weight, torch.randint(0, 5, (8,), generator=rng)).backward()
+    normalizer = fastnotes.GradientNormalizer([weight])
+    normalizer()
+    assert torch.linalg.vector_norm(weight.grad).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_toy_problem_exact_reaches_full_accuracy():
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "exact_toy.py"
+    spec = importlib.util.spec_from_file_location("exact_toy", path)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    results = toy.run()
+    b_ce, acc_ce = results["cross-entropy"]
+    b_hinge, acc_hinge = results["hinge"]
+    b_exact, acc_exact = results["exact"]
+    assert b_ce == pytest.approx(0.700, abs=0.01) and acc_ce == pytest.approx(2 / 3)
+    assert 0.74 <= b_hinge <= 1.01 and acc_hinge == pytest.approx(2 / 3)
+    assert 0 < b_exact < 0.25 and acc_exact == 1.0
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["target_shape", "target_dtype", "target_range", "sigma", "sigma_tensor",
+                                  "margin", "nodes", "aggregation", "logits_dim"])
+def test_bad_arguments(case):
+    logits = torch.zeros(3, 4)
+    target = torch.tensor([0, 1, 2])
+    kwargs = {}
+    error, match = ValueError, None
+    if case == "target_shape":
+        target, match = torch.tensor([0, 1]), "target must have shape"
+    elif case == "target_dtype":
+        target, error, match = torch.tensor([0.0, 1.0, 2.0]), TypeError, "target must have dtype"
+    elif case == "target_range":
+        target, match = torch.tensor([0, 4, 1]), r"target values must lie in \[0, 4\)"
+    elif case == "sigma":
+        kwargs["sigma"], match = -1.0, "sigma must be a positive"
+    elif case == "sigma_tensor":
+        kwargs["sigma"], match = torch.tensor([1.0, 0.0, 1.0]), "sigma must be positive"
+    elif case == "margin":
+        kwargs["margin"], match = 0.0, "margin must be None or a positive"
+    elif case == "nodes":
+        kwargs["nodes"], match = 1, "nodes must be an int"
+    elif case == "aggregation":
+        kwargs["aggregation"], match = "median", "aggregation must be one of"
+    elif case == "logits_dim":
+        logits, match = torch.zeros(3, 4, 2), r"logits must be \[batch, classes\]"
+    with pytest.raises(error, match=match):
+        fastnotes.exact_loss(logits, target, **kwargs)
