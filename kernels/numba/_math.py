@@ -11,7 +11,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 # Fast-math flags for our kernels: reassociation lets reductions vectorise. Deliberately without
 # 'nnan'/'ninf': masked entries are excluded by selects on values that may be inf or NaN.
@@ -154,6 +154,27 @@ _C = tuple(np.float32(c) for c in _ERFCX_FIT)
 _HALF_LOG_2PI = 0.9189385332046727
 
 
+@register_jitable(inline="always", **JIT_OPTIONS)
+def _erfc_parts(x):
+    """For z = |x|/sqrt 2: t = 1/(1 + z/2), q = log(erfcx(z)/t) from the fit, and
+    u = erfc(z)/2 = t exp(q - z^2)/2 (the tail mass beyond |x|)."""
+    z = abs(x) * _F(0.70710678118654752)
+    t = _F(1.0) / (_F(1.0) + _F(0.5) * z)
+    q = _C[11]
+    q = q * t + _C[10]
+    q = q * t + _C[9]
+    q = q * t + _C[8]
+    q = q * t + _C[7]
+    q = q * t + _C[6]
+    q = q * t + _C[5]
+    q = q * t + _C[4]
+    q = q * t + _C[3]
+    q = q * t + _C[2]
+    q = q * t + _C[1]
+    q = q * t + _C[0]
+    return t, q, _F(0.5) * t * fast_exp(q - z * z)
+
+
 def log_ndtr(x):
     """log Phi(x), the log of the standard normal CDF, stable over the whole range. float32
     vectorises (erfcx fit + fast exp/log); float64 uses libm erfc and, below -20, the asymptotic
@@ -166,26 +187,13 @@ def _log_ndtr_impl(x):
     if x == types.float32:
 
         def impl(x):
-            z = abs(x) * _F(0.70710678118654752)
-            t = _F(1.0) / (_F(1.0) + _F(0.5) * z)
-            q = _C[11]
-            q = q * t + _C[10]
-            q = q * t + _C[9]
-            q = q * t + _C[8]
-            q = q * t + _C[7]
-            q = q * t + _C[6]
-            q = q * t + _C[5]
-            q = q * t + _C[4]
-            q = q * t + _C[3]
-            q = q * t + _C[2]
-            q = q * t + _C[1]
-            q = q * t + _C[0]
-            # x < 0: log(erfc(z)/2) = log(t) + q - z^2 - log 2
-            left = fast_log(t) + q - z * z - _F(0.69314718)
-            # x >= 0: log(1 - erfc(z)/2), as a series when erfc(z)/2 is small
-            u = _F(0.5) * t * fast_exp(q - z * z)
+            t, q, u = _erfc_parts(x)
+            # one logarithm serves both branches:
+            # x < 0: log(erfc(z)/2) = log(t) + q - z^2 - log 2;  x >= 0: log(1 - erfc(z)/2) = log(1 - u)
+            log_arg = fast_log(t if x < _F(0.0) else _F(1.0) - u)
+            left = log_arg + q - _F(0.5) * x * x - _F(0.69314718)
             series = -u * (_F(1.0) + u * (_F(0.5) + u * (_F(0.33333333) + u * _F(0.25))))
-            right = series if u < _F(0.01) else fast_log(_F(1.0) - u)
+            right = series if u < _F(0.01) else log_arg
             return left if x < _F(0.0) else right
 
         return impl
@@ -201,4 +209,28 @@ def _log_ndtr_impl(x):
             return -0.5 * x * x - math.log(-x) - _HALF_LOG_2PI + math.log1p(tail)
 
         return impl
+    return None
+
+
+def scaled_mills_inverse(x, log_scale):
+    """exp(log_scale) * phi(x) / Phi(x), the normal density over the CDF (the backward of log Phi),
+    without logarithms in float32: for x < 0 it is exp(log_scale - q + log 2 - log sqrt(2 pi)) / t
+    with t, q from the erfcx fit, for x >= 0 exp(log_scale - x^2/2 - log sqrt(2 pi)) / (1 - u)."""
+    raise NotImplementedError("scaled_mills_inverse is only callable from numba-compiled code")
+
+
+@overload(scaled_mills_inverse, inline="always", jit_options=JIT_OPTIONS)
+def _scaled_mills_inverse_impl(x, log_scale):
+    if x == types.float32:
+
+        def impl(x, log_scale):
+            t, q, u = _erfc_parts(x)
+            negative = x < _F(0.0)
+            arg = (q - _F(0.69314718)) if negative else _F(0.5) * x * x
+            denominator = t if negative else _F(1.0) - u
+            return fast_exp(log_scale - arg - _F(_HALF_LOG_2PI)) / denominator
+
+        return impl
+    if x == types.float64:
+        return lambda x, log_scale: math.exp(log_scale - 0.5 * x * x - _HALF_LOG_2PI - log_ndtr(x))
     return None

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._math import JIT_OPTIONS, fast_exp, like, log_ndtr
+from ._math import JIT_OPTIONS, like, log_ndtr, scaled_mills_inverse
 
 _JIT = dict(JIT_OPTIONS, cache=True)
-_HALF_LOG_2PI = 0.9189385332046727
 
 
 @njit(**_JIT)
@@ -27,62 +26,77 @@ def _scaled_margins(s, y, inv_sigma, margin, r):
     r[y] = like(s, np.inf)
 
 
+@njit(**_JIT)
+def _node_sums(r, node):
+    """sum_i log Phi(r_i + t) over one row: one vectorised pass."""
+    acc = like(r, 0.0)
+    for i in range(r.shape[0]):
+        acc += log_ndtr(r[i] + node)
+    return acc
+
+
+@njit(**_JIT)
+def _add_node_density(r, node, base, dp_dr):
+    """dp_dr_i += exp(base) phi(r_i + t) / Phi(r_i + t), with base = log w + S."""
+    for i in range(r.shape[0]):
+        dp_dr[i] += scaled_mills_inverse(r[i] + node, base)
+
+
+@njit(**_JIT)
+def _forward_row(s, y, inv_sigma, margin, nodes, log_weights, log_terms):
+    r = np.empty(s.shape[0], s.dtype)
+    _scaled_margins(s, y, inv_sigma, margin, r)
+    total = 0.0
+    for k in range(nodes.shape[0]):
+        log_terms[k] = _node_sums(r, like(s, nodes[k]))
+        total += math.exp(log_weights[k] + log_terms[k])
+    return total
+
+
+@njit(**_JIT)
+def _backward_row(s, y, inv_sigma, margin, nodes, log_weights, log_terms, g, grad_s):
+    """Writes g * dP/ds into grad_s and returns g * dP/dsigma."""
+    r = np.empty(s.shape[0], s.dtype)
+    _scaled_margins(s, y, inv_sigma, margin, r)
+    dp_dr = np.zeros(s.shape[0], s.dtype)
+    for k in range(nodes.shape[0]):
+        _add_node_density(r, like(s, nodes[k]), like(s, log_weights[k] + log_terms[k]), dp_dr)
+    zero = like(s, 0.0)
+    sum_label = zero
+    sum_sigma = zero
+    sy = s[y]
+    for i in range(s.shape[0]):
+        # the margin clip passes no gradient above M (torch.clamp passes it at equality)
+        d = dp_dr[i] * inv_sigma if sy - s[i] <= margin else zero
+        grad_s[i] = -g * d
+        sum_label += d
+        sum_sigma += r[i] * dp_dr[i] if i != y else zero
+    grad_s[y] = g * sum_label
+    return -g * inv_sigma * sum_sigma
+
+
 @njit(parallel=True, **_JIT)
 def _forward(logits, labels, inv_sigma, margin, nodes, log_weights, log_terms, prob):
-    n_classes = logits.shape[1]
     for b in prange(logits.shape[0]):
-        y = labels[b]
-        if y < 0:  # ignored row
+        if labels[b] < 0:  # ignored row
             log_terms[b, :] = 0
             prob[b] = 1.0
-            continue
-        r = np.empty(n_classes, logits.dtype)
-        _scaled_margins(logits[b], y, inv_sigma[b], like(logits, margin), r)
-        total = 0.0
-        for k in range(nodes.shape[0]):
-            node = nodes[k]
-            acc = like(logits, 0.0)
-            for i in range(n_classes):
-                acc += log_ndtr(r[i] + node)
-            log_terms[b, k] = acc
-            total += math.exp(log_weights[k] + acc)
-        prob[b] = total
+        else:
+            prob[b] = _forward_row(logits[b], labels[b], like(logits, inv_sigma[b]), like(logits, margin),
+                                   nodes, log_weights, log_terms[b])
 
 
 @njit(parallel=True, **_JIT)
 def _backward(logits, labels, inv_sigma, margin, nodes, log_weights, log_terms, grad_prob,
               grad_logits, grad_sigma):
-    n_classes = logits.shape[1]
-    half = like(logits, 0.5)
     for b in prange(logits.shape[0]):
-        y = labels[b]
-        if y < 0:
+        if labels[b] < 0:
             grad_logits[b, :] = 0
             grad_sigma[b] = 0
-            continue
-        s = logits[b]
-        inv = like(logits, inv_sigma[b])
-        r = np.empty(n_classes, logits.dtype)
-        _scaled_margins(s, y, inv, like(logits, margin), r)
-        dp_dr = np.zeros(n_classes, logits.dtype)
-        for k in range(nodes.shape[0]):
-            node = nodes[k]
-            base = like(logits, log_weights[k] + log_terms[b, k] - _HALF_LOG_2PI)
-            for i in range(n_classes):
-                x = r[i] + node
-                dp_dr[i] += fast_exp(base - half * x * x - log_ndtr(x))
-        g = like(logits, grad_prob[b])
-        sum_label = like(logits, 0.0)
-        sum_sigma = like(logits, 0.0)
-        sy = s[y]
-        for i in range(n_classes):
-            # the margin clip passes no gradient above M (torch.clamp passes it at equality)
-            d = dp_dr[i] * inv if sy - s[i] <= margin else like(logits, 0.0)
-            grad_logits[b, i] = -g * d
-            sum_label += d
-            sum_sigma += r[i] * dp_dr[i] if i != y else like(logits, 0.0)
-        grad_logits[b, y] = g * sum_label
-        grad_sigma[b] = -g * inv * sum_sigma
+        else:
+            grad_sigma[b] = _backward_row(logits[b], labels[b], like(logits, inv_sigma[b]), like(logits, margin),
+                                          nodes, log_weights, log_terms[b], like(logits, grad_prob[b]),
+                                          grad_logits[b])
 
 
 # ---- launch functions ---------------------------------------------------------------------------
