@@ -24,7 +24,7 @@ test: setup
 bench: setup
 	mkdir -p bench/results
 	$(PY) -m pytest bench -q --benchmark-json=bench/results/cpu.json
-	$(PY) bench/report.py bench/results/cpu.json --out BENCHMARKS.md --plot bench/zlpr_cpu.png
+	$(PY) bench/report.py bench/results/cpu.json --out BENCHMARKS.md --plot bench/cpu.png
 
 wheel: setup
 	$(PY) -m pip install --quiet build

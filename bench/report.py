@@ -41,6 +41,7 @@ def load(path):
             "mode": info["mode"],
             "contender": info["contender"],
             "bytes": info.get("bytes"),
+            "saved_bytes": info.get("saved_bytes"),
             "median_s": bench["stats"]["median"],
             "rounds": bench["stats"]["rounds"],
         })
@@ -117,11 +118,16 @@ def markdown_section(op, rows, data, command, plot_rel=None):
     for case, case_rows in cases(rows).items():
         medians = {r["contender"]: r["median_s"] for r in case_rows}
         baselines = [b for b in BASELINES if b in medians]
+        # memory saved for backward (counted with saved-tensor hooks), when the suite records it
+        saved = any(r["saved_bytes"] is not None for r in case_rows)
         out += ["", f"### {case_title(case)}", ""]
-        out.append("| contender | median ms | GB/s | " + " | ".join(f"vs {b}" for b in baselines) + " |")
-        out.append("|---|---:|---:|" + "---:|" * len(baselines))
+        out.append("| contender | median ms | GB/s | " + ("saved for bwd MB | " if saved else "")
+                   + " | ".join(f"vs {b}" for b in baselines) + " |")
+        out.append("|---|---:|---:|" + ("---:|" if saved else "") + "---:|" * len(baselines))
         for r in case_rows:
             gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r["bytes"] else "n/a"
+            if saved:
+                gbs += f" | {r['saved_bytes'] / 1e6:.2f}" if r["saved_bytes"] is not None else " | "
             name = r["contender"]
             if name.startswith("fastnotes-"):
                 speedups = [f"{medians[b] / r['median_s']:.2f}x" for b in baselines]
