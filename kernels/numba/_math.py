@@ -108,6 +108,30 @@ def fast_log(x):
     raise NotImplementedError("fast_log is only callable from numba-compiled code")
 
 
+@register_jitable(inline="always", **JIT_OPTIONS)
+def _log_of_normal(x, exponent_shift):
+    """log(x) for a positive, normal, finite float32 x, minus exponent_shift * log 2."""
+    bits = _float32_bits(x)
+    e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(126)
+    m = _bits_as_float32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F000000))  # in [0.5, 1)
+    small = m < _F(0.70710678)
+    e = e - (np.int32(1) if small else np.int32(0))
+    f = (m + m - _F(1.0)) if small else (m - _F(1.0))
+    ef = _F(e) - exponent_shift
+    z = f * f
+    p = _F(7.0376836292e-2)
+    p = p * f - _F(1.1514610310e-1)
+    p = p * f + _F(1.1676998740e-1)
+    p = p * f - _F(1.2420140846e-1)
+    p = p * f + _F(1.4249322787e-1)
+    p = p * f - _F(1.6668057665e-1)
+    p = p * f + _F(2.0000714765e-1)
+    p = p * f - _F(2.4999993993e-1)
+    p = p * f + _F(3.3333331174e-1)
+    y = p * f * z - _F(2.12194440e-4) * ef - _F(0.5) * z
+    return f + y + _F(0.693359375) * ef
+
+
 @overload(fast_log, jit_options=JIT_OPTIONS)
 def _fast_log_impl(x):
     if x == types.float32:
@@ -115,26 +139,7 @@ def _fast_log_impl(x):
         def impl(x):
             # denormals are scaled up first so the exponent field is meaningful
             tiny = x < _F(1.1754944e-38)
-            xs = x * _F(16777216.0) if tiny else x
-            bits = _float32_bits(xs)
-            e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(126)
-            m = _bits_as_float32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F000000))  # in [0.5, 1)
-            small = m < _F(0.70710678)
-            e = e - (np.int32(1) if small else np.int32(0))
-            f = (m + m - _F(1.0)) if small else (m - _F(1.0))
-            ef = _F(e) - (_F(24.0) if tiny else _F(0.0))
-            z = f * f
-            p = _F(7.0376836292e-2)
-            p = p * f - _F(1.1514610310e-1)
-            p = p * f + _F(1.1676998740e-1)
-            p = p * f - _F(1.2420140846e-1)
-            p = p * f + _F(1.4249322787e-1)
-            p = p * f - _F(1.6668057665e-1)
-            p = p * f + _F(2.0000714765e-1)
-            p = p * f - _F(2.4999993993e-1)
-            p = p * f + _F(3.3333331174e-1)
-            y = p * f * z - _F(2.12194440e-4) * ef - _F(0.5) * z
-            y = f + y + _F(0.693359375) * ef
+            y = _log_of_normal(x * _F(16777216.0) if tiny else x, _F(24.0) if tiny else _F(0.0))
             y = _F(-np.inf) if x == _F(0.0) else y
             y = x if x == _F(np.inf) else y
             return _F(np.nan) if (x < _F(0.0)) | (x != x) else y
@@ -145,34 +150,34 @@ def _fast_log_impl(x):
     return None
 
 
-# log(erfcx(z) / t) with t = 1 / (1 + z/2), z >= 0: a degree-11 least-squares fit in t on (0, 1]
-# (relative error of erfcx 1e-8 in float64 arithmetic, 6e-7 in float32).
-_ERFCX_FIT = (-1.2655121243e00, 9.9999992847e-01, 3.7502016718e-01, 8.2592815175e-02, -7.4736740662e-02,
-              -2.3369752008e-01, 3.3551310460e-01, -1.2253786752e00, 2.3986817643e00, -2.2050710334e00,
-              9.9134301048e-01, -1.7875470703e-01)
-_C = tuple(np.float32(c) for c in _ERFCX_FIT)
+# erfcx(z) / t with t = 1 / (1 + z/2), z >= 0: a degree-11 weighted least-squares fit in t on (0, 1]
+# (relative error of erfcx 1e-8 in float64 arithmetic, 2e-7 in float32). The same coefficients are
+# in kernels/triton/exact.py.
+ERFCX_FIT = (2.8209479440e-01, 2.8209396715e-01, 2.4687525697e-01, 1.7547268883e-01, 9.2123984113e-02,
+             -5.2596306229e-02, 1.1193219892e-01, -4.1540959662e-01, 4.4426432245e-01, -1.9654373217e-01,
+             2.6580492116e-02, 3.1119374997e-03)
+_C = tuple(np.float32(c) for c in ERFCX_FIT)
 _HALF_LOG_2PI = 0.9189385332046727
 
 
 @register_jitable(inline="always", **JIT_OPTIONS)
 def _erfc_parts(x):
-    """For z = |x|/sqrt 2: t = 1/(1 + z/2), q = log(erfcx(z)/t) from the fit, and
-    u = erfc(z)/2 = t exp(q - z^2)/2 (the tail mass beyond |x|)."""
+    """For z = |x|/sqrt 2: t = 1/(1 + z/2), erfcx(z) = t g, e = exp(-z^2); then erfc(z) = t g e."""
     z = abs(x) * _F(0.70710678118654752)
     t = _F(1.0) / (_F(1.0) + _F(0.5) * z)
-    q = _C[11]
-    q = q * t + _C[10]
-    q = q * t + _C[9]
-    q = q * t + _C[8]
-    q = q * t + _C[7]
-    q = q * t + _C[6]
-    q = q * t + _C[5]
-    q = q * t + _C[4]
-    q = q * t + _C[3]
-    q = q * t + _C[2]
-    q = q * t + _C[1]
-    q = q * t + _C[0]
-    return t, q, _F(0.5) * t * fast_exp(q - z * z)
+    g = _C[11]
+    g = g * t + _C[10]
+    g = g * t + _C[9]
+    g = g * t + _C[8]
+    g = g * t + _C[7]
+    g = g * t + _C[6]
+    g = g * t + _C[5]
+    g = g * t + _C[4]
+    g = g * t + _C[3]
+    g = g * t + _C[2]
+    g = g * t + _C[1]
+    g = g * t + _C[0]
+    return t, g, fast_exp(-z * z)
 
 
 def log_ndtr(x):
@@ -187,11 +192,13 @@ def _log_ndtr_impl(x):
     if x == types.float32:
 
         def impl(x):
-            t, q, u = _erfc_parts(x)
+            t, g, e = _erfc_parts(x)
+            u = _F(0.5) * t * g * e  # Phi(-|x|)
             # one logarithm serves both branches:
-            # x < 0: log(erfc(z)/2) = log(t) + q - z^2 - log 2;  x >= 0: log(1 - erfc(z)/2) = log(1 - u)
-            log_arg = fast_log(t if x < _F(0.0) else _F(1.0) - u)
-            left = log_arg + q - _F(0.5) * x * x - _F(0.69314718)
+            # x < 0: log(erfc(z)/2) = log(t g) - z^2 - log 2;  x >= 0: log(1 - erfc(z)/2) = log(1 - u)
+            # t g is in (0, 1] (normal for |x| < 1e38) and 1 - u in [0.5, 1]: no special cases needed
+            log_arg = _log_of_normal(t * g if x < _F(0.0) else _F(1.0) - u, _F(0.0))
+            left = log_arg - _F(0.5) * x * x - _F(0.69314718)
             series = -u * (_F(1.0) + u * (_F(0.5) + u * (_F(0.33333333) + u * _F(0.25))))
             right = series if u < _F(0.01) else log_arg
             return left if x < _F(0.0) else right
@@ -213,9 +220,9 @@ def _log_ndtr_impl(x):
 
 
 def scaled_mills_inverse(x, log_scale):
-    """exp(log_scale) * phi(x) / Phi(x), the normal density over the CDF (the backward of log Phi),
-    without logarithms in float32: for x < 0 it is exp(log_scale - q + log 2 - log sqrt(2 pi)) / t
-    with t, q from the erfcx fit, for x >= 0 exp(log_scale - x^2/2 - log sqrt(2 pi)) / (1 - u)."""
+    """exp(log_scale) * phi(x) / Phi(x), the normal density over the CDF (the backward of log Phi).
+    In float32 from the erfcx fit, with one exp and no log: phi(x) = e / sqrt(2 pi) with
+    e = exp(-x^2/2), and Phi(x) = t g e / 2 for x < 0 (e cancels), 1 - t g e / 2 for x >= 0."""
     raise NotImplementedError("scaled_mills_inverse is only callable from numba-compiled code")
 
 
@@ -224,11 +231,11 @@ def _scaled_mills_inverse_impl(x, log_scale):
     if x == types.float32:
 
         def impl(x, log_scale):
-            t, q, u = _erfc_parts(x)
-            negative = x < _F(0.0)
-            arg = (q - _F(0.69314718)) if negative else _F(0.5) * x * x
-            denominator = t if negative else _F(1.0) - u
-            return fast_exp(log_scale - arg - _F(_HALF_LOG_2PI)) / denominator
+            t, g, e = _erfc_parts(x)
+            scale = fast_exp(log_scale - _F(_HALF_LOG_2PI))
+            if_negative = _F(2.0) / (t * g)
+            if_positive = e / (_F(1.0) - _F(0.5) * t * g * e)
+            return scale * (if_negative if x < _F(0.0) else if_positive)
 
         return impl
     if x == types.float64:
