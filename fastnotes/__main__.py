@@ -48,12 +48,12 @@ def _print_report(report, device):
     for name, status in report["backends"].items():
         print(f"  {name:10s} {status}")
     print("\nself-check (fused vs float64 reference, random inputs, forward and backward):")
-    print(f"  {'op':16s} {'backend':10s} {'dtype':8s} {'loss err':>10s} {'grad err':>10s} {'tol':>8s}  result")
+    print(f"  {'op':16s} {'backend':10s} {'dtype':8s} {'value err':>10s} {'grad err':>10s} {'tol':>8s}  result")
     for row in report["checks"]:
         if "error" in row:
             print(f"  {row['op']:16s} {row['backend']:10s} {row['dtype']:8s} FAILED: {row['error']}")
             continue
-        print(f"  {row['op']:16s} {row['backend']:10s} {row['dtype']:8s} {row['loss_error']:10.2e} "
+        print(f"  {row['op']:16s} {row['backend']:10s} {row['dtype']:8s} {row['value_error']:10.2e} "
               f"{row['grad_error']:10.2e} {row['tolerance']:8.0e}  {'pass' if row['passed'] else 'FAIL'}")
     if "timings" in report:
         print("\nquick timing (median of 5; auto-selected backend vs the eager composite):")

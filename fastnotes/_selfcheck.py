@@ -7,8 +7,10 @@ import time
 import torch
 
 from . import _dispatch, reference
+from .diffusion import NoiseSchedule, sampler_step
 from .exact import expected_accuracy, gauss_hermite
 from .losses import multilabel_ce
+from .reference import diffusion as reference_diffusion
 from .reference import exact as reference_exact
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5}
@@ -28,7 +30,7 @@ def _multilabel_ce_check(device, dtype):
     loss = multilabel_ce(x, targets.to(device=device, dtype=dtype), mask=mask.to(device), reduction="none")
     loss.backward(upstream.to(device=device, dtype=dtype))
     scale = max(1.0, exact.abs().max().item())
-    return {"loss_error": (loss.double().cpu() - exact.detach()).abs().max().item() / scale,
+    return {"value_error": (loss.double().cpu() - exact.detach()).abs().max().item() / scale,
             "grad_error": (x.grad.double().cpu() - exact_x.grad).abs().max().item()}
 
 
@@ -60,7 +62,7 @@ def _expected_accuracy_check(device, dtype):
     x = logits.to(device=device, dtype=dtype).requires_grad_()
     prob = expected_accuracy(x, labels.to(device), sigma=0.5)
     prob.backward(upstream.to(device=device, dtype=dtype))
-    return {"loss_error": (prob.double().cpu() - exact.detach()).abs().max().item(),
+    return {"value_error": (prob.double().cpu() - exact.detach()).abs().max().item(),
             "grad_error": (x.grad.double().cpu() - exact_x.grad).abs().max().item()}
 
 
@@ -81,8 +83,47 @@ def _expected_accuracy_timing(device):
     return {"shape": "256x1000 fp32 fwd+bwd", "fused": fused, "composite": composite}
 
 
+_DIFFUSION_SCHEDULE = NoiseSchedule.linear(1000)
+
+
+def _sampler_step_check(device, dtype):
+    """analytic-DDPM step with clipping against the float64 reference, given the same noise. The
+    sampler is inference only: no gradient to check."""
+    gen = torch.Generator().manual_seed(int(time.time_ns() % 2**31))
+    shape = (8, 3, 17, 19)
+    x, eps, z = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = torch.randint(2, 1001, (8,), generator=gen)
+    s = (torch.rand(8, generator=gen, dtype=torch.float64) * t).long().clamp(max=t - 1)
+    gamma = torch.rand(1001, generator=gen, dtype=torch.float64)
+    exact = reference_diffusion.sampler_step(x, eps, t, s, _DIFFUSION_SCHEDULE.log_alphas_cumprod,
+                                             method="analytic-ddpm", gamma=gamma[t], clip_range=(-1.0, 1.0), noise=z)
+    got = sampler_step(x.to(device=device, dtype=dtype), eps.to(device=device, dtype=dtype), t.to(device),
+                       s.to(device), _DIFFUSION_SCHEDULE, method="analytic-ddpm", gamma=gamma,
+                       noise=z.to(device=device, dtype=dtype))
+    scale = max(1.0, exact.abs().max().item())
+    return {"value_error": (got.double().cpu() - exact).abs().max().item() / scale, "grad_error": 0.0}
+
+
+def _sampler_step_timing(device):
+    x = torch.randn(64, 3, 64, 64, device=device)
+    eps = torch.randn(64, 3, 64, 64, device=device)
+    t = torch.full((64,), 500, device=device)
+    s = torch.full((64,), 480, device=device)
+    logab = _DIFFUSION_SCHEDULE.log_alphas_cumprod_on(device)
+
+    def fused():
+        sampler_step(x, eps, 500, 480, _DIFFUSION_SCHEDULE, method="ddpm", clip_denoised=True)
+
+    def composite():
+        reference_diffusion.sampler_step_composite(x, eps, t, s, logab, method="ddpm", clip_range=(-1.0, 1.0),
+                                                   noise=torch.randn_like(x))
+
+    return {"shape": "64x3x64x64 fp32 step", "fused": fused, "composite": composite}
+
+
 OPS = {"multilabel_ce": (_multilabel_ce_check, _multilabel_ce_timing),
-       "expected_accuracy": (_expected_accuracy_check, _expected_accuracy_timing)}
+       "expected_accuracy": (_expected_accuracy_check, _expected_accuracy_timing),
+       "sampler_step": (_sampler_step_check, _sampler_step_timing)}
 
 
 def backends_for(device_type):
@@ -105,7 +146,7 @@ def run_checks(device):
                         row.update(error=f"{type(exc).__name__}: {exc}")
                 tol = TOLERANCE[dtype]
                 row["tolerance"] = tol
-                row["passed"] = "error" not in row and row["loss_error"] <= tol and row["grad_error"] <= tol
+                row["passed"] = "error" not in row and row["value_error"] <= tol and row["grad_error"] <= tol
                 rows.append(row)
     return rows
 

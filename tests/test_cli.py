@@ -23,7 +23,7 @@ def test_main_fails_on_a_failing_check(monkeypatch, capsys):
     from fastnotes import _selfcheck
 
     def broken(device, dtype):
-        return {"loss_error": 1.0, "grad_error": 0.0}
+        return {"value_error": 1.0, "grad_error": 0.0}
 
     monkeypatch.setattr(_selfcheck, "OPS", {"multilabel_ce": (broken, None)})
     assert cli.main(["--no-bench"]) == 1

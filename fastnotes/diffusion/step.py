@@ -1,0 +1,312 @@
+"""The fused batched sampler step (specs/diffusion.md sections 4 and 5).
+
+Every supported step is affine in (x_t, model_output, z) per sample, apart from the optional clamp
+of x0_hat, so the public function computes six per-sample coefficients once, in float64 from the
+schedule table (a few tiny torch ops on x_t's device, no host sync), and hands them to one fused
+elementwise kernel:
+
+    x0  = clamp(px x + pm m, lo, hi)                      (only when clipping)
+    x_s = A x + M m + C x0 + S z                          (C = 0 without clipping)
+
+with z either given or drawn inside the kernel (fastnotes/diffusion/_rng.py). Without clipping the
+reconstruction of x0_hat/eps_hat is folded into A and M in float64, so nothing divides by a_t in the
+working precision (specs edge cases 3 and 4).
+"""
+import importlib
+import math
+import numbers
+
+import torch
+
+from .. import _checks, _dispatch
+from ..reference import diffusion as reference
+from . import _rng
+from .schedule import NoiseSchedule
+
+_OP = "sampler_step"
+_KERNELS = {"numba": "fastnotes.kernels.numba.diffusion", "triton": "fastnotes.kernels.triton.diffusion"}
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+METHODS = reference.METHODS
+PREDICTIONS = reference.PREDICTIONS
+DETERMINISTIC = ("ode-euler",)
+N_COEF = 8  # A, M, C, px, pm, S, (padding to 32 bytes)
+
+
+def _why_not(backend, x):
+    if backend == "triton":
+        if x.dtype not in _TRITON_DTYPES:
+            return "triton takes float32/float16/bfloat16 x_t (float64 runs on numba and reference)"
+        if x.device.type == "cpu" and x.dtype != torch.float32:
+            return "the Triton interpreter (CPU) runs float32 only"
+    if backend == "cuda":
+        return "no CUDA C++ kernel for this op (triton covers it)"
+    return None
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+
+
+def _timesteps(name, value, batch, device, num_steps):
+    """int64 [B] on `device`; range-checked unless it is a CUDA tensor (no host sync there:
+    out-of-range entries give NaN rows instead)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{_OP}: {name} must be an int or an integer tensor, got bool")
+    if isinstance(value, numbers.Integral):
+        out = torch.full((batch,), int(value), dtype=torch.int64)
+    elif isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{_OP}: {name} must be an integer tensor (timestep indices), got {value.dtype}")
+        if value.shape not in ((), (1,), (batch,)):
+            raise ValueError(f"{_OP}: {name} must be a scalar or have shape [{batch}] (one timestep per sample), "
+                             f"got {tuple(value.shape)}")
+        out = value.reshape(-1).to(torch.int64).expand(batch)
+    else:
+        raise TypeError(f"{_OP}: {name} must be an int or an int64 tensor, got {type(value).__name__}")
+    if out.device.type == "cpu":
+        low = 1 if name == "t" else 0
+        bad = (out < low) | (out > num_steps)
+        if bool(bad.any()):
+            raise ValueError(f"{_OP}: {name} must lie in [{low}, {num_steps}] for this schedule; "
+                             f"got {int(out[bad][0])}")
+    return out.to(device)
+
+
+def _clip_range(clip_denoised, method):
+    if clip_denoised is None:
+        return (-1.0, 1.0) if method.startswith("analytic") else None
+    if clip_denoised is True:
+        return (-1.0, 1.0)
+    if clip_denoised is False:
+        return None
+    try:
+        lo, hi = (float(v) for v in clip_denoised)
+    except (TypeError, ValueError):
+        raise TypeError(f"{_OP}: clip_denoised must be None, a bool or a (low, high) pair, got {clip_denoised!r}") \
+            from None
+    if not lo < hi:
+        raise ValueError(f"{_OP}: clip_denoised range needs low < high, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _gamma_table(gamma, schedule, method):
+    """G_t for t = 0..N as a float64 CPU tensor, or None."""
+    if not method.startswith("analytic"):
+        if gamma is not None:
+            raise ValueError(f"{_OP}: gamma is only used by the analytic methods, not {method!r}")
+        return None
+    if gamma is None:
+        raise ValueError(f"{_OP}: method {method!r} needs gamma, the table G_t = E||eps_theta(x_t, t)||^2 / d "
+                         "for t = 0..N (see estimate_gamma) or one number for every t")
+    n = schedule.num_steps
+    if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
+        table = torch.full((n + 1,), float(gamma), dtype=torch.float64)
+    else:
+        table = torch.as_tensor(gamma.detach().cpu() if isinstance(gamma, torch.Tensor) else gamma).to(torch.float64)
+        if table.shape != (n + 1,):
+            raise ValueError(f"{_OP}: gamma must be a number or have shape [{n + 1}] (G_t for t = 0..N), "
+                             f"got {tuple(table.shape)}")
+    if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+        raise ValueError(f"{_OP}: gamma must be finite and >= 0 (a mean squared noise prediction)")
+    return table
+
+
+def _check_arguments(x_t, model_output, schedule, method, eta, prediction, noise, out):
+    _checks.check_tensor(_OP, "x_t", x_t, _checks.FLOAT_DTYPES)
+    _checks.check_tensor(_OP, "model_output", model_output, _checks.FLOAT_DTYPES)
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"{_OP}: schedule must be a fastnotes.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+    if x_t.dim() < 1 or x_t.shape[0] == 0:
+        raise ValueError(f"{_OP}: x_t must be [B, ...] with B >= 1, got shape {tuple(x_t.shape)}")
+    if model_output.shape != x_t.shape:
+        raise ValueError(f"{_OP}: model_output must have the shape of x_t {tuple(x_t.shape)}, "
+                         f"got {tuple(model_output.shape)}")
+    if method not in METHODS:
+        raise ValueError(f"{_OP}: method must be one of {METHODS}, got {method!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"{_OP}: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"{_OP}: eta must be a finite number >= 0, got {eta!r}")
+    if eta != 0 and method not in ("ddim", "analytic-ddim"):
+        raise ValueError(f"{_OP}: eta is a parameter of ddim and analytic-ddim, not of {method!r}")
+    if noise is not None:
+        _checks.check_tensor(_OP, "noise", noise, _checks.FLOAT_DTYPES)
+        if noise.shape != x_t.shape:
+            raise ValueError(f"{_OP}: noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
+    if out is not None:
+        _checks.check_tensor(_OP, "out", out, (x_t.dtype,))
+        if out.shape != x_t.shape or not out.is_contiguous():
+            raise ValueError(f"{_OP}: out must be a contiguous tensor of the shape of x_t {tuple(x_t.shape)}")
+    _checks.check_same_device(_OP, "x_t", x_t, model_output=model_output, noise=noise, out=out)
+
+
+# ---- the per-sample prologue ------------------------------------------------------------------------
+
+
+def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_range):
+    """float64 [B, 8]: (A, M, C, px, pm, S, 0, 0) with x_s = A x + M m + C clamp(px x + pm m) + S z.
+    Rows with an invalid (t, s) are NaN."""
+    n = logab.numel() - 1
+    valid = (t >= 1) & (t <= n) & (s >= 0) & (s < t)
+    t = t.clamp(1, n)
+    s = s.clamp(0, n)
+    lt, ls = logab[t], logab[s]
+    ab_t, oma_t, oma_s = torch.exp(lt), -torch.expm1(lt), -torch.expm1(ls)
+    a_t, sg_t, a_s = ab_t.sqrt(), oma_t.sqrt(), torch.exp(0.5 * ls)
+    one, zero = torch.ones_like(lt), torch.zeros_like(lt)
+    if prediction == "eps":
+        px, pm, qx, qm = 1 / a_t, -sg_t / a_t, zero, one
+    elif prediction == "x0":
+        px, pm, qx, qm = zero, one, 1 / sg_t, -a_t / sg_t
+    else:
+        px, pm, qx, qm = a_t, -sg_t, sg_t, a_t
+    if method == "ode-euler":
+        h = 0.5 * (logab[t - 1] - lt) * (t - s).to(lt.dtype)
+        cx, ce, cx0, sigma2 = 1 + h, -h / sg_t, zero, zero
+    else:
+        be = -torch.expm1(lt - ls)
+        bt = be * oma_s / oma_t
+        lam2 = {"ddpm": bt, "analytic-ddpm": bt, "ddpm-large": be}.get(method, eta * eta * bt)
+        if method in ("ddpm", "ddpm-large", "analytic-ddpm"):
+            cx0, cx, ce = a_s * be / oma_t, torch.exp(0.5 * (lt - ls)) * oma_s / oma_t, zero
+        else:
+            cx0, cx, ce = a_s, zero, torch.sqrt(torch.clamp(oma_s - lam2, min=0))
+        if method.startswith("analytic"):
+            r2 = math.inf if clip_range is None else ((clip_range[1] - clip_range[0]) / 2) ** 2
+            gam = a_s - torch.sqrt(torch.clamp(oma_s - lam2, min=0) * ab_t / oma_t)
+            cov = torch.clamp(torch.expm1(-lt) * (1 - gamma_t), min=0, max=r2)
+            sigma2 = lam2 + gam * gam * cov
+        else:
+            sigma2 = lam2
+        sigma2 = torch.where(s == 0, zero, sigma2)
+    if clip_range is not None and method != "ode-euler":
+        a, m, c = cx + ce * qx, ce * qm, cx0
+    else:
+        a, m, c = cx + cx0 * px + ce * qx, cx0 * pm + ce * qm, zero
+    coef = torch.stack([a, m, c, px, pm, torch.sqrt(sigma2), zero, zero], dim=1)
+    return torch.where(valid[:, None], coef, torch.full_like(coef, math.nan))
+
+
+# ---- public API ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, prediction="eps", gamma=None,
+                 clip_denoised=None, noise=None, generator=None, out=None):
+    """One reverse diffusion step x_t -> x_s (s < t) for a batch, in one fused pass.
+
+    Args:
+        x_t: [B, ...] float32/float16/bfloat16 (float64 on CPU); samples at timestep t.
+        model_output: the network output at (x_t, t), shape of x_t: eps, x0 or v (`prediction`).
+        t, s: timestep indices, ints or integer tensors [B] (per sample), 1 <= t <= N, 0 <= s < t.
+            s = 0 is the final step: the (clipped) x0_hat, no noise.
+        schedule: a NoiseSchedule.
+        method: 'ddpm' (posterior variance beta-tilde), 'ddpm-large' (variance beta_{t|s}),
+            'ddim' (variance eta^2 beta-tilde; eta = 0 deterministic), 'analytic-ddpm' and
+            'analytic-ddim' (Bao et al. 2022: the optimal variance lam2 + gam^2 Cbar_t from gamma,
+            Cbar_t clipped to [0, R^2], R = half the clip range; stochastic even at eta = 0), or
+            'ode-euler' (an Euler step of the VP probability-flow ODE in the timestep index; no noise).
+        eta: DDIM's eta (ddim, analytic-ddim only).
+        prediction: 'eps' | 'x0' | 'v' (v = a_t eps - sg_t x0).
+        gamma: analytic methods: G_t = E||eps_theta(x_t, t)||^2 / d as a [N + 1] table (index t) or
+            one number for all t.
+        clip_denoised: clamp x0_hat: None (the default: [-1, 1] for the analytic methods, as the
+            Analytic-DPM code; off otherwise), True ([-1, 1]), False, or (low, high). With clipping,
+            the DDIM-form mean uses the clipped x0_hat and the unclipped eps_hat (reference behaviour).
+        noise: standard normal noise like x_t; if None it is drawn inside the kernel from a
+            counter-based generator seeded from `generator` (a CPU torch.Generator) or from torch's
+            default generator. Same seed -> same result on a backend; the numba, triton and reference
+            backends draw the same integer stream and agree to float32 rounding, but do not promise it.
+        out: optional contiguous output buffer like x_t (may be x_t itself: the step runs in place).
+
+    Returns x_s like x_t. Inference only: runs under no_grad, no autograd graph.
+    """
+    _check_arguments(x_t, model_output, schedule, method, eta, prediction, noise, out)
+    batch = x_t.shape[0]
+    device = x_t.device
+    t_idx = _timesteps("t", t, batch, device, schedule.num_steps)
+    s_idx = _timesteps("s", s, batch, device, schedule.num_steps)
+    if t_idx.device.type == "cpu" and bool((s_idx >= t_idx).any()):
+        i = int(torch.nonzero(s_idx >= t_idx)[0])
+        raise ValueError(f"{_OP}: s must be < t (a reverse step); sample {i} has t = {int(t_idx[i])}, s = {int(s_idx[i])}")
+    clip_range = _clip_range(clip_denoised, method)
+    if method == "ode-euler" and clip_range is not None:
+        raise ValueError(f"{_OP}: ode-euler does not use x0_hat; leave clip_denoised at None/False")
+    table = _gamma_table(gamma, schedule, method)
+    logab = schedule.log_alphas_cumprod_on(device)
+    gamma_t = None if table is None else table.to(device)[t_idx.clamp(0, schedule.num_steps)]
+    stochastic = not (method in DETERMINISTIC or (method == "ddim" and eta == 0))
+    keys = None
+    if stochastic and noise is None:
+        keys = _rng.keys_from_seed(_rng.draw_seed(generator))
+
+    backend = _dispatch.select(_OP, device.type, lambda b: _why_not(b, x_t))
+    if backend == "reference":
+        if stochastic and noise is None:
+            noise = reference.counter_normal(x_t.shape, keys, dtype=torch.float64, device=device)
+        result = reference.sampler_step(x_t, model_output, t_idx, s_idx, logab, method=method, eta=float(eta),
+                                        prediction=prediction, gamma=gamma_t, clip_range=clip_range,
+                                        noise=noise if stochastic else None)
+        if out is None:
+            return result
+        return out.copy_(result)
+
+    kernels = importlib.import_module(_KERNELS[backend])
+    coef = step_coefficients(logab, t_idx, s_idx, method=method, eta=float(eta), prediction=prediction,
+                             gamma_t=gamma_t, clip_range=clip_range)
+    flat = (batch, x_t.numel() // batch)
+    x2 = x_t.reshape(flat)
+    m2 = model_output.to(x_t.dtype).reshape(flat)
+    z2 = noise.to(x_t.dtype).reshape(flat) if (stochastic and noise is not None) else None
+    if out is None:
+        out = torch.empty(x_t.shape, dtype=x_t.dtype, device=device)
+    lo, hi = clip_range if clip_range is not None else (-math.inf, math.inf)
+    kernels.sampler_step(x2.contiguous(), m2.contiguous(), None if z2 is None else z2.contiguous(), coef,
+                         clip_range is not None, lo, hi, keys, out.view(flat))
+    return out
+
+
+def _eps_from(x, m, a, sg, prediction):
+    if prediction == "eps":
+        return m
+    if prediction == "x0":
+        return (x - a * m) / sg
+    return sg * x + a * m
+
+
+@torch.no_grad()
+def heun_step(model, x_t, t, s, schedule, *, prediction="eps", model_output=None):
+    """A second-order (Heun) step of the probability-flow ODE in rho = sg/a (Karras et al. 2022),
+    two model calls: stage 1 is the fused DDIM (eta = 0) step = Euler in rho to x'; stage 2
+    averages eps at (x_t, t) and at (x', s). Samples with s = 0 keep the Euler result (EDM
+    convention: the model is not evaluated at sigma = 0).
+
+    model(x, timesteps [B] int64) -> output of kind `prediction`; `model_output` is model(x_t, t)
+    when you already have it. Inference only (no_grad).
+    """
+    _check_arguments(x_t, x_t if model_output is None else model_output, schedule, "ddim", 0.0, prediction, None, None)
+    batch = x_t.shape[0]
+    t_idx = _timesteps("t", t, batch, x_t.device, schedule.num_steps)
+    s_idx = _timesteps("s", s, batch, x_t.device, schedule.num_steps)
+    if t_idx.device.type == "cpu" and bool((s_idx >= t_idx).any()):
+        raise ValueError(f"{_OP}: s must be < t (a reverse step)")
+    m1 = model(x_t, t_idx) if model_output is None else model_output
+    x_euler = sampler_step(x_t, m1, t_idx, s_idx, schedule, method="ddim", prediction=prediction,
+                           clip_denoised=False)
+    final = s_idx == 0
+    if t_idx.device.type == "cpu" and bool(final.all()):
+        return x_euler
+    m2 = model(x_euler, s_idx)
+    logab = schedule.log_alphas_cumprod_on(x_t.device)
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    lt, ls = logab[t_idx], logab[s_idx]
+    a_t, sg_t = torch.exp(0.5 * lt), torch.sqrt(-torch.expm1(lt))
+    a_s, sg_s = torch.exp(0.5 * ls), torch.sqrt(-torch.expm1(ls))
+    work = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    col = {k: v.to(work).reshape(shape) for k, v in
+           {"a_t": a_t, "sg_t": sg_t, "a_s": a_s, "sg_s": sg_s, "ratio": a_s / a_t,
+            "drho": a_s * (sg_s / a_s - sg_t / a_t)}.items()}
+    x = x_t.to(work)
+    e1 = _eps_from(x, m1.to(work), col["a_t"], col["sg_t"], prediction)
+    e2 = _eps_from(x_euler.to(work), m2.to(work), col["a_s"], col["sg_s"], prediction)
+    x_heun = col["ratio"] * x + col["drho"] * 0.5 * (e1 + e2)
+    return torch.where(final.reshape(shape), x_euler.to(work), x_heun).to(x_t.dtype)
