@@ -40,15 +40,6 @@ MIN_ROUNDS, MAX_ROUNDS, ROUND_BUDGET_S = 5, 200, 1.5
 SCHEDULE = NoiseSchedule.linear(1000)
 
 
-def _device_info(device):
-    if device == "cuda":
-        return {"device_name": torch.cuda.get_device_name(), "threads": None}
-    import numba
-
-    return {"device_name": _env.cpu_name(), "threads": {"torch": torch.get_num_threads(),
-                                                     "numba": numba.get_num_threads()}}
-
-
 @pytest.fixture(scope="module", params=[(d, s) for d in DEVICES for s in SHAPES],
                 ids=lambda p: f"{p[0]}-{'x'.join(map(str, p[1]))}")
 def inputs(request):
@@ -115,7 +106,7 @@ def test_sampler_step(benchmark, inputs, contender):
         per_element = {"fastnotes-numba-noise": 16, "torch-randn": 4, "copy": 8}.get(contender, 12)
         benchmark.group = f"{OP} {device} {'x'.join(map(str, shape))} step"
         benchmark.extra_info.update(
-            op=OP, shape=list(shape), mode="step", contender=contender, device=device, **_device_info(device),
+            op=OP, shape=list(shape), mode="step", contender=contender, device=device, **_env.device_info(device),
             versions=_env.versions(), bytes=numel * per_element, dtype="float32", method="ddpm", clip=True,
         )
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)

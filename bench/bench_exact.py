@@ -75,8 +75,7 @@ def test_exact(benchmark, device, n_classes, mode, contender):
         benchmark.group = f"{OP} {device} {BATCH}x{n_classes} {mode}"
         benchmark.extra_info.update(
             op=OP, shape=[BATCH, n_classes], mode=mode, contender=contender, device=device,
-            device_name=torch.cuda.get_device_name() if device == "cuda" else _env.cpu_name(),
-            threads={"torch": torch.get_num_threads()}, versions=_env.versions(),
+            **_env.device_info(device), versions=_env.versions(),
             bytes=BATCH * n_classes * BYTES_PER_ELEMENT[mode], nodes=NODES, dtype="float32",
             saved_bytes=_saved_bytes(fn, logits) if mode == "fwdbwd" else None,
         )

@@ -58,15 +58,6 @@ def _composite_mean(logits, targets):
 _compiled_composite = torch.compile(_composite_mean, dynamic=False)
 
 
-def _device_info(device):
-    if device == "cuda":
-        return {"device_name": torch.cuda.get_device_name(), "threads": None}
-    import numba
-
-    return {"device_name": _env.cpu_name(), "threads": {"torch": torch.get_num_threads(),
-                                                     "numba": numba.get_num_threads()}}
-
-
 @pytest.fixture(scope="module", params=[(d, s) for d in DEVICES for s in SHAPES],
                 ids=lambda p: f"{p[0]}-{p[1][0]}x{p[1][1]}")
 def inputs(request):
@@ -134,7 +125,7 @@ def test_multilabel_ce(benchmark, inputs, mode, contender, monkeypatch):
         benchmark.group = f"{OP} {device} {n}x{c} {mode}"
         benchmark.extra_info.update(
             op=OP, shape=[n, c], mode=mode, contender=contender, device=device,
-            **_device_info(device), versions=_env.versions(), bytes=n * c * BYTES_PER_ELEMENT[mode],
+            **_env.device_info(device), versions=_env.versions(), bytes=n * c * BYTES_PER_ELEMENT[mode],
             positive_rate=POSITIVE_RATE, dtype="float32",
         )
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import warnings
 
+import torch
+
 BACKENDS = ("triton", "cuda", "numba", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("numba", "reference")}
 _forced = contextvars.ContextVar("fastnotes_backend", default=None)
@@ -84,6 +86,23 @@ def availability(backend, device_type):
             return "the cuda backend needs CUDA tensors"
         return _missing_module("fastnotes._C") and "fastnotes was built without its CUDA extension"
     raise ValueError(f"unknown backend {backend!r}")
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def float_kernel_reason(backend, tensor, name):
+    """Why `backend` cannot take the floating tensor `name`, by the rules every float op shares:
+    triton runs float32/float16/bfloat16 (float64 goes to numba and reference), its CPU interpreter
+    float32 only, and there is no CUDA C++ kernel unless an op brings one. None if it can."""
+    if backend == "triton":
+        if tensor.dtype not in _TRITON_DTYPES:
+            return f"triton takes float32/float16/bfloat16 {name} (float64 runs on numba and reference)"
+        if tensor.device.type == "cpu" and tensor.dtype != torch.float32:
+            return "the Triton interpreter (CPU) runs float32 only"
+    if backend == "cuda":
+        return "no CUDA C++ kernel for this op (triton covers it)"
+    return None
 
 
 def select(op_name, device_type, why_not):

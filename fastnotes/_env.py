@@ -27,3 +27,18 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_info(device):
+    """Device name and thread counts, for benchmark records."""
+    import torch
+
+    if device == "cuda":
+        return {"device_name": torch.cuda.get_device_name(), "threads": None}
+    try:
+        import numba
+
+        numba_threads = numba.get_num_threads()
+    except ImportError:
+        numba_threads = None
+    return {"device_name": cpu_name(), "threads": {"torch": torch.get_num_threads(), "numba": numba_threads}}

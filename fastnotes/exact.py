@@ -25,16 +25,9 @@ def gauss_hermite(nodes):
 
 
 def _why_not(backend, logits, nodes):
-    if backend == "triton":
-        if logits.dtype == torch.float64:
-            return "triton takes float32/float16/bfloat16 logits (float64 runs on numba and reference)"
-        if logits.device.type == "cpu" and logits.dtype != torch.float32:
-            return "the Triton interpreter (CPU) runs float32 only"
-        if nodes not in (16, 32, 64):
-            return "triton compiles nodes in {16, 32, 64}"
-    if backend == "cuda":
-        return "no CUDA C++ kernel for this op (triton covers it)"
-    return None
+    if backend == "triton" and nodes not in (16, 32, 64):
+        return "triton compiles nodes in {16, 32, 64}"
+    return _dispatch.float_kernel_reason(backend, logits, "logits")
 
 
 class _ExpectedAccuracyFunction(torch.autograd.Function):

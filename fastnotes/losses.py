@@ -8,18 +8,6 @@ from . import _checks, _dispatch, reference
 
 _OP = "multilabel_ce"
 _KERNELS = {"numba": "fastnotes.kernels.numba.zlpr", "triton": "fastnotes.kernels.triton.zlpr"}
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _why_not(backend, logits):
-    if backend == "triton":
-        if logits.dtype not in _TRITON_DTYPES:
-            return "triton takes float32/float16/bfloat16 logits (float64 runs on numba and reference)"
-        if logits.device.type == "cpu" and logits.dtype != torch.float32:
-            return "the Triton interpreter (CPU) runs float32 only"
-    if backend == "cuda":
-        return "no CUDA C++ kernel for this op (triton covers it)"
-    return None
 
 
 class _MultilabelCEFunction(torch.autograd.Function):
@@ -93,7 +81,7 @@ def multilabel_ce(logits, targets, *, mask=None, reduction="mean"):
     A fully masked row has loss 0 and gradient 0.
     """
     _check_arguments(logits, targets, mask, reduction)
-    backend = _dispatch.select(_OP, logits.device.type, lambda b: _why_not(b, logits))
+    backend = _dispatch.select(_OP, logits.device.type, lambda b: _dispatch.float_kernel_reason(b, logits, "logits"))
     if backend == "reference":
         if targets.dtype != torch.bool and bool(((targets < 0) | (targets > 1) | targets.isnan()).any()):
             raise ValueError(f"{_OP}: targets must lie in [0, 1]")

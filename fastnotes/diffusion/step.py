@@ -25,22 +25,10 @@ from .schedule import NoiseSchedule
 
 _OP = "sampler_step"
 _KERNELS = {"numba": "fastnotes.kernels.numba.diffusion", "triton": "fastnotes.kernels.triton.diffusion"}
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METHODS = reference.METHODS
 PREDICTIONS = reference.PREDICTIONS
 DETERMINISTIC = ("ode-euler",)
 N_COEF = 8  # A, M, C, px, pm, S, (padding to 32 bytes)
-
-
-def _why_not(backend, x):
-    if backend == "triton":
-        if x.dtype not in _TRITON_DTYPES:
-            return "triton takes float32/float16/bfloat16 x_t (float64 runs on numba and reference)"
-        if x.device.type == "cpu" and x.dtype != torch.float32:
-            return "the Triton interpreter (CPU) runs float32 only"
-    if backend == "cuda":
-        return "no CUDA C++ kernel for this op (triton covers it)"
-    return None
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -239,7 +227,7 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     if stochastic and noise is None:
         keys = _rng.keys_from_seed(_rng.draw_seed(generator))
 
-    backend = _dispatch.select(_OP, device.type, lambda b: _why_not(b, x_t))
+    backend = _dispatch.select(_OP, device.type, lambda b: _dispatch.float_kernel_reason(b, x_t, "x_t"))
     if backend == "reference":
         if stochastic and noise is None:
             noise = reference.counter_normal(x_t.shape, keys, dtype=torch.float64, device=device)
