@@ -13,6 +13,7 @@ import torch
 from numba import njit, prange
 
 from ._math import JIT_OPTIONS, fast_log, like
+from ._tensors import compute_view
 
 CHUNK = 2048
 _JIT = dict(JIT_OPTIONS, cache=True)
@@ -118,17 +119,13 @@ def _step(x, m, z, coef, clip, lo, hi, generate, k0, k1, k2, out):
 # ---- launch ----------------------------------------------------------------------------------------
 
 
-def _work(t):
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def sampler_step(x, m, z, coef, clip, lo, hi, keys, out):
     """x, m, z (or None) [B, D] contiguous CPU tensors of one dtype; coef float64 [B, 8]; keys
     (k0, k1, k2) int32 values or None (no generated noise); writes out [B, D] (may alias x)."""
-    wx = _work(x)
+    wx = compute_view(x)
     target = out if out.dtype == wx.dtype else torch.empty(wx.shape, dtype=wx.dtype)
     k0, k1, k2 = (np.uint64(k & 0xFFFFFFFF) for k in (keys or (0, 0, 0)))
-    _step(wx.numpy(), _work(m).numpy(), None if z is None else _work(z).numpy(), coef.cpu().numpy(),
+    _step(wx.numpy(), compute_view(m).numpy(), None if z is None else compute_view(z).numpy(), coef.cpu().numpy(),
           bool(clip), float(lo), float(hi), keys is not None, k0, k1, k2, target.numpy())
     if target is not out:
         out.copy_(target)

@@ -13,6 +13,7 @@ import torch
 from numba import njit, prange
 
 from ._math import JIT_OPTIONS, like, log_ndtr, scaled_mills_inverse
+from ._tensors import compute_view
 
 _JIT = dict(JIT_OPTIONS, cache=True)
 
@@ -102,14 +103,10 @@ def _backward(logits, labels, inv_sigma, margin, nodes, log_weights, log_terms, 
 # ---- launch functions ---------------------------------------------------------------------------
 
 
-def _work(logits):
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-
-
 def exact_forward(logits, labels, sigma_rows, margin, nodes, log_weights):
     """logits [B, C]; labels [B] int64 (-1 = ignored row); sigma_rows [B]; margin float (inf for
     none); nodes, log_weights [K] float64. Returns (P [B], S [B, K]) in the compute dtype."""
-    work = _work(logits)
+    work = compute_view(logits)
     prob = torch.empty(work.shape[0], dtype=work.dtype)
     log_terms = torch.empty(work.shape[0], nodes.shape[0], dtype=work.dtype)
     inv_sigma = (1.0 / sigma_rows.detach().to(work.dtype)).contiguous()
@@ -120,7 +117,7 @@ def exact_forward(logits, labels, sigma_rows, margin, nodes, log_weights):
 
 def exact_backward(logits, labels, sigma_rows, margin, nodes, log_weights, log_terms, grad_prob):
     """Returns (grad_logits in logits.dtype, grad_sigma_rows [B])."""
-    work = _work(logits)
+    work = compute_view(logits)
     grad_logits = torch.empty_like(work)
     grad_sigma = torch.empty(work.shape[0], dtype=work.dtype)
     inv_sigma = (1.0 / sigma_rows.detach().to(work.dtype)).contiguous()

@@ -23,6 +23,7 @@ from numba import njit, prange
 
 from . import _buffers
 from ._math import JIT_OPTIONS, fast_exp, like
+from ._tensors import compute_view
 
 CHUNK = 1024
 _JIT = dict(JIT_OPTIONS, cache=True)
@@ -181,11 +182,6 @@ def _backward(logits, targets, mask, lse, grad_loss, grad_logits, grad_targets):
 # ---- launch functions: 2-D contiguous CPU tensors in, tensors out --------------------------------
 
 
-def _compute_view(x):
-    """Numba computes in float32 or float64; float16/bfloat16 logits are widened here."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def _array(x):
     if x.dtype == torch.bool:
         x = x.view(torch.uint8)
@@ -198,7 +194,7 @@ def zlpr_forward(logits, targets, mask):
     """logits, targets [N, C]; mask [N or 1, C] bool or None.
     Returns (loss [N], lse [N, 2], number of targets outside [0, 1]); float32, or float64 for
     float64 logits."""
-    work = _compute_view(logits)
+    work = compute_view(logits)
     loss = torch.empty(work.shape[0], dtype=work.dtype)
     lse = torch.empty(work.shape[0], 2, dtype=work.dtype)
     n_bad = _forward(_array(work), _array(targets), None if mask is None else _array(mask),
@@ -208,7 +204,7 @@ def zlpr_forward(logits, targets, mask):
 
 def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
     """grad_loss [N]. Returns (grad_logits in logits.dtype, grad_targets in targets.dtype or None)."""
-    work = _compute_view(logits)
+    work = compute_view(logits)
     grad_logits = _buffers.empty("zlpr.grad_logits", work.shape, work.dtype)
     grad_targets = torch.empty_like(work) if need_grad_targets else None
     _backward(_array(work), _array(targets), None if mask is None else _array(mask), lse.numpy(),
