@@ -1,0 +1,280 @@
+"""Relative-position attention with post-softmax corrections (URPE, l2 normalisation), fused
+forward and backward. Math: specs/attention.md; Su, kexue.fm/archives/9105; Luo et al. 2022 (URPE).
+
+Every relative term reaches the kernels as one vector per head along the diagonals of the score
+matrix (Lq + Lk - 1 entries): the table gathers, the ALiBi term and the causal mask are built here
+in plain torch, so their gradients (tables, slopes) follow from the kernels' diagonal gradients by
+autograd, and the [Lq, Lk] matrix never exists.
+"""
+import importlib
+import math
+
+import torch
+
+from . import _checks, _dispatch
+from .reference import attention as reference
+
+_OP = "relpos_attention"
+_KERNELS = {"numba": "fastnotes.kernels.numba.attention", "triton": "fastnotes.kernels.triton.attention"}
+NORMALIZERS = reference.NORMALIZERS
+TRITON_MAX_HEAD_DIM = 128
+
+
+def _check_buckets(op, num_buckets, max_distance, bidirectional):
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"{op}: bidirectional must be a bool, got {type(bidirectional).__name__}")
+    smallest = 4 if bidirectional else 2
+    if not (isinstance(num_buckets, int) and num_buckets >= smallest):
+        raise ValueError(f"{op}: num_buckets must be an int >= {smallest}, got {num_buckets!r}")
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if not (isinstance(max_distance, int) and max_distance > max_exact):
+        raise ValueError(f"{op}: max_distance must be an int > {max_exact} (the exact range), got {max_distance!r}")
+
+
+def t5_bucket(relative_position, num_buckets=32, max_distance=128, bidirectional=True):
+    """T5's relative-position bucket (HF convention, relative_position = key - query) as int64.
+    Bidirectional: the sign takes half the buckets; within a half, distances below num_buckets/4
+    get their own bucket and longer ones share log-spaced buckets up to max_distance (clamped)."""
+    _checks.check_tensor("t5_bucket", "relative_position", relative_position)
+    if relative_position.is_floating_point() or relative_position.is_complex() or \
+            relative_position.dtype == torch.bool:
+        raise TypeError(f"t5_bucket: relative_position must be an integer tensor, got {relative_position.dtype}")
+    _check_buckets("t5_bucket", num_buckets, max_distance, bidirectional)
+    return reference.t5_bucket(relative_position, num_buckets, max_distance, bidirectional)
+
+
+def _check_table(name, table, heads, rel_buckets, device):
+    _checks.check_tensor(_OP, name, table, _checks.FLOAT_DTYPES)
+    if table.dim() != 2 or table.shape[0] != heads:
+        raise ValueError(f"{_OP}: {name} must be [heads={heads}, R], got {tuple(table.shape)}")
+    if rel_buckets is not None and table.shape[1] != rel_buckets[0]:
+        raise ValueError(f"{_OP}: {name} must have num_buckets={rel_buckets[0]} columns with rel_buckets, "
+                         f"got {table.shape[1]}")
+    if rel_buckets is None and table.shape[1] % 2 == 0:
+        raise ValueError(f"{_OP}: {name} without rel_buckets is indexed by the clipped distance and needs an odd "
+                         f"width 2P + 1 (column P is distance 0), got {table.shape[1]}")
+    if table.device != device:
+        raise ValueError(f"{_OP}: {name} is on {table.device} but q is on {device}")
+
+
+def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes, post_table, normalizer,
+                     key_padding_mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.check_tensor(_OP, name, t, _checks.FLOAT_DTYPES)
+        if t.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be 4-D [batch, heads, length, head_dim], got {tuple(t.shape)}")
+        if 0 in t.shape:
+            raise ValueError(f"{_OP}: {name} has an empty dimension: {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{_OP}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _checks.check_same_device(_OP, "q", q, k=k, v=v, key_padding_mask=key_padding_mask)
+    batch, heads, _, dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"{_OP}: q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"{_OP}: k and v must be [batch, kv_heads, Lk, .] alike, got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if heads % k.shape[1] != 0:
+        raise ValueError(f"{_OP}: the kv heads of k and v ({k.shape[1]}) must divide the query heads ({heads})")
+    if k.shape[3] != dim:
+        raise ValueError(f"{_OP}: k must have the head dim of q ({dim}), got {k.shape[3]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{_OP}: scale must be None or a finite number, got {scale!r}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"{_OP}: normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+    if rel_buckets is not None:
+        if not (isinstance(rel_buckets, (tuple, list)) and len(rel_buckets) == 3):
+            raise ValueError(f"{_OP}: rel_buckets must be (num_buckets, max_distance, bidirectional), got {rel_buckets!r}")
+        _check_buckets(_OP, *rel_buckets)
+        if rel_bias is None and post_table is None:
+            raise ValueError(f"{_OP}: rel_buckets given without rel_bias or post_table to index")
+    if rel_bias is not None:
+        _check_table("rel_bias", rel_bias, heads, rel_buckets, q.device)
+    if post_table is not None:
+        _check_table("post_table", post_table, heads, rel_buckets, q.device)
+    if alibi_slopes is not None:
+        _checks.check_tensor(_OP, "alibi_slopes", alibi_slopes, _checks.FLOAT_DTYPES)
+        if alibi_slopes.shape != (heads,):
+            raise ValueError(f"{_OP}: alibi_slopes must be [heads={heads}], got {tuple(alibi_slopes.shape)}")
+        _checks.check_same_device(_OP, "q", q, alibi_slopes=alibi_slopes)
+    if key_padding_mask is not None:
+        _checks.check_tensor(_OP, "key_padding_mask", key_padding_mask, (torch.bool,))
+        if key_padding_mask.shape != (batch, k.shape[2]):
+            raise ValueError(f"{_OP}: key_padding_mask must be bool [batch={batch}, Lk={k.shape[2]}] (True = keep), "
+                             f"got {tuple(key_padding_mask.shape)}")
+
+
+def _why_not(backend, q, v):
+    if backend == "triton" and max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
+        return f"triton takes head dims up to {TRITON_MAX_HEAD_DIM}"
+    return _dispatch.float_kernel_reason(backend, q, "q")
+
+
+def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table, key_padding_mask):
+    """(bias_diag [H, Lq + Lk - 1], post_diag [H, Lq + Lk - 1], key_bias [B, Lk]) in the compute
+    dtype, entry e for the diagonal j - i = e - (Lq - 1). Differentiable in the tables and slopes."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, heads, lq = q.shape[:3]
+    lk = k.shape[2]
+    delta = (lk - 1) - torch.arange(lq + lk - 1, device=q.device)  # i + (Lk - Lq) - j on each diagonal
+    bias = torch.zeros(heads, lq + lk - 1, dtype=work, device=q.device)
+    if rel_bias is not None:
+        bias = bias + rel_bias.to(work)[:, reference.table_index(delta, rel_bias.shape[1], rel_buckets)]
+    if alibi_slopes is not None:
+        bias = bias - alibi_slopes.to(work)[:, None] * delta.abs().to(work)
+    if causal:
+        bias = bias.masked_fill(delta < 0, -math.inf)
+    if post_table is not None:
+        post = post_table.to(work)[:, reference.table_index(delta, post_table.shape[1], rel_buckets)]
+    else:
+        post = torch.ones(heads, lq + lk - 1, dtype=work, device=q.device)
+    key_bias = torch.zeros(batch, lk, dtype=work, device=q.device)
+    if key_padding_mask is not None:
+        key_bias = key_bias.masked_fill(~key_padding_mask, -math.inf)
+    return bias, post, key_bias
+
+
+class _RelPosAttentionFunction(torch.autograd.Function):
+    """Attention output [B, H, Lq, E] through a fused kernel module; gradients for q, k, v and the
+    diagonal vectors (which autograd folds into the tables and slopes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, kernels):
+        out, stat = kernels.attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal)
+        ctx.save_for_backward(q, k, v, bias_diag, post_diag, key_bias, out, stat)
+        ctx.scale, ctx.normalizer, ctx.causal, ctx.kernels = scale, normalizer, causal, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias_diag, post_diag, key_bias, out, stat = ctx.saved_tensors
+        dq, dk, dv, dbias, dpost = ctx.kernels.attention_backward(
+            q, k, v, bias_diag, post_diag, key_bias, ctx.scale, ctx.normalizer, ctx.causal, out, stat, grad_out)
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dbias if needs[3] else None, dpost if needs[4] else None, None, None, None, None, None)
+
+
+def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_buckets=None, alibi_slopes=None,
+                     post_table=None, normalizer="softmax", key_padding_mask=None):
+    """Attention with relative-position terms before and after the normalisation, fused (the
+    [Lq, Lk] matrix never exists; the backward recomputes it from one saved statistic per row).
+
+        s_ij = scale <q_i, k_j> + rel_bias[h, idx(delta)] - alibi_slopes[h] |delta|   (masked: -inf)
+        softmax: a_ij = exp(s_ij) / sum_j exp(s_ij)
+        l2:      a_ij = exp(s_ij) / sqrt(sum_j exp(2 s_ij))        (Su's l2 normalisation)
+        o_i = sum_j a_ij post_table[h, idx(delta)] v_j             (URPE: no renormalisation)
+
+    delta = i + (Lk - Lq) - j (query row i sits at position i + Lk - Lq, the KV-cache convention).
+    idx: T5 bucket of key - query = -delta when rel_buckets = (num_buckets, max_distance,
+    bidirectional) is given (both tables then have num_buckets columns), else the clipped distance
+    clamp(delta, -P, P) + P for a table of odd width 2P + 1.
+
+    Args:
+        q: [B, H, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, E]; Hkv divides H (GQA/MQA: query
+            head h reads kv head h // (H / Hkv)). float32/float16/bfloat16, float64 on CPU.
+        causal: hide keys with delta < 0.
+        scale: score scale, default 1/sqrt(D).
+        rel_bias, post_table: [H, R] tables (get gradients); alibi_slopes: [H] (gets a gradient).
+        normalizer: 'softmax' | 'l2'.
+        key_padding_mask: bool [B, Lk], True = attend.
+    Rows whose keys are all masked give 0 (and zero gradients). Gradients are deterministic on CPU.
+    Returns [B, H, Lq, E] in q's dtype.
+    """
+    _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes, post_table, normalizer,
+                     key_padding_mask)
+    if rel_buckets is not None:
+        rel_buckets = tuple(rel_buckets)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    backend = _dispatch.select(_OP, q.device.type, lambda b: _why_not(b, q, v))
+    if backend == "reference":
+        return reference.relpos_attention(q, k, v, causal=causal, scale=scale, rel_bias=rel_bias,
+                                          rel_buckets=rel_buckets, alibi_slopes=alibi_slopes, post_table=post_table,
+                                          normalizer=normalizer, key_padding_mask=key_padding_mask)
+    kernels = importlib.import_module(_KERNELS[backend])
+    bias_diag, post_diag, key_bias = diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table,
+                                                    key_padding_mask)
+    return _RelPosAttentionFunction.apply(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,
+                                          kernels)
+
+
+def alibi_slopes(num_heads):
+    """ALiBi's slopes m_h = 2^(-8 (h + 1) / H) as a float32 tensor [H] (H a power of 2 in the paper)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)])
+
+
+class T5RelativeBias(torch.nn.Module):
+    """A learned T5 bucket table [num_heads, num_buckets] (init N(0, 0.02), as in URPE's code).
+    Pass `module.table` as rel_bias and `module.rel_buckets` as rel_buckets to relpos_attention;
+    calling the module gives the dense bias [H, Lq, Lk] for attention ops that want one.
+    Share one instance across the layers of a stack, as T5 does."""
+
+    def __init__(self, num_heads, num_buckets=32, max_distance=128, bidirectional=True):
+        super().__init__()
+        _check_buckets("T5RelativeBias", num_buckets, max_distance, bidirectional)
+        self.rel_buckets = (num_buckets, max_distance, bidirectional)
+        self.table = torch.nn.Parameter(torch.randn(num_heads, num_buckets) * 0.02)
+
+    def forward(self, lq, lk):
+        delta = reference.relative_distance(lq, lk, self.table.device)
+        return self.table[:, reference.table_index(delta, self.table.shape[1], self.rel_buckets)]
+
+    def extra_repr(self):
+        n, d, bidirectional = self.rel_buckets
+        return f"heads={self.table.shape[0]}, num_buckets={n}, max_distance={d}, bidirectional={bidirectional}"
+
+
+class RelPosSelfAttention(torch.nn.Module):
+    """Multi-head self-attention over x [B, L, embed_dim] with relpos_attention inside.
+
+    Args:
+        embed_dim, num_heads; num_kv_heads (GQA, default num_heads).
+        position: 't5' (a T5 bucket bias; pass relative_bias=T5RelativeBias(...) to share one
+            across layers), 'alibi' (fixed slopes) or None.
+        urpe: multiply the attention weights by a learned Toeplitz table C after the normalisation,
+            indexed like the T5 bias (buckets), or by the clipped distance up to max_distance
+            without 't5'. Initialised to 1, so training starts from plain attention. Pass
+            post_table=<Parameter [num_heads, R]> to share one table across layers.
+        normalizer: 'softmax' | 'l2'; causal; bias (of the projections).
+    forward(x, key_padding_mask=None) -> [B, L, embed_dim].
+    """
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, position="t5", relative_bias=None, urpe=False,
+                 post_table=None, normalizer="softmax", causal=False, num_buckets=32, max_distance=128, bias=True):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads != 0 or num_heads % num_kv_heads != 0:
+            raise ValueError("RelPosSelfAttention: num_heads must divide embed_dim and num_kv_heads must divide num_heads")
+        if position not in ("t5", "alibi", None):
+            raise ValueError(f"RelPosSelfAttention: position must be 't5', 'alibi' or None, got {position!r}")
+        if normalizer not in NORMALIZERS:
+            raise ValueError(f"RelPosSelfAttention: normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, embed_dim // num_heads
+        self.normalizer, self.causal, self.position = normalizer, causal, position
+        self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv_proj = torch.nn.Linear(embed_dim, 2 * num_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.relative_bias = None
+        if position == "t5":
+            self.relative_bias = relative_bias if relative_bias is not None else T5RelativeBias(
+                num_heads, num_buckets, max_distance, bidirectional=not causal)
+        if position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(num_heads), persistent=False)
+        self.post_table = None
+        if urpe or post_table is not None:
+            width = self.relative_bias.rel_buckets[0] if self.relative_bias is not None else 2 * max_distance + 1
+            self.post_table = post_table if post_table is not None else torch.nn.Parameter(torch.ones(num_heads, width))
+
+    def forward(self, x, key_padding_mask=None):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x).reshape(batch, length, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = relpos_attention(
+            q, k, v, causal=self.causal,
+            rel_bias=None if self.relative_bias is None else self.relative_bias.table,
+            rel_buckets=None if self.relative_bias is None else self.relative_bias.rel_buckets,
+            alibi_slopes=self.alibi if self.position == "alibi" else None,
+            post_table=self.post_table, normalizer=self.normalizer, key_padding_mask=key_padding_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
