@@ -264,7 +264,7 @@ def test_generated_noise_statistics(backend):
     assert abs(inside - 0.682689492) < 4 * math.sqrt(0.2166 / n)
     assert abs((z ** 4).mean().item() - 3) < 0.25  # Gaussian kurtosis
     assert abs((z[1:] * z[:-1]).mean().item()) < 4 / math.sqrt(n)  # neighbours uncorrelated
-    assert z.abs().max().item() < 5.4
+    assert z.abs().max().item() < 5.8  # Box-Muller with 24-bit uniforms: |z| <= 5.77
 
 
 def test_generated_noise_seeding(backend):
@@ -282,12 +282,14 @@ def test_generated_noise_seeding(backend):
 
 
 def test_generated_noise_same_stream_as_reference(backend):
-    """The backends draw the same integer stream; the fused erfinv agrees with torch.erfinv."""
+    """The backends draw the same integer stream; the fused float32 log/sin/cos agree with float64.
+    Rows of 2000 (one short block with a partial sine half) and 2148 (a full block + a short one)."""
     dtype = backend_dtype(backend)
-    got = generated(dtype, seed=42, shape=(3, 2000))
-    with fastnotes.use_backend("reference"):
-        expected = generated(torch.float64, seed=42, shape=(3, 2000))
-    assert torch.allclose(got, expected, atol=3e-6, rtol=2e-6)
+    for shape in ((3, 2000), (2, 2148)):
+        got = generated(dtype, seed=42, shape=shape)
+        with fastnotes.use_backend("reference"):
+            expected = generated(torch.float64, seed=42, shape=shape)
+        assert torch.allclose(got, expected, atol=3e-6, rtol=2e-6)
 
 
 def test_counter_normal_tails_numba():
@@ -303,7 +305,7 @@ def test_counter_normal_tails_numba():
     kernels.sampler_step(zeros, zeros, None, coef, False, 0.0, 0.0, keys, out)
     expected = reference_diffusion.counter_normal(shape, keys)
     assert (out.double() - expected).abs().max().item() < 2e-6 * max(1.0, expected.abs().max().item())
-    assert expected.abs().max().item() > 4.5  # the tails (second polynomial) are exercised
+    assert expected.abs().max().item() > 4.5  # the tails (small uniforms) are exercised
 
 
 # ---- the probability-flow ODE oracle O-ODE-1 ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ import importlib
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from .. import _checks, _dispatch
@@ -35,28 +36,40 @@ N_COEF = 8  # A, M, C, px, pm, S, (padding to 32 bytes)
 
 
 def _timesteps(name, value, batch, device, num_steps):
-    """int64 [B] on `device`; range-checked unless it is a CUDA tensor (no host sync there:
-    out-of-range entries give NaN rows instead)."""
+    """int64 [B]: a numpy array for CPU tensors (the prologue runs on the host), else a tensor on
+    `device`. Range-checked unless it is a CUDA tensor (no host sync there: out-of-range entries give
+    NaN rows instead)."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{_OP}: {name} must be an int or an integer tensor, got bool")
     if isinstance(value, numbers.Integral):
-        out = torch.full((batch,), int(value), dtype=torch.int64)
+        values = np.full(batch, int(value), dtype=np.int64)
     elif isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex():
             raise TypeError(f"{_OP}: {name} must be an integer tensor (timestep indices), got {value.dtype}")
         if value.shape not in ((), (1,), (batch,)):
             raise ValueError(f"{_OP}: {name} must be a scalar or have shape [{batch}] (one timestep per sample), "
                              f"got {tuple(value.shape)}")
-        out = value.reshape(-1).to(torch.int64).expand(batch)
+        if value.device.type != "cpu":
+            return value.reshape(-1).to(device=device, dtype=torch.int64).expand(batch)
+        values = np.broadcast_to(value.reshape(-1).numpy(), (batch,)).astype(np.int64)  # a writable copy
     else:
         raise TypeError(f"{_OP}: {name} must be an int or an int64 tensor, got {type(value).__name__}")
-    if out.device.type == "cpu":
-        low = 1 if name == "t" else 0
-        bad = (out < low) | (out > num_steps)
-        if bool(bad.any()):
-            raise ValueError(f"{_OP}: {name} must lie in [{low}, {num_steps}] for this schedule; "
-                             f"got {int(out[bad][0])}")
-    return out.to(device)
+    low = 1 if name == "t" else 0
+    bad = (values < low) | (values > num_steps)
+    if bad.any():
+        raise ValueError(f"{_OP}: {name} must lie in [{low}, {num_steps}] for this schedule; "
+                         f"got {int(values[bad][0])}")
+    return values if device.type == "cpu" else torch.from_numpy(np.ascontiguousarray(values)).to(device)
+
+
+def _check_order(t_idx, s_idx):
+    """s < t per sample, checked where it costs no host sync."""
+    if isinstance(t_idx, np.ndarray) and isinstance(s_idx, np.ndarray):
+        wrong = np.nonzero(s_idx >= t_idx)[0]
+        if wrong.size:
+            i = int(wrong[0])
+            raise ValueError(f"{_OP}: s must be < t (a reverse step); sample {i} has t = {int(t_idx[i])}, "
+                             f"s = {int(s_idx[i])}")
 
 
 def _clip_range(clip_denoised, method):
@@ -77,7 +90,7 @@ def _clip_range(clip_denoised, method):
 
 
 def _gamma_table(gamma, schedule, method):
-    """G_t for t = 0..N as a float64 CPU tensor, or None."""
+    """G_t for t = 0..N as a float64 numpy array, or None."""
     if not method.startswith("analytic"):
         if gamma is not None:
             raise ValueError(f"{_OP}: gamma is only used by the analytic methods, not {method!r}")
@@ -87,13 +100,13 @@ def _gamma_table(gamma, schedule, method):
                          "for t = 0..N (see estimate_gamma) or one number for every t")
     n = schedule.num_steps
     if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
-        table = torch.full((n + 1,), float(gamma), dtype=torch.float64)
+        table = np.full(n + 1, float(gamma))
     else:
-        table = torch.as_tensor(gamma.detach().cpu() if isinstance(gamma, torch.Tensor) else gamma).to(torch.float64)
+        table = np.asarray(gamma.detach().cpu() if isinstance(gamma, torch.Tensor) else gamma, dtype=np.float64)
         if table.shape != (n + 1,):
             raise ValueError(f"{_OP}: gamma must be a number or have shape [{n + 1}] (G_t for t = 0..N), "
                              f"got {tuple(table.shape)}")
-    if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+    if not np.isfinite(table).all() or (table < 0).any():
         raise ValueError(f"{_OP}: gamma must be finite and >= 0 (a mean squared noise prediction)")
     return table
 
@@ -132,15 +145,18 @@ def _check_arguments(x_t, model_output, schedule, method, eta, prediction, noise
 
 def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_range):
     """float64 [B, 8]: (A, M, C, px, pm, S, 0, 0) with x_s = A x + M m + C clamp(px x + pm m) + S z.
-    Rows with an invalid (t, s) are NaN."""
-    n = logab.numel() - 1
+    Rows with an invalid (t, s) are NaN. Takes numpy arrays (the host prologue for CPU tensors: tiny
+    torch ops cost microseconds each) or torch tensors on the device (no host sync); the same code
+    serves both."""
+    xp = np if isinstance(logab, np.ndarray) else torch
+    n = logab.shape[0] - 1
     valid = (t >= 1) & (t <= n) & (s >= 0) & (s < t)
-    t = t.clamp(1, n)
-    s = s.clamp(0, n)
+    t = t.clip(1, n)
+    s = s.clip(0, n)
     lt, ls = logab[t], logab[s]
-    ab_t, oma_t, oma_s = torch.exp(lt), -torch.expm1(lt), -torch.expm1(ls)
-    a_t, sg_t, a_s = ab_t.sqrt(), oma_t.sqrt(), torch.exp(0.5 * ls)
-    one, zero = torch.ones_like(lt), torch.zeros_like(lt)
+    ab_t, oma_t, oma_s = xp.exp(lt), -xp.expm1(lt), -xp.expm1(ls)
+    a_t, sg_t, a_s = xp.sqrt(ab_t), xp.sqrt(oma_t), xp.exp(0.5 * ls)
+    one, zero = xp.ones_like(lt), xp.zeros_like(lt)
     if prediction == "eps":
         px, pm, qx, qm = 1 / a_t, -sg_t / a_t, zero, one
     elif prediction == "x0":
@@ -148,30 +164,30 @@ def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_ran
     else:
         px, pm, qx, qm = a_t, -sg_t, sg_t, a_t
     if method == "ode-euler":
-        h = 0.5 * (logab[t - 1] - lt) * (t - s).to(lt.dtype)
+        h = 0.5 * (logab[t - 1] - lt) * ((t - s) + zero)
         cx, ce, cx0, sigma2 = 1 + h, -h / sg_t, zero, zero
     else:
-        be = -torch.expm1(lt - ls)
+        be = -xp.expm1(lt - ls)
         bt = be * oma_s / oma_t
         lam2 = {"ddpm": bt, "analytic-ddpm": bt, "ddpm-large": be}.get(method, eta * eta * bt)
         if method in ("ddpm", "ddpm-large", "analytic-ddpm"):
-            cx0, cx, ce = a_s * be / oma_t, torch.exp(0.5 * (lt - ls)) * oma_s / oma_t, zero
+            cx0, cx, ce = a_s * be / oma_t, xp.exp(0.5 * (lt - ls)) * oma_s / oma_t, zero
         else:
-            cx0, cx, ce = a_s, zero, torch.sqrt(torch.clamp(oma_s - lam2, min=0))
+            cx0, cx, ce = a_s, zero, xp.sqrt((oma_s - lam2).clip(min=0))
         if method.startswith("analytic"):
             r2 = math.inf if clip_range is None else ((clip_range[1] - clip_range[0]) / 2) ** 2
-            gam = a_s - torch.sqrt(torch.clamp(oma_s - lam2, min=0) * ab_t / oma_t)
-            cov = torch.clamp(torch.expm1(-lt) * (1 - gamma_t), min=0, max=r2)
+            gam = a_s - xp.sqrt((oma_s - lam2).clip(min=0) * ab_t / oma_t)
+            cov = (xp.expm1(-lt) * (1 - gamma_t)).clip(min=0, max=r2)
             sigma2 = lam2 + gam * gam * cov
         else:
             sigma2 = lam2
-        sigma2 = torch.where(s == 0, zero, sigma2)
+        sigma2 = xp.where(s == 0, zero, sigma2)
     if clip_range is not None and method != "ode-euler":
         a, m, c = cx + ce * qx, ce * qm, cx0
     else:
         a, m, c = cx + cx0 * px + ce * qx, cx0 * pm + ce * qm, zero
-    coef = torch.stack([a, m, c, px, pm, torch.sqrt(sigma2), zero, zero], dim=1)
-    return torch.where(valid[:, None], coef, torch.full_like(coef, math.nan))
+    coef = xp.stack([a, m, c, px, pm, xp.sqrt(sigma2), zero, zero], axis=1)
+    return xp.where(valid[:, None], coef, xp.full_like(coef, math.nan))
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -213,15 +229,18 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     device = x_t.device
     t_idx = _timesteps("t", t, batch, device, schedule.num_steps)
     s_idx = _timesteps("s", s, batch, device, schedule.num_steps)
-    if t_idx.device.type == "cpu" and bool((s_idx >= t_idx).any()):
-        i = int(torch.nonzero(s_idx >= t_idx)[0])
-        raise ValueError(f"{_OP}: s must be < t (a reverse step); sample {i} has t = {int(t_idx[i])}, s = {int(s_idx[i])}")
+    _check_order(t_idx, s_idx)
     clip_range = _clip_range(clip_denoised, method)
     if method == "ode-euler" and clip_range is not None:
         raise ValueError(f"{_OP}: ode-euler does not use x0_hat; leave clip_denoised at None/False")
     table = _gamma_table(gamma, schedule, method)
-    logab = schedule.log_alphas_cumprod_on(device)
-    gamma_t = None if table is None else table.to(device)[t_idx.clamp(0, schedule.num_steps)]
+    on_host = isinstance(t_idx, np.ndarray)
+    if on_host:
+        logab = schedule.log_alphas_cumprod.numpy()
+        gamma_t = None if table is None else table[t_idx]
+    else:
+        logab = schedule.log_alphas_cumprod_on(device)
+        gamma_t = None if table is None else torch.from_numpy(table).to(device)[t_idx.clamp(0, schedule.num_steps)]
     stochastic = not (method in DETERMINISTIC or (method == "ddim" and eta == 0))
     keys = None
     if stochastic and noise is None:
@@ -231,9 +250,11 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     if backend == "reference":
         if stochastic and noise is None:
             noise = reference.counter_normal(x_t.shape, keys, dtype=torch.float64, device=device)
-        result = reference.sampler_step(x_t, model_output, t_idx, s_idx, logab, method=method, eta=float(eta),
-                                        prediction=prediction, gamma=gamma_t, clip_range=clip_range,
-                                        noise=noise if stochastic else None)
+        as_tensor = (lambda v: torch.as_tensor(v, device=device)) if on_host else (lambda v: v)
+        result = reference.sampler_step(x_t, model_output, as_tensor(t_idx), as_tensor(s_idx), as_tensor(logab),
+                                        method=method, eta=float(eta), prediction=prediction,
+                                        gamma=None if gamma_t is None else as_tensor(gamma_t),
+                                        clip_range=clip_range, noise=noise if stochastic else None)
         if out is None:
             return result
         return out.copy_(result)
@@ -241,6 +262,8 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     kernels = importlib.import_module(_KERNELS[backend])
     coef = step_coefficients(logab, t_idx, s_idx, method=method, eta=float(eta), prediction=prediction,
                              gamma_t=gamma_t, clip_range=clip_range)
+    if on_host:
+        coef = torch.from_numpy(coef)
     flat = (batch, x_t.numel() // batch)
     x2 = x_t.reshape(flat)
     m2 = model_output.to(x_t.dtype).reshape(flat)
@@ -275,8 +298,9 @@ def heun_step(model, x_t, t, s, schedule, *, prediction="eps", model_output=None
     batch = x_t.shape[0]
     t_idx = _timesteps("t", t, batch, x_t.device, schedule.num_steps)
     s_idx = _timesteps("s", s, batch, x_t.device, schedule.num_steps)
-    if t_idx.device.type == "cpu" and bool((s_idx >= t_idx).any()):
-        raise ValueError(f"{_OP}: s must be < t (a reverse step)")
+    _check_order(t_idx, s_idx)
+    if isinstance(t_idx, np.ndarray):  # the model takes timestep tensors
+        t_idx, s_idx = torch.from_numpy(np.ascontiguousarray(t_idx)), torch.from_numpy(np.ascontiguousarray(s_idx))
     m1 = model(x_t, t_idx) if model_output is None else model_output
     x_euler = sampler_step(x_t, m1, t_idx, s_idx, schedule, method="ddim", prediction=prediction,
                            clip_denoised=False)

@@ -10,6 +10,7 @@ import torch
 METHODS = ("ddpm", "ddpm-large", "ddim", "analytic-ddpm", "analytic-ddim", "ode-euler")
 PREDICTIONS = ("eps", "x0", "v")
 _MASK32 = 0xFFFFFFFF
+_BLOCK = 2048  # elements per noise block (the kernels tile by the same blocks)
 
 
 def step_scalars(logab, t, s, *, method, eta=0.0, gamma=None, cov_max=math.inf):
@@ -116,21 +117,31 @@ def _mix32(v):
     return v ^ (v >> 16)
 
 
-def counter_uniform_bits(index, keys):
-    """The 23-bit integer k for each flat element index (int64 tensor)."""
+def _block_keys(block, keys):
     k0, k1, k2 = (k & _MASK32 for k in keys)
-    lo = index & _MASK32
-    hi = index >> 32
-    v = _mix32(lo ^ k0)
-    v = _mix32((v + (k1 ^ _mul32(hi, 0x9E3779B9))) & _MASK32)
-    v = _mix32(v ^ k2)
-    return v >> 9
+    hi = _mul32((block >> 32) & _MASK32, 0x9E3779B9)
+    key1 = _mix32((_mix32((block & _MASK32) ^ k0) + (k1 ^ hi)) & _MASK32)
+    key2 = _mix32(key1 ^ k2)
+    return key1, key2, _mix32((key2 + k0) & _MASK32)
 
 
 def counter_normal(shape, keys, dtype=torch.float64, device="cpu"):
-    """Standard normal noise of `shape` from the counter stream (element i of the flattened
-    tensor uses counter i): z = sqrt(2) erfinv((2k + 1) 2^-23 - 1)."""
-    n = math.prod(shape)
-    k = counter_uniform_bits(torch.arange(n, dtype=torch.int64, device=device), keys)
-    x = (2 * k + 1).to(torch.float64) * 2.0**-23 - 1.0
-    return (math.sqrt(2.0) * torch.special.erfinv(x)).reshape(shape).to(dtype)
+    """Standard normal noise of `shape` = [B, ...] from the counter stream (fastnotes/diffusion/_rng.py):
+    each sample's D elements are cut into blocks of 2048 (global block index b * ceil(D / 2048) + q);
+    lane p < 1024 of a block gets r cos(2 pi f) and lane 1024 + p gets r sin(2 pi f) of pair p, with
+    r = sqrt(-2 log u), u = (2 (v1 >> 9) + 1) 2^-24, f = (v2 >> 8) 2^-24 from the hashed pair."""
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    j = torch.arange(cols, dtype=torch.int64, device=device)
+    blocks_per_row = -(-cols // _BLOCK)
+    block = torch.arange(rows, dtype=torch.int64, device=device)[:, None] * blocks_per_row + (j // _BLOCK)
+    lane = j % _BLOCK
+    pair = lane % (_BLOCK // 2)
+    key1, key2, key3 = _block_keys(block, keys)
+    v1 = _mix32((_mix32(pair ^ key1) + key2) & _MASK32)
+    v2 = _mix32(v1 ^ key3)
+    u = (2 * (v1 >> 9) + 1).to(torch.float64) * 2.0**-24
+    angle = (v2 >> 8).to(torch.float64) * (2 * math.pi * 2.0**-24)
+    r = torch.sqrt(-2 * torch.log(u))
+    z = torch.where(lane < _BLOCK // 2, r * torch.cos(angle), r * torch.sin(angle))
+    return z.reshape(shape).to(dtype)

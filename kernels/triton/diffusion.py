@@ -3,14 +3,15 @@
 Grid (samples, tiles of BLOCK elements). Each program loads its sample's float32 coefficients
 (A, M, C, px, pm, S) and writes x_s = A x + M m + C clamp(px x + pm m, lo, hi) + S z. NOISE selects
 z: 0 none, 1 a given tensor, 2 drawn here from the counter stream of fastnotes/diffusion/_rng.py
-(three lowbias32 rounds on the flat element index in uint32 arithmetic, then Giles'
-single-precision erfinv), skipped for samples with S = 0.
+(lowbias32 hashing in uint32 arithmetic, Box-Muller pairs; each element computes its own half of
+its pair, which costs nothing on a memory-bound GPU kernel), skipped for samples with S = 0.
 """
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 1024
+NOISE_BLOCK = tl.constexpr(2048)  # elements per noise block, as in fastnotes/diffusion/_rng.py
 NUM_WARPS = 4
 N_COEF = 8
 
@@ -25,36 +26,22 @@ def _mix32(v):
 
 
 @triton.jit
-def _counter_normal(index, k0, k1, k2):
-    """Standard normal float32 numbers at int64 flat indices."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    v = _mix32(lo ^ k0)
-    v = _mix32(v + (k1 ^ (hi * 0x9E3779B9)))
-    v = _mix32(v ^ k2)
-    x = ((v >> 9).to(tl.int32) * 2 + 1).to(tl.float32) * 1.1920928955078125e-07 - 1.0
-    w = -tl.log((1.0 - x) * (1.0 + x))
-    a = w - 2.5
-    p = 2.81022636e-08
-    p = 3.43273939e-07 + p * a
-    p = -3.5233877e-06 + p * a
-    p = -4.39150654e-06 + p * a
-    p = 0.00021858087 + p * a
-    p = -0.00125372503 + p * a
-    p = -0.00417768164 + p * a
-    p = 0.246640727 + p * a
-    p = 1.50140941 + p * a
-    b = tl.sqrt(w) - 3.0
-    q = -0.000200214257
-    q = 0.000100950558 + q * b
-    q = 0.00134934322 + q * b
-    q = -0.00367342844 + q * b
-    q = 0.00573950773 + q * b
-    q = -0.0076224613 + q * b
-    q = 0.00943887047 + q * b
-    q = 1.00167406 + q * b
-    q = 2.83297682 + q * b
-    return 1.4142135623730951 * tl.where(w < 5.0, p, q) * x
+def _counter_normal(row, cols, blocks_per_row, k0, k1, k2):
+    """Standard normal float32 numbers of the counter stream at (sample row, int64 columns):
+    Box-Muller pairs within blocks of NOISE_BLOCK elements (see fastnotes/diffusion/_rng.py)."""
+    block = row * blocks_per_row + cols // NOISE_BLOCK
+    lane = cols % NOISE_BLOCK
+    pair = (lane % (NOISE_BLOCK // 2)).to(tl.uint32)
+    hi = (block >> 32).to(tl.uint32) * 0x9E3779B9
+    key1 = _mix32(_mix32((block & 0xFFFFFFFF).to(tl.uint32) ^ k0) + (k1 ^ hi))
+    key2 = _mix32(key1 ^ k2)
+    key3 = _mix32(key2 + k0)
+    v1 = _mix32(_mix32(pair ^ key1) + key2)
+    v2 = _mix32(v1 ^ key3)
+    u = ((v1 >> 9).to(tl.int32) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+    angle = (v2 >> 8).to(tl.int32).to(tl.float32) * 3.7450702e-07  # 2 pi 2^-24
+    r = tl.sqrt(-2.0 * tl.log(u))
+    return tl.where(lane < NOISE_BLOCK // 2, r * tl.cos(angle), r * tl.sin(angle))
 
 
 @triton.jit
@@ -79,8 +66,8 @@ def sampler_step_kernel(x_ptr, m_ptr, z_ptr, coef_ptr, out_ptr, n_cols, lo, hi, 
         y += sd * tl.load(z_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     if NOISE == 2:
         if sd != 0.0:
-            y += sd * _counter_normal(offs, k0.to(tl.uint32, bitcast=True), k1.to(tl.uint32, bitcast=True),
-                                      k2.to(tl.uint32, bitcast=True))
+            y += sd * _counter_normal(row, cols, tl.cdiv(n_cols, NOISE_BLOCK), k0.to(tl.uint32, bitcast=True),
+                                      k1.to(tl.uint32, bitcast=True), k2.to(tl.uint32, bitcast=True))
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
 
 
