@@ -30,7 +30,7 @@ def _check_k(k):
         raise ValueError(f"k must be in 1..{MAX_K} on the cuda backend, got {k}")
 
 
-def _knn_keys(x, reference, k, metric, exclude_self):
+def _knn_keys(x, reference, k, metric, exclude_self, **tiles):
     _check_k(k)
     ext = _extension()
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -40,7 +40,7 @@ def _knn_keys(x, reference, k, metric, exclude_self):
         ext.topk_merge(device, stream, tile.data_ptr(), tile.shape[0], tile.shape[1], tile.stride(0),
                        best.data_ptr(), k)
 
-    return triton_hubness.knn_keys(x, reference, k, metric, exclude_self, merge=merge), ext, device, stream
+    return triton_hubness.knn_keys(x, reference, k, metric, exclude_self, merge=merge, **tiles), ext, device, stream
 
 
 @torch.library.custom_op("fastnotes::hubness_knn", mutates_args=(), device_types="cuda")
