@@ -7,7 +7,8 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: setup run test bench wheel clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+# csrc/ is compiled into fastnotes._C by the (editable) install when nvcc is found: rebuild when it changes
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
@@ -26,6 +27,7 @@ bench: setup
 	$(PY) -m pytest bench -q --benchmark-json=bench/results/cpu.json
 	$(PY) bench/report.py bench/results/cpu.json --out BENCHMARKS.md --plot bench/cpu.png
 
+# dist/fastnotes-*.whl: with fastnotes._C when nvcc is found (FASTNOTES_CUDA, FASTNOTES_CUDA_ARCHS: see README)
 wheel: setup
 	$(PY) -m pip install --quiet build
 	$(PY) -m build --wheel
