@@ -18,11 +18,14 @@ dK, dV of a key tile accumulate in the task, dQ in the head's own rows, and the 
 of bias_diag / post_diag in a private row per task that the launcher sums in a fixed order. No
 atomics and no shared writes: results are deterministic.
 """
+import functools
 import math
 
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls scipy's BLAS; load it before limiting it)
 import torch
 from numba import njit, prange
+from threadpoolctl import ThreadpoolController
 
 from ._math import JIT_OPTIONS, fast_exp, fast_log, like
 from ._tensors import compute_view
@@ -172,6 +175,17 @@ def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal
 # ---- launch functions ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    return ThreadpoolController()
+
+
+def _single_threaded_blas():
+    """The tile products run inside numba's parallel loop: a threaded BLAS under it would
+    oversubscribe the cores (OpenBLAS also warns about the OpenMP loop), so limit it per launch."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 def _arrays(*tensors):
     return [t.detach().contiguous().numpy() for t in tensors]
 
@@ -184,8 +198,9 @@ def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer
     batch, heads, lq, _ = q.shape
     out = torch.empty(batch, heads, lq, v.shape[3], dtype=work[0].dtype)
     stat = torch.empty(batch, heads, lq, dtype=work[0].dtype)
-    _forward(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer], bool(causal), *FORWARD_TILES,
-             out.numpy(), stat.numpy())
+    with _single_threaded_blas():
+        _forward(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer], bool(causal), *FORWARD_TILES,
+                 out.numpy(), stat.numpy())
     return out.to(q.dtype), stat
 
 
@@ -202,9 +217,10 @@ def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalize
     grad_bias = torch.empty(batch, heads, lq + lk - 1, dtype=dtype)
     grad_post = torch.empty(batch, heads, lq + lk - 1, dtype=dtype)
     arrays = _arrays(*work)
-    _backward(*arrays[:6], float(scale), NORMALIZER_CODES[normalizer], bool(causal), *BACKWARD_TILES, *arrays[6:],
-              grad_q.numpy(), grad_k.numpy(), grad_v.numpy(), grad_bias.numpy().reshape(batch * heads, -1),
-              grad_post.numpy().reshape(batch * heads, -1))
+    with _single_threaded_blas():
+        _backward(*arrays[:6], float(scale), NORMALIZER_CODES[normalizer], bool(causal), *BACKWARD_TILES,
+                  *arrays[6:], grad_q.numpy(), grad_k.numpy(), grad_v.numpy(),
+                  grad_bias.numpy().reshape(batch * heads, -1), grad_post.numpy().reshape(batch * heads, -1))
     if kv_heads != heads:  # GQA: each kv head gets the sum over its query heads, in head order
         grad_k = grad_k.reshape(batch, kv_heads, heads // kv_heads, lk, d).sum(2)
         grad_v = grad_v.reshape(batch, kv_heads, heads // kv_heads, lk, dv).sum(2)
