@@ -71,28 +71,51 @@ def step_costs(schedule, gamma):
     return torch.where(valid, cost, torch.full_like(cost, math.inf))
 
 
-def optimal_trajectory(schedule, gamma, k):
-    """The K-node trajectory 1 = tau_1 < ... < tau_K = N minimising sum_k F[tau_{k-1}, tau_k] (the
-    shortened process' KL up to constants, Analytic-DPM section 4), by dynamic programming in
-    O(K N^2) time and O(N^2) memory. Returns (trajectory list, cost)."""
-    n = schedule.num_steps
-    if not (isinstance(k, int) and 2 <= k <= n):
-        raise ValueError(f"optimal_trajectory: need an int 2 <= K <= N = {n}, got {k!r}")
-    f = step_costs(schedule, gamma)
+def _shortest_path(f, k, end):
+    """The K-node path 1 = tau_1 < ... < tau_K = end minimising sum F[tau_{k-1}, tau_k], and its cost."""
+    f = f[: end + 1, : end + 1]
     best = f[1].clone()  # best[n] = cost of the best 2-node path 1 -> n
     back = []
     for _ in range(3, k + 1):
-        total = best[:, None] + f  # [s, n]
-        best, arg = total.min(dim=0)
+        best, arg = (best[:, None] + f).min(dim=0)  # over s, for every n
         back.append(arg)
-    path = [n]
+    path = [end]
     for arg in reversed(back):
         path.append(int(arg[path[-1]]))
     path.append(1)
-    path = path[::-1]
-    if not math.isfinite(float(best[n])):
+    return path[::-1], float(best[end])
+
+
+def optimal_trajectory(schedule, gamma, k):
+    """The K-node trajectory 1 = tau_1 < ... < tau_K = N minimising sum_k F[tau_{k-1}, tau_k] (the
+    shortened process' KL up to constants, Analytic-DPM section 4), by dynamic programming in
+    O(K N^2) time and O(N^2) memory. Returns (trajectory list, cost).
+
+    When some G_n > 1 (model error near t = N: the cost's log argument can go <= 0), it falls back as
+    the Analytic-DPM code does: with n0 the first such n and b = 2 (N - n0 + 1), the DP runs on
+    [1, N - b] with ceil((1 - 0.8 b / N) K) nodes and the other nodes are spread evenly over
+    (N - b, N]; the returned cost is then that of the DP part."""
+    n = schedule.num_steps
+    if not (isinstance(k, int) and 2 <= k <= n):
+        raise ValueError(f"optimal_trajectory: need an int 2 <= K <= N = {n}, got {k!r}")
+    g = _table(schedule, gamma)
+    f = step_costs(schedule, g)
+    bad = torch.nonzero(g[1:] > 1).reshape(-1)
+    if bad.numel() == 0:
+        path, cost = _shortest_path(f, k, n)
+    else:
+        num_bad = 2 * (n - (int(bad[0]) + 1) + 1)
+        end = n - num_bad
+        k1 = min(k - 1, end, max(2, math.ceil((1 - 0.8 * num_bad / n) * k)))
+        if end < 2 or k1 < 2:
+            raise ValueError(f"optimal_trajectory: G_t > 1 from t = {int(bad[0]) + 1} on leaves too few steps for "
+                             f"a trajectory of {k} nodes; re-estimate gamma or use even_trajectory")
+        k2 = k - k1
+        path, cost = _shortest_path(f, k1, end)
+        path += [round(n - (n - end) / k2 * i) for i in range(k2)][::-1]
+    if not math.isfinite(cost):
         raise ValueError("optimal_trajectory: no finite-cost trajectory (G_t > 1 near t = N?)")
-    return path, float(best[n])
+    return path, cost
 
 
 @torch.no_grad()
