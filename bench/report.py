@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 from datetime import datetime
 
-BASELINES = ("eager-composite", "torch-compile", "bce-with-logits")
+BASELINES = ("eager-composite", "torch-compile", "bce-with-logits", "diffusers-ddpm", "diffusers-ddim")
 MODE_LABELS = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 DEFAULT_COMMAND = "make bench"
 
@@ -120,12 +120,18 @@ def markdown_section(op, rows, data, command, plot_rel=None):
         baselines = [b for b in BASELINES if b in medians]
         # memory saved for backward (counted with saved-tensor hooks), when the suite records it
         saved = any(r["saved_bytes"] is not None for r in case_rows)
+        # bandwidth against a copy of the same tensors measured in the same run, when the suite has one
+        copy = next((r for r in case_rows if r["contender"] == "copy" and r["bytes"]), None)
         out += ["", f"### {case_title(case)}", ""]
-        out.append("| contender | median ms | GB/s | " + ("saved for bwd MB | " if saved else "")
+        out.append("| contender | median ms | GB/s | " + ("% of copy GB/s | " if copy else "")
+                   + ("saved for bwd MB | " if saved else "")
                    + " | ".join(f"vs {b}" for b in baselines) + " |")
-        out.append("|---|---:|---:|" + ("---:|" if saved else "") + "---:|" * len(baselines))
+        out.append("|---|---:|---:|" + ("---:|" if copy else "") + ("---:|" if saved else "") + "---:|" * len(baselines))
         for r in case_rows:
             gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r["bytes"] else "n/a"
+            if copy:
+                share = (r["bytes"] / r["median_s"]) / (copy["bytes"] / copy["median_s"]) if r["bytes"] else None
+                gbs += f" | {100 * share:.0f}%" if share is not None else " | "
             if saved:
                 gbs += f" | {r['saved_bytes'] / 1e6:.2f}" if r["saved_bytes"] is not None else " | "
             name = r["contender"]

@@ -228,3 +228,28 @@ def test_steps_match_diffusers(kind, eta, prediction_type):
         assert torch.allclose(got.prev_sample, expected.prev_sample, atol=2e-5, rtol=1e-5), int(t)
         assert torch.allclose(got.pred_original_sample, expected.pred_original_sample, atol=2e-5, rtol=1e-5)
         x = expected.prev_sample
+
+
+def test_scheduler_runs_a_diffusers_pipeline():
+    """Swapped into diffusers' DDPMPipeline, the scheduler gives exactly what our own loop gives."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, method="analytic-ddpm", gamma=0.5)
+    images = pipe(batch_size=2, num_inference_steps=5, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+
+    scheduler = AnalyticDPMScheduler(method="analytic-ddpm", gamma=0.5)
+    scheduler.set_timesteps(5)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 1, 8, 8), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, generator=generator).prev_sample
+    expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (2, 8, 8, 1)
+    assert abs(images - expected).max() < 1e-6
