@@ -33,3 +33,27 @@ def multilabel_ce_composite(logits, targets):
     neg = flipped - y * 1e12
     pos = flipped - (1 - y) * 1e12
     return _appended_zero_lse(neg) + _appended_zero_lse(pos)
+
+
+def positives_as_targets(pos_index, n_classes, dtype=torch.float64):
+    """Dense {0, 1} targets [..., C] from positive indices [..., K] padded with -1."""
+    dense = torch.zeros(pos_index.shape[:-1] + (n_classes + 1,), dtype=dtype, device=pos_index.device)
+    # padding (-1) goes to the extra column C, which is dropped
+    dense.scatter_(-1, torch.where(pos_index < 0, n_classes, pos_index), 1.0)
+    return dense[..., :n_classes]
+
+
+def sparse_multilabel_ce(logits, pos_index, reduction="mean"):
+    """Reference ZLPR with positives given as indices [..., K] (-1 = padding): the dense loss of the
+    scattered {0, 1} targets. Arguments are assumed valid (no duplicates, indices in [-1, C))."""
+    work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return multilabel_ce(logits, positives_as_targets(pos_index, logits.shape[-1], work.dtype), None, reduction)
+
+
+def fused_linear_multilabel_ce(hidden, weight, targets=None, pos_index=None, bias=None, reduction="mean"):
+    """Reference for the fused op: ZLPR of the materialised logits hidden @ weight.T + bias, with dense
+    targets [N, C] or positive indices [N, K]."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if pos_index is not None:
+        return sparse_multilabel_ce(logits, pos_index, reduction)
+    return multilabel_ce(logits, targets, None, reduction)

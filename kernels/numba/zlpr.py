@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 import torch
+import numba
 from numba import njit, prange
 
 from . import _buffers
@@ -213,3 +214,115 @@ def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
     if grad_targets is not None:
         grad_targets = grad_targets.to(targets.dtype)
     return grad_logits.to(logits.dtype), grad_targets
+
+
+# ---- sparse positives and the fused-linear chunk epilogue -----------------------------------------
+# Positives given as indices [N, K] (-1 = padding) become a {0, 1} membership row in a per-thread
+# scratch buffer, so both streams run through the dense row code above: the negative sum is taken
+# directly over the non-members (never "all minus positives", which cancels catastrophically).
+
+
+@njit(**_JIT)
+def _mark(member, indices, value):
+    for k in range(indices.shape[0]):
+        if indices[k] >= 0:
+            member[indices[k]] = value
+
+
+@njit(**_JIT)
+def _row_loss(s, t, g, need_grad, scratch):
+    """(LA, LB, bad targets) of one row; with need_grad, s is overwritten by g dL/ds (a chunk at a
+    time: each chunk is copied to scratch first, so the overflow path can reread it)."""
+    la, lb, n_bad = _forward_row(s, t, None)
+    if need_grad:
+        for lo in range(0, s.shape[0], CHUNK):
+            hi = min(lo + CHUNK, s.shape[0])
+            saved = scratch[:hi - lo]
+            saved[:] = s[lo:hi]
+            _backward_chunk(saved, t[lo:hi], None, la, lb, g, s[lo:hi], None)
+    return la, lb, n_bad
+
+
+@njit(**_JIT)
+def _indexed_row_loss(logits, targets, pos_index, i, g, need_grad, member, scratch):
+    """_row_loss of row i, its targets dense or, with an empty targets array, from the index list."""
+    if targets.shape[0] == 0:
+        _mark(member, pos_index[i], 1)
+        result = _row_loss(logits[i], member, g, need_grad, scratch)
+        _mark(member, pos_index[i], 0)
+        return result
+    return _row_loss(logits[i], targets[i], g, need_grad, scratch)
+
+
+@njit(parallel=True, **_JIT)
+def _loss_rows(logits, targets, pos_index, row_scale, need_grad, n_blocks, loss, lse):
+    """Per-row loss and (LA, LB) of logits [R, C] with dense targets [R, C], or with positive indices
+    [R, K] when targets is empty. With need_grad, logits is overwritten by row_scale[i] dL/ds.
+    Rows go round-robin to n_blocks blocks, each with its own scratch rows."""
+    n_rows, n_cols = logits.shape
+    n_bad = 0
+    for block in prange(n_blocks):
+        member = np.zeros(n_cols if targets.shape[0] == 0 else 1, np.uint8)
+        scratch = np.empty(CHUNK, logits.dtype)
+        for i in range(block, n_rows, n_blocks):
+            la, lb, bad = _indexed_row_loss(logits, targets, pos_index, i, like(logits, row_scale[i]), need_grad,
+                                            member, scratch)
+            lse[i, 0] = la
+            lse[i, 1] = lb
+            loss[i] = la + lb
+            n_bad += bad
+    return n_bad
+
+
+@njit(parallel=True, **_JIT)
+def _sparse_backward(logits, pos_index, lse, grad_loss, n_blocks, grad_logits):
+    n_rows, n_cols = logits.shape
+    for block in prange(n_blocks):
+        member = np.zeros(n_cols, np.uint8)
+        for i in range(block, n_rows, n_blocks):
+            _mark(member, pos_index[i], 1)
+            _backward_row(logits[i], member, None, lse[i, 0], lse[i, 1], like(logits, grad_loss[i]),
+                          grad_logits[i], None)
+            _mark(member, pos_index[i], 0)
+
+
+def _n_blocks(n_rows):
+    return max(1, min(n_rows, 4 * numba.get_num_threads()))
+
+
+_NO_TARGETS = np.zeros((0, 1), np.uint8)
+_NO_INDEX = np.zeros((0, 1), np.int64)
+
+
+def sparse_forward(logits, pos_index):
+    """logits [N, C], pos_index [N, K] int64 (validated: in [-1, C), no duplicates).
+    Returns (loss [N], lse [N, 2]) in float32, or float64 for float64 logits."""
+    work = compute_view(logits)
+    loss = torch.empty(work.shape[0], dtype=work.dtype)
+    lse = torch.empty(work.shape[0], 2, dtype=work.dtype)
+    _loss_rows(_array(work), _NO_TARGETS, pos_index.numpy(), np.zeros(work.shape[0], _array(work).dtype), False,
+               _n_blocks(work.shape[0]), loss.numpy(), lse.numpy())
+    return loss, lse
+
+
+def sparse_backward(logits, pos_index, lse, grad_loss):
+    """Returns grad_logits [N, C] in logits.dtype."""
+    work = compute_view(logits)
+    grad_logits = _buffers.empty("zlpr.sparse_grad_logits", work.shape, work.dtype)
+    _sparse_backward(_array(work), pos_index.numpy(), lse.numpy(), _array(grad_loss.to(work.dtype).contiguous()),
+                     _n_blocks(work.shape[0]), grad_logits.numpy())
+    return grad_logits.to(logits.dtype)
+
+
+def chunk_loss_and_grad(logits, targets, pos_index, row_scale, need_grad):
+    """The fused-linear epilogue for one chunk of rows. logits [R, C] float32/float64, contiguous and
+    owned by the caller; targets [R, C] or pos_index [R, K] (the other None); row_scale [R].
+    Returns (loss [R], lse [R, 2], bad-target count); with need_grad, logits now holds
+    row_scale[i] dL/dlogits."""
+    loss = torch.empty(logits.shape[0], dtype=logits.dtype)
+    lse = torch.empty(logits.shape[0], 2, dtype=logits.dtype)
+    n_bad = _loss_rows(logits.numpy(), _NO_TARGETS if targets is None else _array(targets),
+                       _NO_INDEX if pos_index is None else pos_index.numpy(),
+                       _array(row_scale.to(logits.dtype).contiguous()), need_grad, _n_blocks(logits.shape[0]),
+                       loss.numpy(), lse.numpy())
+    return loss, lse, n_bad

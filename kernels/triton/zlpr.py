@@ -14,6 +14,7 @@ import triton.language as tl
 
 FORWARD_BLOCK = 2048
 BACKWARD_BLOCK = 1024
+SPARSE_BLOCK = 1024  # [BLOCK, INDEX_BLOCK] membership compare per tile
 NUM_WARPS = 8
 _PARTIAL = 5  # per (row, split): m_pos, l_pos, m_neg, l_neg, bad-target count
 
@@ -123,17 +124,22 @@ def _as_loadable(x):
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
+def _splits(n_rows, n_cols, block, device, n_splits=None):
+    """(number of splits of C, columns per split): splits fill the GPU when rows are few."""
+    n_tiles = triton.cdiv(n_cols, block)
+    if n_splits is None:
+        n_splits = min(n_tiles, max(1, triton.cdiv(_target_programs(device), max(n_rows, 1))))
+    n_splits = max(1, min(n_splits, n_tiles))
+    cols_per_split = triton.cdiv(n_tiles, n_splits) * block
+    return (triton.cdiv(n_cols, cols_per_split) if n_cols else 1), cols_per_split
+
+
 def zlpr_forward(logits, targets, mask, n_splits=None):
     """logits, targets [N, C] (row-contiguous); mask [N or 1, C] bool or None.
     Returns (loss [N] float32, lse [N, 2] float32, bad-target count per row [N] float32)."""
     n_rows, n_cols = logits.shape
     block = _block(n_cols, FORWARD_BLOCK)
-    n_tiles = triton.cdiv(n_cols, block)
-    if n_splits is None:
-        n_splits = min(n_tiles, max(1, triton.cdiv(_target_programs(logits.device), max(n_rows, 1))))
-    n_splits = max(1, min(n_splits, n_tiles))
-    cols_per_split = triton.cdiv(n_tiles, n_splits) * block
-    n_splits = triton.cdiv(n_cols, cols_per_split) if n_cols else 1
+    n_splits, cols_per_split = _splits(n_rows, n_cols, block, logits.device, n_splits)
     device = logits.device
     partial = torch.empty(n_rows, n_splits, _PARTIAL, dtype=torch.float32, device=device)
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -152,10 +158,11 @@ def zlpr_forward(logits, targets, mask, n_splits=None):
     return loss, lse, bad.sum()
 
 
-def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
-    """Returns (grad_logits in logits.dtype, grad_targets in targets.dtype or None)."""
+def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets, out=None):
+    """Returns (grad_logits in logits.dtype, grad_targets in targets.dtype or None). grad_logits is
+    written to `out` when given (which may be logits itself: each element is read before written)."""
     n_rows, n_cols = logits.shape
-    grad_logits = torch.empty_like(logits)
+    grad_logits = torch.empty_like(logits) if out is None else out
     grad_targets = torch.empty(targets.shape, dtype=targets.dtype, device=targets.device) \
         if need_grad_targets else None
     if n_rows == 0 or n_cols == 0:
@@ -172,6 +179,120 @@ def zlpr_backward(logits, targets, mask, lse, grad_loss, need_grad_targets):
         HAS_MASK=mask is not None, NEED_GRAD_TARGETS=need_grad_targets, BLOCK=block,
         num_warps=NUM_WARPS)
     return grad_logits, grad_targets
+
+
+# ---- sparse positives: membership tested in registers against the row's index list ---------------
+
+INDEX_BLOCK = 16  # index-list entries compared per step
+
+
+@triton.jit
+def _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride, index_stride,
+                     INDEX_BLOCK: tl.constexpr):
+    """(s, a, b, in_bounds) for one tile of one row with t = 1 on the listed classes, 0 elsewhere.
+    The negative stream is the sum over the non-members directly (never all minus positives)."""
+    inb = cols < n_cols
+    s = tl.load(logits_ptr + row * logits_stride + cols, mask=inb, other=0.0).to(tl.float32)
+    member = tl.zeros(cols.shape, dtype=tl.int32)
+    for k0 in range(0, n_index, INDEX_BLOCK):
+        ks = k0 + tl.arange(0, INDEX_BLOCK)
+        idx = tl.load(index_ptr + row * index_stride + ks, mask=ks < n_index, other=-1)
+        member += tl.sum((cols[:, None] == idx[None, :]).to(tl.int32), axis=1)
+    valid = inb & (s != float("-inf"))
+    a = tl.where(valid & (member > 0), -s, float("-inf"))
+    b = tl.where(valid & (member == 0), s, float("-inf"))
+    return s, a, b, inb
+
+
+@triton.jit
+def zlpr_sparse_forward_kernel(logits_ptr, index_ptr, partial_ptr, n_cols, n_index, cols_per_split,
+                               logits_stride, index_stride, BLOCK: tl.constexpr, INDEX_BLOCK: tl.constexpr):
+    """As zlpr_forward_kernel (same partial states, same combine) with targets from the index list."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    start = split * cols_per_split
+    m_pos = 0.0
+    m_neg = 0.0
+    l_pos = (split == 0).to(tl.float32)
+    l_neg = (split == 0).to(tl.float32)
+    for offset in range(0, cols_per_split, BLOCK):
+        cols = start + offset + tl.arange(0, BLOCK)
+        s, a, b, inb = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
+                                        index_stride, INDEX_BLOCK)
+        m_new = tl.maximum(m_pos, tl.max(a, axis=0))
+        l_pos = l_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(a - m_new), axis=0)
+        m_pos = m_new
+        m_new = tl.maximum(m_neg, tl.max(b, axis=0))
+        l_neg = l_neg * tl.exp(m_neg - m_new) + tl.sum(tl.exp(b - m_new), axis=0)
+        m_neg = m_new
+    out = partial_ptr + (row * n_splits + split) * 5
+    tl.store(out + 0, m_pos)
+    tl.store(out + 1, l_pos)
+    tl.store(out + 2, m_neg)
+    tl.store(out + 3, l_neg)
+    tl.store(out + 4, 0.0)
+
+
+@triton.jit
+def zlpr_sparse_backward_kernel(logits_ptr, index_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, n_cols, n_index,
+                                logits_stride, index_stride, BLOCK: tl.constexpr, INDEX_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    s, a, b, inb = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
+                                    index_stride, INDEX_BLOCK)
+    g = tl.load(grad_loss_ptr + row).to(tl.float32)
+    grad = g * (tl.exp(b - tl.load(lse_ptr + row * 2 + 1)) - tl.exp(a - tl.load(lse_ptr + row * 2)))
+    tl.store(grad_logits_ptr + row * n_cols + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inb)
+
+
+def sparse_forward(logits, pos_index, n_splits=None):
+    """logits [N, C] (row-contiguous), pos_index [N, K] int64 (validated). Returns (loss [N], lse [N, 2])
+    in float32."""
+    n_rows, n_cols = logits.shape
+    block = _block(n_cols, SPARSE_BLOCK)
+    n_splits, cols_per_split = _splits(n_rows, n_cols, block, logits.device, n_splits)
+    partial = torch.empty(n_rows, n_splits, _PARTIAL, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
+    bad = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return loss, lse
+    zlpr_sparse_forward_kernel[(n_rows, n_splits)](
+        logits, pos_index, partial, n_cols, pos_index.shape[1], cols_per_split, logits.stride(0), pos_index.stride(0),
+        BLOCK=block, INDEX_BLOCK=INDEX_BLOCK, num_warps=NUM_WARPS)
+    zlpr_combine_kernel[(n_rows,)](partial, loss, lse, bad, n_splits,
+                                   SPLITS=max(2, triton.next_power_of_2(n_splits)), num_warps=1)
+    return loss, lse
+
+
+def sparse_backward(logits, pos_index, lse, grad_loss, out=None):
+    """Returns grad_logits in logits.dtype (written to `out` when given; it may be logits itself)."""
+    n_rows, n_cols = logits.shape
+    grad_logits = torch.empty_like(logits) if out is None else out
+    if n_rows == 0 or n_cols == 0:
+        return grad_logits
+    block = _block(n_cols, SPARSE_BLOCK)
+    zlpr_sparse_backward_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        logits, pos_index, lse, grad_loss.contiguous(), grad_logits, n_cols, pos_index.shape[1],
+        logits.stride(0), pos_index.stride(0), BLOCK=block, INDEX_BLOCK=INDEX_BLOCK, num_warps=NUM_WARPS)
+    return grad_logits
+
+
+def chunk_loss_and_grad(logits, targets, pos_index, row_scale, need_grad):
+    """The fused-linear epilogue for one chunk of rows (see the numba module): logits [R, C] float32,
+    owned by the caller, is overwritten by row_scale[i] dL/dlogits when need_grad.
+    Returns (loss [R], lse [R, 2], bad-target count as a tensor)."""
+    if targets is None:
+        loss, lse = sparse_forward(logits, pos_index)
+        n_bad = torch.zeros((), device=logits.device)
+        if need_grad:
+            sparse_backward(logits, pos_index, lse, row_scale.to(torch.float32), out=logits)
+        return loss, lse, n_bad
+    loss, lse, n_bad = zlpr_forward(logits, targets, None)
+    if need_grad:
+        zlpr_backward(logits, targets, None, lse, row_scale.to(torch.float32), False, out=logits)
+    return loss, lse, n_bad
 
 
 # Every configuration the launchers use, for ahead-of-time compilation in the tests:
@@ -199,6 +320,19 @@ def _aot_configs():
                                      "NEED_GRAD_TARGETS": "constexpr", "BLOCK": "constexpr"},
                                     {"HAS_MASK": has_mask, "NEED_GRAD_TARGETS": need_t,
                                      "BLOCK": BACKWARD_BLOCK}, NUM_WARPS))
+    for logits_ty in ("fp32", "fp16", "bf16"):
+        common = {"logits_ptr": f"*{logits_ty}", "index_ptr": "*i64"}
+        for block in (16, SPARSE_BLOCK) if logits_ty == "fp32" else (SPARSE_BLOCK,):
+            configs.append((zlpr_sparse_forward_kernel,
+                            {**common, "partial_ptr": "*fp32", "n_cols": "i32", "n_index": "i32",
+                             "cols_per_split": "i32", "logits_stride": "i32", "index_stride": "i32",
+                             "BLOCK": "constexpr", "INDEX_BLOCK": "constexpr"},
+                            {"BLOCK": block, "INDEX_BLOCK": INDEX_BLOCK}, NUM_WARPS))
+        configs.append((zlpr_sparse_backward_kernel,
+                        {**common, "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32", "grad_logits_ptr": f"*{logits_ty}",
+                         "n_cols": "i32", "n_index": "i32", "logits_stride": "i32", "index_stride": "i32",
+                         "BLOCK": "constexpr", "INDEX_BLOCK": "constexpr"},
+                        {"BLOCK": SPARSE_BLOCK, "INDEX_BLOCK": INDEX_BLOCK}, NUM_WARPS))
     for splits in (2, 64, 1024):
         configs.append((zlpr_combine_kernel,
                         {"partial_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "bad_ptr": "*fp32",
