@@ -1,0 +1,218 @@
+"""Amos (Tian & Parikh 2022) as a torch optimiser with a fused step. Math: specs/amos.md.
+
+Each tensor theta has an expected scale eta (its "model-oriented scale"), a reduced-shape second
+moment v and a monotone slot b of the same small shape. One step per tensor:
+    v <- beta v + (1 - beta) mean_reduced(g^2);  r = (1 - beta^t) / max(v, eps)
+    gamma = lr^2 r mean(g^2) / sqrt(1 + c sqrt(lr) b);  delta = 1 / (1 + d sqrt(lr eta) b)
+    theta <- theta + delta (-(gamma/2 + extra_l2) theta - lr eta sqrt(r) g);  b <- b + gamma (1 + b)
+so the step is ~lr * eta per entry, the weight decay ~lr^2/2 at first, and both decay as b grows.
+"""
+import importlib
+import math
+
+import torch
+
+from .. import _dispatch, reference
+
+_OP = "Amos"
+_KERNELS = {"numba": "fastnotes.kernels.numba.amos", "triton": "fastnotes.kernels.triton.amos"}
+SLOT_RULES = ("row", "column", "scalar", "full")
+
+
+def _slot_shape(rule, param):
+    """The slot shape of `param` under `rule` (see Amos). 0-d and 1-d tensors get one scalar slot
+    under "row" and "column"."""
+    shape = tuple(param.shape)
+    if callable(rule):
+        slot = tuple(int(s) for s in rule(param))
+    elif rule == "full":
+        slot = shape
+    elif rule == "scalar" or len(shape) < 2:
+        slot = ()
+    elif rule == "row":
+        slot = (shape[0],) + (1,) * (len(shape) - 1)
+    else:  # column
+        slot = (1,) * (len(shape) - 1) + (shape[-1],)
+    try:
+        reference.amos.reduced_axes(shape, slot)
+    except ValueError as exc:
+        raise ValueError(f"{_OP}: slot: {exc}") from None
+    return slot
+
+
+def kernel_layout(param_shape, slot_shape):
+    """(outer, reduced, inner): the tensor as a row-major 3-D array with one slot per (outer,
+    inner) pair and the reduction over the middle axis, or None when the reduced axes (ignoring
+    axes of size 1) do not form one contiguous run."""
+    axes = reference.amos.reduced_axes(param_shape, slot_shape)
+    kinds = [("r" if a in axes else "k", n) for a, n in enumerate(param_shape) if n != 1]
+    pattern = "".join(k for k, _ in kinds)
+    first, last = pattern.find("r"), pattern.rfind("r")
+    if first >= 0 and "k" in pattern[first:last]:
+        return None
+    if first < 0:  # one slot per entry
+        return (1, 1, math.prod(n for _, n in kinds))
+    sizes = [n for _, n in kinds]
+    return (math.prod(sizes[:first]), math.prod(sizes[first:last + 1]), math.prod(sizes[last + 1:]))
+
+
+def default_eta(param):
+    """Su's and Amos's rule for the expected scale: the RMS of a matrix (or higher-order) tensor
+    at construction, i.e. its init std (sqrt(1/fan_in) when it starts at zero); 0.5 for vectors and
+    scalars (zero-init biases, LayerNorm gains that start at 1)."""
+    if param.dim() < 2:
+        return 0.5
+    rms = float(param.detach().double().pow(2).mean().sqrt())
+    return rms if rms > 0 else math.sqrt(param.shape[0] / param.numel())
+
+
+def _check_number(name, value, low=None, high=None, low_open=False, high_open=False, none_ok=False):
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{_OP}: {name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{_OP}: {name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{_OP}: {name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+
+
+def _check_group(group):
+    _check_number("lr", group["lr"], 0.0, low_open=True)
+    _check_number("beta", group["beta"], 0.0, 1.0, high_open=True)
+    _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True, none_ok=True)
+    _check_number("clip_value", group["clip_value"], 0.0, low_open=True, none_ok=True)
+    _check_number("extra_l2", group["extra_l2"], 0.0)
+    _check_number("c_coef", group["c_coef"], 0.0)
+    _check_number("d_coef", group["d_coef"], 0.0)
+    _check_number("epsilon", group["epsilon"], 0.0, low_open=True)
+    eta = group["eta"]
+    if eta is not None and not callable(eta):
+        _check_number("eta", eta, 0.0, low_open=True)
+    slot = group["slot"]
+    if not callable(slot) and slot not in SLOT_RULES:
+        raise ValueError(f"{_OP}: slot must be one of {SLOT_RULES} or a callable param -> shape, got {slot!r}")
+
+
+class Amos(torch.optim.Optimizer):
+    """Amos with a fused step: Numba on CPU, Triton on CUDA, the plain-torch reference otherwise.
+
+    Args:
+        params: tensors or parameter groups (each group may override any keyword below).
+        lr: the global learning rate xi (jestimator's `learning_rate`; about 1/sqrt(number of
+            training batches)). It also drives the decay factors. Warm-up: a torch LR scheduler.
+        eta: expected scale of each tensor's entries: None (default_eta: RMS at construction for
+            matrices, 0.5 for vectors), a number for the whole group, or a callable param -> number.
+            Measured once, when the tensor is added, and kept in the state.
+        slot: shape of v and b: "row" (default: one slot per entry of the first axis, averaged over
+            the rest, i.e. per output unit of nn.Linear/Conv, per token of nn.Embedding), "column"
+            (per entry of the last axis), "scalar" (one per tensor), "full" (no reduction), or a
+            callable param -> shape with 1 on each reduced axis. Vectors get one scalar slot.
+        beta: EMA rate of the squared gradient (0.999). c_coef, d_coef: decay coefficients (0.25).
+        momentum: EMA of the update (not debiased; None = no momentum slot).
+        clip_value: clip the gradient to [-clip_value, clip_value] first (None = no clip).
+        extra_l2: extra L2 decay (0). epsilon: guard on v (2^-125).
+
+    State per tensor (fp32; fp64 for fp64 tensors): step (count), v and b of the slot shape, m
+    with momentum, and eta. With GradScaler, scaler.step(opt) skips the step on inf/NaN gradients.
+    """
+
+    def __init__(self, params, lr, *, eta=None, slot="row", beta=0.999, momentum=None, clip_value=None,
+                 extra_l2=0.0, c_coef=0.25, d_coef=0.25, epsilon=2.0 ** -125):
+        defaults = dict(lr=lr, eta=eta, slot=slot, beta=beta, momentum=momentum, clip_value=clip_value,
+                        extra_l2=extra_l2, c_coef=c_coef, d_coef=d_coef, epsilon=epsilon)
+        _check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group)
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"{_OP}: parameters must be floating point, got {p.dtype}")
+            self._init_state(p, group)
+
+    def _init_state(self, p, group):
+        eta = group["eta"]
+        eta = default_eta(p) if eta is None else (eta(p) if callable(eta) else eta)
+        _check_number("eta", eta, 0.0, low_open=True)
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        slot = _slot_shape(group["slot"], p)
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["eta"] = float(eta)
+        state["v"] = torch.zeros(slot, dtype=dtype, device=p.device)
+        state["b"] = torch.zeros(slot, dtype=dtype, device=p.device)
+        if group["momentum"] is not None:
+            state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+    def load_state_dict(self, state_dict):
+        # torch casts floating state to the parameter dtype; Amos keeps fp32 slots for fp16/bf16 tensors
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device).clone()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{_OP}: sparse gradients are not supported")
+                self._step_tensor(p, group)
+        return loss
+
+    def _step_tensor(self, p, group):
+        state = self.state[p]
+        if group["momentum"] is not None and "m" not in state:  # momentum switched on later
+            state["m"] = torch.zeros_like(p, dtype=state["v"].dtype, memory_format=torch.contiguous_format)
+        layout = kernel_layout(p.shape, state["v"].shape)
+
+        def why_not(backend):
+            if backend == "reference":
+                return None
+            if layout is None:
+                return "the reduced axes of the slot are not one contiguous run"
+            if backend == "numba" and p.dtype not in (torch.float32, torch.float64):
+                return "numba takes float32/float64 parameters"
+            return _dispatch.float_kernel_reason(backend, p, "parameters")
+
+        backend = _dispatch.select(_OP, p.device.type, why_not)
+        state["step"] += 1
+        if backend == "reference":
+            _reference_step(p, state, group)
+        else:
+            momentum_slot = state.get("m") if group["momentum"] is not None else None
+            importlib.import_module(_KERNELS[backend]).amos_step_tensor(
+                p, p.grad, momentum_slot, state["v"], state["b"], state["step"], layout, _hyper(group, state))
+
+
+def _hyper(group, state):
+    return dict(lr=group["lr"], eta=state["eta"], beta=group["beta"], momentum=group["momentum"],
+                clip_value=group["clip_value"], extra_l2=group["extra_l2"], c_coef=group["c_coef"],
+                d_coef=group["d_coef"], epsilon=group["epsilon"])
+
+
+def _reference_step(p, state, group):
+    """The plain-torch update in the state dtype, written back into p (and the slots)."""
+    dtype = state["v"].dtype
+    hyper = _hyper(group, state)
+    new_p, v, b, m = reference.amos.amos_update(
+        p.detach().to(dtype), p.grad, state["v"], state["b"], float(state["step"]), m=state.get("m"), **hyper)
+    if hyper["momentum"] is None:
+        m = None
+    p.copy_(new_p)
+    state["v"].copy_(v)
+    state["b"].copy_(b)
+    if m is not None:
+        state["m"].copy_(m)

@@ -1,0 +1,243 @@
+"""Amos optimiser step on the CPU (specs/amos.md sections 3 and 6): one fused pass per tensor.
+
+A tensor is viewed as [outer, reduced, inner] with one slot per (outer, inner) pair. Per slot the
+kernel sums the clipped g^2 over the reduced axis, updates v and b, and turns them into two
+coefficients, decay = delta (gamma/2 + l2) and scale = delta lr eta sqrt(r); then it applies
+theta <- theta - decay theta - scale g (through the momentum EMA when there is one).
+
+    rows  (inner == 1: slots per row of a row-major [slots, reduced] view; scalar and full slots too):
+          one parallel task per block of rows reduces a row and applies it while it is still in
+          cache, so theta and g cross memory once. A few long rows (a scalar slot over a big tensor)
+          are split instead: partial sums per chunk, the slot update, then the apply per chunk.
+    cols  (inner > 1: slots per column of [reduced, inner], e.g. a (1, out) slot): one parallel task
+          per strip of columns reduces down the strip and then applies it; the rows of a strip are
+          contiguous runs, so both passes stream.
+
+Math in the array dtype (float32, or float64 for the accuracy path); hp holds the hyper-parameters
+in that dtype (see HP_FIELDS). No temporaries the size of a tensor.
+"""
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ._math import JIT_OPTIONS, like
+
+_JIT = dict(JIT_OPTIONS, cache=True)
+HP_FIELDS = ("lr", "lr_eta", "sqrt_lr", "sqrt_lr_eta", "beta", "bias_correction", "c_coef", "d_coef",
+             "extra_l2", "epsilon", "clip", "momentum")
+(_LR, _LR_ETA, _SQRT_LR, _SQRT_LR_ETA, _BETA, _BIAS, _C, _D, _L2, _EPS, _CLIP, _MU) = range(len(HP_FIELDS))
+SPLIT_CHUNK = 65536         # chunk of a long row when there are too few rows to share out
+COL_STRIP = 64              # columns per parallel task in the cols kernel
+
+
+@njit(inline="always", **_JIT)
+def _clipped(x, clip):
+    return min(max(x, -clip), clip)
+
+
+@njit(inline="always", **_JIT)
+def _slot_update(sum_sq, count, v, b, hp):
+    """(new v, new b, decay, scale) of one slot from its sum of clipped g^2 over `count` entries."""
+    one = like(hp, 1.0)
+    g2 = sum_sq / like(hp, count)
+    v_new = hp[_BETA] * v + (one - hp[_BETA]) * g2
+    r = hp[_BIAS] / max(v_new, hp[_EPS])
+    gamma = hp[_LR] * hp[_LR] * r * g2 / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
+    delta = one / (one + hp[_D] * hp[_SQRT_LR_ETA] * b)
+    decay = delta * (gamma * like(hp, 0.5) + hp[_L2])
+    scale = delta * hp[_LR_ETA] * np.sqrt(r)
+    return v_new, b + gamma * (one + b), decay, scale
+
+
+@njit(inline="always", **_JIT)
+def _apply(theta, g, m, decay, scale, hp):
+    """theta += D (or the momentum EMA of D) for one slot's coefficients. The arguments are views
+    indexed from 0: numba's negative-index check folds away and the loop vectorises."""
+    clip = hp[_CLIP]
+    if m is None:
+        for k in range(theta.shape[0]):
+            t = theta[k]
+            theta[k] = t - decay * t - scale * _clipped(g[k], clip)
+    else:
+        mu = hp[_MU]
+        for k in range(theta.shape[0]):
+            t = theta[k]
+            mk = mu * m[k] + (like(hp, 1.0) - mu) * (-decay * t - scale * _clipped(g[k], clip))
+            m[k] = mk
+            theta[k] = t + mk
+
+
+@njit(inline="always", **_JIT)
+def _sum_sq(g, clip):
+    acc = like(g, 0.0)
+    for k in range(g.shape[0]):
+        x = _clipped(g[k], clip)
+        acc += x * x
+    return acc
+
+
+@njit(inline="always", **_JIT)
+def _part(array, lo, hi):
+    """array[lo:hi], or None for None."""
+    if array is None:
+        return None
+    return array[lo:hi]
+
+
+def _rows_step(theta, g, m, v, b, n_cols, hp):
+    """Flat contiguous theta, g (and m) of n_slots * n_cols entries; v, b [n_slots]."""
+    for s in prange(v.shape[0]):
+        lo = s * n_cols
+        hi = lo + n_cols
+        gs = g[lo:hi]
+        v[s], b_new, decay, scale = _slot_update(_sum_sq(gs, hp[_CLIP]), n_cols, v[s], b[s], hp)
+        b[s] = b_new
+        _apply(theta[lo:hi], gs, _part(m, lo, hi), decay, scale, hp)
+
+
+@njit(inline="always", **_JIT)
+def _full_chunk(theta, g, m, v, b, hp):
+    """One slot per entry: the slot update and the apply fused per element (views from 0)."""
+    clip = hp[_CLIP]
+    for k in range(theta.shape[0]):
+        x = _clipped(g[k], clip)
+        v[k], b[k], decay, scale = _slot_update(x * x, 1, v[k], b[k], hp)
+        t = theta[k]
+        d = -decay * t - scale * x
+        if m is not None:
+            d = hp[_MU] * m[k] + (like(hp, 1.0) - hp[_MU]) * d
+            m[k] = d
+        theta[k] = t + d
+
+
+def _full_step(theta, g, m, v, b, hp):
+    """One slot per entry (no reduction): all arrays flat, of one length."""
+    n = theta.shape[0]
+    for chunk in prange((n + SPLIT_CHUNK - 1) // SPLIT_CHUNK):
+        lo = chunk * SPLIT_CHUNK
+        hi = min(n, lo + SPLIT_CHUNK)
+        _full_chunk(theta[lo:hi], g[lo:hi], _part(m, lo, hi), v[lo:hi], b[lo:hi], hp)
+
+
+@njit(parallel=True, **_JIT)
+def _split_sums(g, n_slots, n_cols, n_chunks, clip, partial):
+    for task in prange(n_slots * n_chunks):
+        s, c = task // n_chunks, task % n_chunks
+        lo = s * n_cols + c * SPLIT_CHUNK
+        partial[s, c] = _sum_sq(g[lo:min(lo + SPLIT_CHUNK, (s + 1) * n_cols)], clip)
+
+
+@njit(parallel=True, **_JIT)
+def _split_apply(theta, g, m, n_cols, n_chunks, decay, scale, hp):
+    n_slots = decay.shape[0]
+    for task in prange(n_slots * n_chunks):
+        s, c = task // n_chunks, task % n_chunks
+        lo = s * n_cols + c * SPLIT_CHUNK
+        hi = min(lo + SPLIT_CHUNK, (s + 1) * n_cols)
+        _apply(theta[lo:hi], g[lo:hi], _part(m, lo, hi), decay[s], scale[s], hp)
+
+
+@njit(**_JIT)
+def _split_slots(partial, n_cols, v, b, hp, decay, scale):
+    for s in range(v.shape[0]):
+        # the chunk sums are added in a fixed order: deterministic
+        v[s], b[s], decay[s], scale[s] = _slot_update(partial[s].sum(), n_cols, v[s], b[s], hp)
+
+
+@njit(inline="always", **_JIT)
+def _apply_strip_row(theta, g, m, decay, scale, hp):
+    """One row of a column strip, with per-column coefficients (views from 0)."""
+    clip = hp[_CLIP]
+    for j in range(theta.shape[0]):
+        t = theta[j]
+        d = -decay[j] * t - scale[j] * _clipped(g[j], clip)
+        if m is not None:
+            d = hp[_MU] * m[j] + (like(hp, 1.0) - hp[_MU]) * d
+            m[j] = d
+        theta[j] = t + d
+
+
+def _cols_step(theta, g, m, v, b, n_rows, hp):
+    """Flat contiguous theta, g (and m) of n_rows * n_slots entries, row-major; v, b [n_slots]."""
+    n_slots = v.shape[0]
+    clip = hp[_CLIP]
+    for strip in prange((n_slots + COL_STRIP - 1) // COL_STRIP):
+        lo = strip * COL_STRIP
+        width = min(COL_STRIP, n_slots - lo)
+        acc = np.zeros(width, dtype=v.dtype)
+        for i in range(n_rows):
+            gr = g[i * n_slots + lo:i * n_slots + lo + width]
+            for j in range(width):
+                x = _clipped(gr[j], clip)
+                acc[j] += x * x
+        decay = np.empty(width, dtype=v.dtype)
+        scale = np.empty(width, dtype=v.dtype)
+        for j in range(width):
+            v[lo + j], b[lo + j], decay[j], scale[j] = _slot_update(acc[j], n_rows, v[lo + j], b[lo + j], hp)
+        for i in range(n_rows):
+            start = i * n_slots + lo
+            _apply_strip_row(theta[start:start + width], g[start:start + width], _part(m, start, start + width),
+                             decay, scale, hp)
+
+
+# Each whole-tensor kernel in two builds: threads for big tensors, one thread for small ones, where
+# waking the thread pool costs more than the work (milliseconds on a loaded machine).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+rows_step, rows_step_serial = njit(parallel=True, **_JIT)(_rows_step), njit(**_JIT)(_rows_step)
+full_step, full_step_serial = njit(parallel=True, **_JIT)(_full_step), njit(**_JIT)(_full_step)
+cols_step, cols_step_serial = njit(parallel=True, **_JIT)(_cols_step), njit(**_JIT)(_cols_step)
+
+
+def _split_rows_step(theta, g, m, v, b, n_cols, hp):
+    n_chunks = -(-n_cols // SPLIT_CHUNK)
+    partial = np.empty((v.shape[0], n_chunks), dtype=v.dtype)
+    _split_sums(g, v.shape[0], n_cols, n_chunks, hp[_CLIP], partial)
+    decay = np.empty_like(v)
+    scale = np.empty_like(v)
+    _split_slots(partial, n_cols, v, b, hp, decay, scale)
+    _split_apply(theta, g, m, n_cols, n_chunks, decay, scale, hp)
+
+
+def amos_step(theta, g, m, v, b, layout, hp):
+    """One Amos step on one tensor, in place. theta, g, m (or None): flat contiguous numpy arrays of
+    one dtype; v, b: flat slot arrays; layout (outer, reduced, inner); hp: numpy array (HP_FIELDS)."""
+    outer, reduced, inner = layout
+    parallel = theta.shape[0] >= PARALLEL_MIN_ELEMENTS
+    if reduced == 1:
+        (full_step if parallel else full_step_serial)(theta, g, m, v, b, hp)
+    elif inner > 1:
+        size = reduced * inner
+        cols = cols_step if parallel and inner > COL_STRIP else cols_step_serial
+        for o in range(outer):
+            part = slice(o * size, (o + 1) * size)
+            slots = slice(o * inner, (o + 1) * inner)
+            cols(theta[part], g[part], None if m is None else m[part], v[slots], b[slots], reduced, hp)
+    elif parallel and outer < 4 * numba.get_num_threads():  # a few long rows: split them
+        _split_rows_step(theta, g, m, v, b, reduced, hp)
+    else:
+        (rows_step if parallel else rows_step_serial)(theta, g, m, v, b, reduced, hp)
+
+
+def _flat_numpy(t):
+    return t.detach().reshape(-1).numpy()
+
+
+def amos_step_tensor(param, grad, m, v, b, step, layout, hyper):
+    """Torch-side launcher: one Amos step on `param` in place (float32 or float64, CPU), its slots
+    v, b (and m) of the same dtype as the math; step is the already incremented count tensor."""
+    dtype = v.dtype
+    t = float(step)
+    lr, eta = hyper["lr"], hyper["eta"]
+    clip = hyper["clip_value"]
+    hp = np.array([lr, lr * eta, lr ** 0.5, (lr * eta) ** 0.5, hyper["beta"], 1 - hyper["beta"] ** t,
+                   hyper["c_coef"], hyper["d_coef"], hyper["extra_l2"], hyper["epsilon"],
+                   np.inf if clip is None else clip, 0.0 if hyper["momentum"] is None else hyper["momentum"]],
+                  dtype=np.float32 if dtype == torch.float32 else np.float64)
+    in_place = param.is_contiguous() and param.dtype == dtype
+    work = param.detach() if in_place else param.detach().to(dtype).contiguous()
+    grad = grad.to(dtype).contiguous()
+    amos_step(_flat_numpy(work), _flat_numpy(grad), None if m is None else _flat_numpy(m),
+              _flat_numpy(v), _flat_numpy(b), layout, hp)
+    if not in_place:
+        param.copy_(work)
