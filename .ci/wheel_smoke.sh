@@ -8,19 +8,24 @@ PYTHON=${PYTHON:-python3}
 TORCH_PIN=${TORCH_PIN:-torch==2.13.0}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+step() { echo "wheel smoke [${SECONDS}s]: $*"; }
 
+step "make wheel"
 rm -rf dist
 make wheel
 cuda_wheel=$(ls dist/fastnotes-*.whl)
+step "pure wheel (FASTNOTES_CUDA=0)"
 FASTNOTES_CUDA=0 .venv/bin/python -m build --wheel --outdir "$work/pure" . >/dev/null
 pure_wheel=$(ls "$work"/pure/fastnotes-*.whl)
 
+step "fresh venv + $TORCH_PIN"
 "$PYTHON" -m venv "$work/venv"
-"$work/venv/bin/pip" install --quiet "$TORCH_PIN"   # the pin keeps pip from pulling CUDA torch wheels
+# the pin keeps pip from pulling CUDA torch wheels; --no-compile skips byte-compiling torch (~1.5 min)
+"$work/venv/bin/pip" install --quiet --no-compile "$TORCH_PIN"
 
 check() {  # $1: wheel, $2: 1 if it must carry fastnotes._C
-    "$work/venv/bin/pip" install --quiet --force-reinstall --no-deps "$1"
-    "$work/venv/bin/pip" install --quiet "$1"   # its dependencies (numpy, numba), once
+    "$work/venv/bin/pip" install --quiet --no-compile --force-reinstall --no-deps "$1"
+    "$work/venv/bin/pip" install --quiet --no-compile "$1"   # its dependencies (numpy, numba), once
     (cd "$work" && "$work/venv/bin/python" - "$2" <<'PY'
 import importlib.util, os, sys
 import torch
@@ -46,7 +51,8 @@ nvcc_found=0
 if [ "${FASTNOTES_CUDA:-auto}" != "0" ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; }; then
     nvcc_found=1
 fi
-echo "wheel smoke: $(basename "$cuda_wheel") (fastnotes._C expected: $nvcc_found)"
+step "$(basename "$cuda_wheel") (fastnotes._C expected: $nvcc_found)"
 check "$cuda_wheel" "$nvcc_found"
-echo "wheel smoke: $(basename "$pure_wheel")"
+step "$(basename "$pure_wheel")"
 check "$pure_wheel" 0
+step "done"

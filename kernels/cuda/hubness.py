@@ -2,15 +2,14 @@
 int64 (distance, index) keys, and the CUDA C++ merge from fastnotes._C (csrc/hubness_topk.cu) keeps
 each row's running top-k; counting uses its integer-atomic kernel. Math: specs/hubness.md section 6.
 
-The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_knn,
+This module imports without triton and without fastnotes._C (the fake implementations need
+neither); running an op needs both. The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_knn,
 torch.ops.fastnotes.hubness_k_occurrence) with fake implementations, so they trace under
 torch.compile. Arguments arrive checked (contiguous, same dtype and CUDA device, 1 <= k < candidates).
 """
 import importlib
 
 import torch
-
-from fastnotes.kernels.triton import hubness as triton_hubness
 
 MAX_K = 1024  # fastnotes._C.TOPK_MAX_K: each warp keeps its row's k keys in shared memory
 
@@ -30,6 +29,12 @@ def _check_k(k):
         raise ValueError(f"k must be in 1..{MAX_K} on the cuda backend, got {k}")
 
 
+def _triton_tiles():
+    from fastnotes.kernels.triton import hubness  # triton comes with CUDA builds of torch, not CPU ones
+
+    return hubness
+
+
 def _knn_keys(x, reference, k, metric, exclude_self, **tiles):
     _check_k(k)
     ext = _extension()
@@ -40,14 +45,14 @@ def _knn_keys(x, reference, k, metric, exclude_self, **tiles):
         ext.topk_merge(device, stream, tile.data_ptr(), tile.shape[0], tile.shape[1], tile.stride(0),
                        best.data_ptr(), k)
 
-    return triton_hubness.knn_keys(x, reference, k, metric, exclude_self, merge=merge, **tiles), ext, device, stream
+    return _triton_tiles().knn_keys(x, reference, k, metric, exclude_self, merge=merge, **tiles), ext, device, stream
 
 
 @torch.library.custom_op("fastnotes::hubness_knn", mutates_args=(), device_types="cuda")
 def _knn_op(x: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
             exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
     keys = _knn_keys(x, reference, k, metric, exclude_self)[0]
-    return triton_hubness.decode_keys(keys)
+    return _triton_tiles().decode_keys(keys)
 
 
 @_knn_op.register_fake
