@@ -434,21 +434,23 @@ def test_lambda_lr_drives_amos():
 
 # ---- training comparison ---------------------------------------------------------------------------
 
-def test_mlp_trains_at_least_as_well_as_adamw_defaults():
-    """An MLP on a synthetic regression task: Amos (lr ~ 1/sqrt(steps)) ends at a loss no worse than
-    AdamW at its defaults, on the same data and init."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mlp_trains_at_least_as_well_as_adamw_defaults(seed):
+    """An MLP on a synthetic regression task (a random teacher network plus noise): Amos with the
+    BERT recipe's momentum 0.9, lr = 1/sqrt(steps) and beta 0.98 ends at a full-data loss no worse
+    than AdamW at its defaults, from the same init and batches."""
     gen = torch.Generator().manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     x_all = torch.randn(4096, 16, generator=gen)
     with torch.no_grad():
         y_all = teacher(x_all) + 0.01 * torch.randn(4096, 1, generator=gen)
-    steps, batch = 400, 64
+    steps, batch = 300, 256
 
     def run(make_opt):
-        torch.manual_seed(1)
+        torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
         opt = make_opt(model.parameters())
-        order = torch.Generator().manual_seed(2)
+        order = torch.Generator().manual_seed(100 + seed)
         for _ in range(steps):
             idx = torch.randint(0, 4096, (batch,), generator=order)
             loss = torch.nn.functional.mse_loss(model(x_all[idx]), y_all[idx])
@@ -458,6 +460,11 @@ def test_mlp_trains_at_least_as_well_as_adamw_defaults():
         with torch.no_grad():
             return torch.nn.functional.mse_loss(model(x_all), y_all).item()
 
-    adamw = run(lambda ps: torch.optim.AdamW(ps))
-    amos = run(lambda ps: Amos(ps, lr=1 / math.sqrt(steps), beta=0.98))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: waking a thread pool on a shared machine costs more than they do
+    try:
+        adamw = run(lambda ps: torch.optim.AdamW(ps))
+        amos = run(lambda ps: Amos(ps, lr=1 / math.sqrt(steps), beta=0.98, momentum=0.9))
+    finally:
+        torch.set_num_threads(threads)
     assert amos <= adamw, f"Amos final loss {amos:.4g} > AdamW {adamw:.4g}"
