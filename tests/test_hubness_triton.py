@@ -92,6 +92,31 @@ def test_exact_ties_go_to_the_smaller_index(metric, rng):
         assert torch.equal(distances.cpu().double(), want_d)
 
 
+def test_sqeuclidean_distances_are_recomputed_directly(rng):
+    """Far from the origin the expanded formula loses ~eps |q|^2 (here ~0.03): the returned distances
+    are sums of squared differences, so a duplicate comes out at exactly 0, and rows stay sorted."""
+    x = torch.randn(30, 16, generator=rng) + 100.0
+    x[7] = x[3]
+    distances, indices = hubness.knn(x.to(DEVICE), x.to(DEVICE), 4, "sqeuclidean", True)
+    distances, indices = distances.cpu(), indices.cpu()
+    assert indices[3, 0].item() == 7 and distances[3, 0].item() == 0.0
+    assert indices[7, 0].item() == 3 and distances[7, 0].item() == 0.0
+    exact = brute_force(x, x, "sqeuclidean", True).gather(1, indices)
+    torch.testing.assert_close(distances.double(), exact, rtol=1e-5, atol=1e-5)
+    assert (distances[:, 1:] >= distances[:, :-1]).all()
+
+
+def test_keys_round_trip():
+    distances = torch.tensor([[-float("inf"), -2.5, -0.0, 0.0, 1e-40, 3.0, float("inf"), float("nan")]])
+    indices = torch.arange(8)[None, :]
+    keys = hubness.encode_keys(distances, indices)
+    assert torch.equal(keys, torch.sort(keys, dim=1).values)  # encoding keeps the order
+    back_d, back_i = hubness.decode_keys(keys)
+    assert torch.equal(back_i, indices)
+    assert torch.equal(back_d[0, :7], torch.tensor([-float("inf"), -2.5, 0.0, 0.0, 1e-40, 3.0, float("inf")]))
+    assert back_d[0, 7].item() == float("inf") and str(back_d[0, 2].item()) == "0.0"
+
+
 def test_k_occurrence_counts_the_selected_indices(rng):
     x = torch.randn(33, 8, generator=rng).to(DEVICE)
     reference = torch.randn(21, 8, generator=rng).to(DEVICE)

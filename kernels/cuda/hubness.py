@@ -52,7 +52,7 @@ def _knn_keys(x, reference, k, metric, exclude_self, **tiles):
 def _knn_op(x: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
             exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
     keys = _knn_keys(x, reference, k, metric, exclude_self)[0]
-    return _triton_tiles().decode_keys(keys)
+    return _triton_tiles().neighbours(x, reference, keys, metric)
 
 
 @_knn_op.register_fake

@@ -13,7 +13,8 @@ index, when exclude_self) get KEY_EXCLUDED, which sorts after every real key.
 knn_keys streams tiles of at most TILE_ELEMENTS keys (query rows x reference columns) and merges each
 into a running per-row top-k, so memory is O(n k + tile), never the [n, m] matrix. Here the merge is
 torch.topk on the concatenation (keys are unique, so topk is exact); kernels/cuda/hubness.py passes
-the CUDA C++ merge from fastnotes._C instead.
+the CUDA C++ merge from fastnotes._C instead. knn then recomputes the k squared Euclidean distances
+per row directly (see neighbours).
 
 Metrics (distance, smaller = closer): sqeuclidean max(|q|^2 + |r|^2 - 2 q.r, 0); cosine 1 - q.r /
 (|q| |r|), with 1 (similarity 0) when either vector is zero; ip -q.r.
@@ -31,6 +32,7 @@ BLOCK_K = 16
 NUM_WARPS = 8
 TILE_ELEMENTS = 1 << 24  # keys per tile: 128 MiB of int64 on the GPU
 TILE_COLS = 4096
+EXACT_CHUNK_ELEMENTS = 1 << 24  # floats gathered at once to recompute the k squared distances per row
 
 
 @triton.jit
@@ -122,9 +124,32 @@ def decode_keys(keys):
     return bits.view(torch.float32), keys & 0xFFFFFFFF
 
 
+def encode_keys(distances, indices):
+    """The kernel's keys of float32 distances and int64 indices (NaN as +inf, -0.0 as +0.0)."""
+    distances = torch.nan_to_num(distances, nan=float("inf"), posinf=float("inf"), neginf=float("-inf")) + 0.0
+    bits = distances.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(torch.int64) << 32) | indices
+
+
+def neighbours(x, reference, keys, metric):
+    """(distances, indices) of the selected keys. Squared Euclidean distances are recomputed as sums of
+    squared differences (the expanded |q|^2 + |r|^2 - 2 q.r that ranked them loses ~eps |q|^2 to
+    cancellation: a duplicate would not come out at exactly 0) and each row is re-sorted by
+    (distance, index); the other metrics come out of the kernel without cancellation."""
+    distances, indices = decode_keys(keys)
+    if metric != "sqeuclidean" or keys.numel() == 0:
+        return distances, indices
+    rows = max(1, EXACT_CHUNK_ELEMENTS // max(1, keys.shape[1] * x.shape[1]))
+    for start in range(0, x.shape[0], rows):
+        chosen = reference[indices[start:start + rows]].float()
+        distances[start:start + rows] = (x[start:start + rows, None, :].float() - chosen).pow_(2).sum(-1)
+    return decode_keys(torch.sort(encode_keys(distances, indices), dim=1).values)
+
+
 def knn(x, reference, k, metric, exclude_self):
     """(distances [n, k] float32, indices [n, k] int64), each row ascending by (distance, index)."""
-    return decode_keys(knn_keys(x, reference, k, metric, exclude_self))
+    return neighbours(x, reference, knn_keys(x, reference, k, metric, exclude_self), metric)
 
 
 def k_occurrence(x, reference, k, metric, exclude_self):
