@@ -20,9 +20,10 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from fastnotes import _env  # noqa: E402
-from fastnotes.kernels.cuda import hubness as cuda_hubness  # noqa: E402
-from fastnotes.kernels.triton import hubness as triton_hubness  # noqa: E402
+from fastnotes.kernels.cuda import hubness as cuda_hubness
+from fastnotes.kernels.triton import hubness as triton_hubness
+
+from fastnotes import _env
 
 OP = "k_occurrence_gpu"
 CASES = [(10000, 512, 5), (20000, 128, 10), (100000, 128, 10)]  # (n, d, k); Su's operating point first

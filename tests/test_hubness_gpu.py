@@ -10,10 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_hubness_triton import brute_force, check_knn, oracle_knn  # noqa: E402
-
-from fastnotes.kernels.cuda import hubness as cuda_hubness  # noqa: E402
-from fastnotes.kernels.triton import hubness as triton_hubness  # noqa: E402
+from fastnotes.kernels.cuda import hubness as cuda_hubness
+from fastnotes.kernels.triton import hubness as triton_hubness
+from test_hubness_triton import brute_force, check_knn, oracle_knn
 
 METRICS = ["sqeuclidean", "cosine", "ip"]
 HAS_EXTENSION = importlib.util.find_spec("fastnotes._C") is not None
@@ -40,7 +39,7 @@ def test_ops_trace_with_fake_tensors():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(x):
-        distances, indices = cuda_hubness.knn(x, x, 2, "cosine", True)
+        distances, _ = cuda_hubness.knn(x, x, 2, "cosine", True)
         return distances.sum(), cuda_hubness.k_occurrence(x, x, 2, "cosine", True)
 
     graph = make_fx(f, tracing_mode="fake")(torch.empty(6, 3))

@@ -10,7 +10,7 @@ from fastnotes import _dispatch
 if _dispatch.availability("triton", DEVICE) is not None:
     pytest.skip(f"triton: {_dispatch.availability('triton', DEVICE)}", allow_module_level=True)
 
-from fastnotes.kernels.triton import hubness  # noqa: E402
+from fastnotes.kernels.triton import hubness
 
 METRICS = ["sqeuclidean", "cosine", "ip"]
 
