@@ -1,0 +1,116 @@
+"""Exact k-NN lists and k-occurrence counts (specs/hubness.md, sections 2 and 6).
+
+The fused kernels never hold the [n_q, n_r] distance matrix: tiles of distances feed a running
+per-row top-k under the total order (distance, index), and the counts are taken from the k survivors.
+"""
+import importlib
+import importlib.util
+
+import torch
+
+from .. import _checks, _dispatch
+from ..reference import hubness as reference_impl
+
+METRICS = reference_impl.METRICS
+_KERNELS = {"numba": "fastnotes.kernels.numba.hubness", "triton": "fastnotes.kernels.triton.hubness",
+            "cuda": "fastnotes.kernels.cuda.hubness"}
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _module_missing(backend):
+    try:
+        found = importlib.util.find_spec(_KERNELS[backend]) is not None
+    except ImportError:
+        found = False
+    return None if found else f"{_KERNELS[backend]} is not available"
+
+
+def _why_not(backend, x, k):
+    if backend == "reference":
+        return None
+    missing = _module_missing(backend)
+    if missing:
+        return missing
+    if backend == "cuda":
+        if x.dtype not in _GPU_DTYPES:
+            return "cuda takes float32/float16/bfloat16 x (float64 runs on numba and reference)"
+        max_k = getattr(importlib.import_module(_KERNELS["cuda"]), "MAX_K", None)
+        if max_k is not None and k > max_k:
+            return f"cuda keeps k <= {max_k}"
+        return None
+    return _dispatch.float_kernel_reason(backend, x, "x")
+
+
+def _check_arguments(op, x, reference, k, metric, exclude_self):
+    _checks.check_tensor(op, "x", x, _checks.FLOAT_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [n, d], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{op}: x is empty (shape {tuple(x.shape)}); it needs at least one row and one column")
+    if reference is not None and reference is not x:
+        _checks.check_tensor(op, "reference", reference, _checks.FLOAT_DTYPES)
+        if reference.dim() != 2 or reference.shape[1] != x.shape[1]:
+            raise ValueError(f"{op}: reference must be [m, {x.shape[1]}] like x, got shape {tuple(reference.shape)}")
+        if reference.dtype != x.dtype:
+            raise TypeError(f"{op}: reference has dtype {reference.dtype} but x has {x.dtype}")
+        if reference.device != x.device:
+            raise ValueError(f"{op}: reference is on {reference.device} but x is on {x.device}")
+    if metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"{op}: exclude_self must be a bool, got {exclude_self!r}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{op}: k must be an int, got {k!r}")
+    same = reference is None or reference is x
+    n_ref = x.shape[0] if same else reference.shape[0]
+    candidates = n_ref - 1 if (same and exclude_self) else n_ref
+    if not 1 <= k < candidates:
+        what = (f"{n_ref} points with self excluded" if (same and exclude_self)
+                else f"a reference set of {n_ref} points")
+        raise ValueError(f"{op}: k must satisfy 1 <= k < {candidates} for {what}, got k = {k}")
+    if x.device.type == "cpu":  # on CUDA this would be a host sync; the kernels treat NaN as +inf there
+        for name, t in (("x", x), ("reference", None if same else reference)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{op}: {name} contains NaN or infinite values")
+    return same
+
+
+def _run(op, x, k, reference, metric, exclude_self, what):
+    same = _check_arguments(op, x, reference, k, metric, exclude_self)
+    backend = _dispatch.select(op, x.device.type, lambda b: _why_not(b, x, k))
+    if backend == "reference":
+        return backend, getattr(reference_impl, what)(x, None if same else reference, k, metric, exclude_self)
+    kernels = importlib.import_module(_KERNELS[backend])
+    xc = x.contiguous()
+    ref = xc if same else reference.contiguous()
+    return backend, getattr(kernels, what)(xc, ref, k, metric, exclude_self and same)
+
+
+def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
+    """The k nearest reference rows of every row of x, exactly.
+
+    Args:
+        x: [n, d] float32/float16/bfloat16/float64 queries (float64 on numba and reference).
+        k: neighbours per row; 1 <= k < m (k < n - 1 when the set is its own reference and self is excluded).
+        reference: [m, d] tensor of the same dtype and device, or None: x is its own reference.
+        metric: "sqeuclidean" |x - y|^2, "cosine" 1 - <x/|x|, y/|y|> (a zero vector has distance 1 to
+            everything), or "ip" -<x, y> (the largest inner product first).
+        exclude_self: when reference is None (or is x), query i never returns reference i; a duplicate
+            of i is still a neighbour at distance 0. False lets i compete at distance 0.
+    Returns:
+        (distances [n, k], indices [n, k] int64), each row ascending by (distance, index): ties go to
+        the smaller index. distances are float64 for float64 input, float32 otherwise; no gradient.
+    """
+    backend, (distances, indices) = _run("knn", x, k, reference, metric, exclude_self, "knn")
+    dtype = torch.float64 if (x.dtype == torch.float64 and backend in ("numba", "reference")) else torch.float32
+    return distances.to(dtype), indices
+
+
+def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
+    """N_k over the reference set: counts[r] = how many rows of x have reference row r among their k
+    nearest (arguments as in knn). int64 [m]; counts.sum() == k * n.
+
+    Fused: tiles of distances feed a running per-row top-k and the counts come from the survivors, so
+    memory is O(n k + one tile), never the [n, m] distance matrix."""
+    _, counts = _run("k_occurrence", x, k, reference, metric, exclude_self, "k_occurrence")
+    return counts

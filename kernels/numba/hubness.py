@@ -1,0 +1,198 @@
+"""Exact k-NN and k-occurrence on the CPU: BLAS distance tiles + a running per-row top-k.
+
+The distance matrix is never materialised. Queries go in blocks of TILE_Q rows; for each block the
+reference set streams through in blocks of TILE_R rows. One tile [TILE_Q, TILE_R] (4 MB in float32,
+reused for every block) receives s = scale * x.y from BLAS (torch.mm, multithreaded), and a Numba
+scan folds it into each query row's running top-k, rows in parallel.
+
+What the scan ranks is v = add_j + s_ij, the part of the distance that depends on the reference:
+    sqeuclidean: scale = -2, add_j = |y_j|^2  (|x_i|^2 is the same for the whole row)
+    ip / cosine: scale = -1, add_j = 0        (cosine gets unit-norm rows from the launcher)
+A tile row is read in chunks of CHUNK entries: a vectorised pass counts the entries at or below the
+row's current k-th best value, and only chunks with such an entry take the scalar insertion path.
+After the first few tiles almost no chunk does, so an entry costs about one compare.
+
+Order: (v, index) ascending; references stream in increasing index, so a newcomer that ties the k-th
+best has a larger index than everything kept and loses, except to an empty slot (index n_r).
+Self-exclusion is by index: the launcher passes the global index of query row 0 in the reference set
+and the scan writes NaN over that tile entry, which never compares at or below anything.
+
+At the end the k survivors of each row get their distance recomputed directly from the vectors
+(sum of squared differences: no cancellation; 1 - dot for cosine; -dot for ip) and are re-sorted by
+(distance, index), so returned distances carry no error from the expanded formula.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ._math import JIT_OPTIONS
+from ._tensors import compute_view
+
+TILE_Q = 512
+TILE_R = 1024
+CHUNK = 64
+METRICS = {"sqeuclidean": 0, "ip": 1, "cosine": 2}
+_JIT = dict(JIT_OPTIONS, cache=True)
+
+
+@njit(**_JIT)
+def _count_at_or_below(s, add, thr):
+    """How many add_j + s_j <= thr (views indexed from 0 so the loop vectorises; NaN never counts)."""
+    one = s.dtype.type(1.0)
+    zero = s.dtype.type(0.0)
+    n = zero
+    for j in range(s.shape[0]):
+        n += one if add[j] + s[j] <= thr else zero
+    return n
+
+
+@njit(**_JIT)
+def _insert_chunk(s, add, col0, best_d, best_i):
+    """Insert the chunk's entries that beat the k-th best under (value, index); col0 is the global
+    reference index of s[0]."""
+    k = best_d.shape[0]
+    for j in range(s.shape[0]):
+        v = add[j] + s[j]
+        index = col0 + j
+        if v < best_d[k - 1] or (v == best_d[k - 1] and index < best_i[k - 1]):
+            p = k - 1
+            while p > 0 and best_d[p - 1] > v:
+                best_d[p] = best_d[p - 1]
+                best_i[p] = best_i[p - 1]
+                p -= 1
+            best_d[p] = v
+            best_i[p] = index
+
+
+@njit(nogil=True, **_JIT)
+def _scan_tile(tile, add, ref0, self_col0, best_d, best_i):
+    """Fold tile [bq, br] (references ref0 .. ref0 + br) into the top-k of best_d/best_i [bq, k].
+    Query row i is reference self_col0 + i (self_col0 < -bq when nothing is excluded)."""
+    bq, br = tile.shape
+    k = best_d.shape[1]
+    for i in range(bq):
+        row = tile[i]
+        self_col = self_col0 + i - ref0
+        if 0 <= self_col < br:
+            row[self_col] = np.nan
+        bd = best_d[i]
+        bi = best_i[i]
+        for c0 in range(0, br, CHUNK):
+            c1 = min(c0 + CHUNK, br)
+            if _count_at_or_below(row[c0:c1], add[c0:c1], bd[k - 1]) > 0:
+                _insert_chunk(row[c0:c1], add[c0:c1], ref0 + c0, bd, bi)
+
+
+@njit(parallel=True, **_JIT)
+def _finish(x, ref, metric, best_i, best_d):
+    """Exact distances of the selected neighbours, rows re-sorted by (distance, index)."""
+    n, k = best_i.shape
+    d = x.shape[1]
+    for i in prange(n):
+        for p in range(k):
+            j = best_i[i, p]
+            acc = 0.0
+            if metric == 0:
+                for c in range(d):
+                    diff = np.float64(x[i, c]) - np.float64(ref[j, c])
+                    acc += diff * diff
+            else:
+                for c in range(d):
+                    acc += np.float64(x[i, c]) * np.float64(ref[j, c])
+                acc = -acc if metric == 1 else 1.0 - acc
+            v = best_d.dtype.type(acc)
+            q = p
+            while q > 0 and (best_d[i, q - 1] > v or (best_d[i, q - 1] == v and best_i[i, q - 1] > j)):
+                best_d[i, q] = best_d[i, q - 1]
+                best_i[i, q] = best_i[i, q - 1]
+                q -= 1
+            best_d[i, q] = v
+            best_i[i, q] = j
+
+
+@njit(**_JIT)
+def _count(indices, counts):
+    flat = indices.ravel()
+    for t in range(flat.shape[0]):
+        counts[flat[t]] += 1
+
+
+def _unit_rows(x):
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # zero rows stay zero: cosine distance 1
+
+
+def _prepare(x, reference, metric):
+    """(x, ref) in the compute dtype, contiguous, unit rows for cosine; ref is x for one set."""
+    same = reference is x
+    x = compute_view(x).contiguous()
+    ref = x if same else compute_view(reference).contiguous().to(x.dtype)
+    if metric == "cosine":
+        x = _unit_rows(x)
+        ref = x if same else _unit_rows(ref)
+    return x, ref, same
+
+
+def _select(x, ref, same, k, metric, exclude_self):
+    """(v [n, k], indices [n, k]) of the k best references per query row, unsorted by distance
+    between equal v only in index order; v is the scan value, not the distance."""
+    n, n_ref = x.shape[0], ref.shape[0]
+    if metric == "sqeuclidean":
+        scaled, add = x * -2.0, (ref * ref).sum(dim=1)
+    else:
+        scaled, add = -x, torch.zeros(n_ref, dtype=x.dtype)
+    add_np = add.numpy()
+    best_d = np.full((n, k), np.inf, dtype=add_np.dtype)
+    best_i = np.full((n, k), n_ref, dtype=np.int64)
+    no_self = -(2 * TILE_Q + 1)
+
+    def query_block(q0):
+        q1 = min(q0 + TILE_Q, n)
+        tile = torch.empty((q1 - q0) * min(TILE_R, n_ref), dtype=x.dtype)
+        for r0 in range(0, n_ref, TILE_R):
+            r1 = min(r0 + TILE_R, n_ref)
+            out = tile[:(q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
+            torch.mm(scaled[q0:q1], ref[r0:r1].T, out=out)
+            _scan_tile(out.numpy(), add_np[r0:r1], r0, q0 if (same and exclude_self) else no_self,
+                       best_d[q0:q1], best_i[q0:q1])
+
+    blocks = range(0, n, TILE_Q)
+    threads = torch.get_num_threads()
+    workers = min(threads, len(blocks))
+    if workers <= 1:
+        for q0 in blocks:
+            query_block(q0)
+        return best_d, best_i
+    # One Python thread per core, each running single-threaded BLAS + the nogil scan on its own
+    # query blocks: no OpenMP team, so no barriers and no spinning workers competing with the scan
+    # (torch's multithreaded mm alternating with a parallel scan ran 3-5x slower on this machine
+    # under load). torch's thread count is global: it is 1 only while this call runs.
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(query_block, blocks))
+    finally:
+        torch.set_num_threads(threads)
+    return best_d, best_i
+
+
+def knn(x, reference, k, metric, exclude_self):
+    """(distances [n, k], indices [n, k] int64) of the k nearest rows of `reference` for each row
+    of x, sorted by (distance, index). Validated CPU tensors; `reference is x` means one set, and
+    then exclude_self drops query i from its own list. Distances are float64 for float64 input,
+    float32 otherwise."""
+    x, ref, same = _prepare(x, reference, metric)
+    best_d, best_i = _select(x, ref, same, k, metric, exclude_self)
+    _finish(x.numpy(), ref.numpy(), METRICS[metric], best_i, best_d)
+    return torch.from_numpy(best_d), torch.from_numpy(best_i)
+
+
+def k_occurrence(x, reference, k, metric, exclude_self):
+    """counts [n_ref] int64: how many rows of x have each reference row among their k nearest."""
+    x, ref, same = _prepare(x, reference, metric)
+    _, best_i = _select(x, ref, same, k, metric, exclude_self)
+    counts = np.zeros(ref.shape[0], dtype=np.int64)
+    _count(best_i, counts)
+    return torch.from_numpy(counts)
