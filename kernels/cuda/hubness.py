@@ -2,10 +2,11 @@
 int64 (distance, index) keys, and the CUDA C++ merge from fastnotes._C (csrc/hubness_topk.cu) keeps
 each row's running top-k; counting uses its integer-atomic kernel. Math: specs/hubness.md section 6.
 
-This module imports without triton and without fastnotes._C (the fake implementations need
-neither); running an op needs both. The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_knn,
+The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_knn,
 torch.ops.fastnotes.hubness_k_occurrence) with fake implementations, so they trace under
-torch.compile. Arguments arrive checked (contiguous, same dtype and CUDA device, 1 <= k < candidates).
+torch.compile. This module imports without triton and without fastnotes._C (the fake implementations
+need neither); running an op needs both. Arguments arrive checked (contiguous float32/float16/bfloat16,
+same dtype and CUDA device, 1 <= k < candidates, k <= MAX_K).
 """
 import importlib
 
