@@ -59,7 +59,11 @@ def _timesteps(name, value, batch, device, num_steps):
     if bad.any():
         raise ValueError(f"{_OP}: {name} must lie in [{low}, {num_steps}] for this schedule; "
                          f"got {int(values[bad][0])}")
-    return values if device.type == "cpu" else torch.from_numpy(np.ascontiguousarray(values)).to(device)
+    if device.type == "cpu":
+        return values
+    if isinstance(value, numbers.Integral):  # a fill on the device: no copy from pageable memory, no sync
+        return torch.full((batch,), int(value), dtype=torch.int64, device=device)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device)
 
 
 def _check_order(t_idx, s_idx):
