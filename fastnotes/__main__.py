@@ -6,6 +6,11 @@ import sys
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "hubness":  # python -m fastnotes hubness FILE.npy ... (fastnotes/hubness/cli.py)
+        from .hubness.cli import main as hubness_main
+
+        return hubness_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fastnotes", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-bench", action="store_true", help="skip the quick timing table")

@@ -6,3 +6,7 @@ __all__ = ["METRICS", "k_occurrence", "knn"]
 from .stats import hubness_stats
 
 __all__ += ["hubness_stats"]
+from .reduction import reduce_hubness
+from .sampling import hub_sample
+
+__all__ += ["hub_sample", "reduce_hubness"]

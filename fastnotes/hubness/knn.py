@@ -111,6 +111,8 @@ def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=Tru
     nearest (arguments as in knn). int64 [m]; counts.sum() == k * n.
 
     Fused: tiles of distances feed a running per-row top-k and the counts come from the survivors, so
-    memory is O(n k + one tile), never the [n, m] distance matrix."""
+    memory is O(n k + one tile), never the [n, m] distance matrix. On CPU the numba backend runs one
+    Python thread per torch thread, each with single-threaded BLAS; torch.get_num_threads() reads 1
+    while the call runs and is restored after it."""
     _, counts = _run("k_occurrence", x, k, reference, metric, exclude_self, "k_occurrence")
     return counts

@@ -1,9 +1,10 @@
 """Exact k-NN and k-occurrence on the CPU: BLAS distance tiles + a running per-row top-k.
 
 The distance matrix is never materialised. Queries go in blocks of TILE_Q rows; for each block the
-reference set streams through in blocks of TILE_R rows. One tile [TILE_Q, TILE_R] (4 MB in float32,
-reused for every block) receives s = scale * x.y from BLAS (torch.mm, multithreaded), and a Numba
-scan folds it into each query row's running top-k, rows in parallel.
+reference set streams through in blocks of TILE_R rows. A tile [TILE_Q, TILE_R] (2 MB in float32,
+reused by its thread) receives s = scale * x.y from single-threaded BLAS (torch.mm), and a Numba
+scan (nogil) folds it into each query row's running top-k. Query blocks run on one Python thread per
+core: no OpenMP team, so no barriers and no spinning idle workers competing with the scan.
 
 What the scan ranks is v = add_j + s_ij, the part of the distance that depends on the reference:
     sqeuclidean: scale = -2, add_j = |y_j|^2  (|x_i|^2 is the same for the whole row)
