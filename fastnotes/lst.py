@@ -1,0 +1,219 @@
+"""Ladder Side-Tuning (Sung, Cho, Bansal 2022; Su, kexue.fm/archives/9138). Math: specs/lst.md.
+
+A frozen backbone runs without an autograd graph; a narrow side network (width D / r) reads its
+hidden states through ladders, o = mu s + (1 - mu) (h W^T + b) with mu = sigmoid(alpha / T), and only
+the side network trains. ladder_merge is that merge as one fused op with the closed-form backward.
+"""
+import importlib
+import math
+
+import torch
+
+from . import _checks, _dispatch, reference
+
+_OP = "ladder_merge"
+_KERNELS = {"numba": "fastnotes.kernels.numba.lst", "triton": "fastnotes.kernels.triton.lst"}
+
+
+class _LadderMergeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, h, weight, bias, alpha, temperature, kernels):
+        out = kernels.ladder_merge_forward(s, h, weight, bias, alpha, temperature)
+        # z = h W^T + b is not saved: the backward needs only h (for dW), s (for dalpha), W, b, alpha
+        ctx.save_for_backward(s, h, weight, bias, alpha)
+        ctx.temperature = temperature
+        ctx.kernels = kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, h, weight, bias, alpha = ctx.saved_tensors
+        grad_s, grad_w, grad_b, grad_alpha = ctx.kernels.ladder_merge_backward(
+            grad_out.contiguous(), s, h, weight, bias, alpha, ctx.temperature)
+        grad_h = None
+        if ctx.needs_input_grad[1]:  # a trainable input (not LST's frozen backbone): dh = c g W
+            c = 1.0 if alpha is None else 1 - torch.sigmoid(alpha / ctx.temperature)
+            grad_h = (grad_out @ weight) * c
+        return grad_s, grad_h, grad_w, grad_b, grad_alpha, None, None
+
+
+def _check_arguments(s, h, weight, bias, alpha, temperature):
+    for name, value in (("s", s), ("h", h), ("weight", weight)):
+        _checks.check_tensor(_OP, name, value, _checks.FLOAT_DTYPES)
+    if bias is not None:
+        _checks.check_tensor(_OP, "bias", bias, _checks.FLOAT_DTYPES)
+    if alpha is not None:
+        _checks.check_tensor(_OP, "alpha", alpha, _checks.FLOAT_DTYPES)
+        if alpha.numel() != 1:
+            raise ValueError(f"{_OP}: alpha must hold one value, got shape {tuple(alpha.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{_OP}: weight must be [d, D], got shape {tuple(weight.shape)}")
+    d, D = weight.shape
+    if s.dim() < 1 or s.shape[-1] != d:
+        raise ValueError(f"{_OP}: s must be [..., {d}] (weight is [{d}, {D}]), got {tuple(s.shape)}")
+    if h.shape[:-1] != s.shape[:-1] or h.shape[-1] != D:
+        raise ValueError(f"{_OP}: h must be [{', '.join(map(str, s.shape[:-1] + (D,)))}], got {tuple(h.shape)}")
+    if bias is not None and bias.shape != (d,):
+        raise ValueError(f"{_OP}: bias must be [{d}], got {tuple(bias.shape)}")
+    if s.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"{_OP}: s, weight and bias must share a dtype; got {s.dtype}, {weight.dtype}, "
+                        f"{None if bias is None else bias.dtype}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{_OP}: temperature must be a finite number > 0, got {temperature!r}")
+    _checks.check_same_device(_OP, "s", s, h=h, weight=weight, bias=bias, alpha=alpha)
+
+
+def ladder_merge(s, h, weight, bias=None, alpha=None, *, temperature=0.1):
+    """The ladder merge of LST, fused: o = mu s + (1 - mu) (h W^T + b), mu = sigmoid(alpha / T).
+
+    Args:
+        s: side stream [..., d]. h: backbone hidden states [..., D] (a constant for LST: no gradient
+            is computed for it unless it requires grad; another float dtype is cast to s's dtype).
+        weight: ladder downsample [d, D]; bias: [d] or None.
+        alpha: the gate logit (a 1-element tensor, fp32 recommended) or None for Su's ungated
+            o = s + h W^T + b.
+        temperature: T of the gate (0.1 in the paper's code: a sharp gate).
+    Gradients for s, weight, bias and alpha come from the closed form of specs/lst.md 5.2; z is never
+    stored and dalpha is reduced deterministically.
+    """
+    _check_arguments(s, h, weight, bias, alpha, temperature)
+    if h.dtype != s.dtype:
+        h = h.to(s.dtype)  # the same cast serves forward and backward (dW uses the saved h)
+
+    def why_not(backend):
+        if backend == "numba" and s.dtype not in (torch.float32, torch.float64):
+            return "numba takes float32/float64"
+        return _dispatch.float_kernel_reason(backend, s, "s")
+
+    backend = _dispatch.select(_OP, s.device.type, why_not)
+    alpha0 = None if alpha is None else alpha.reshape(())
+    if backend == "reference":
+        return reference.lst.ladder_merge(s, h, weight, bias, alpha0, temperature)
+    kernels = importlib.import_module(_KERNELS[backend])
+    d, D = weight.shape
+    lead = s.shape[:-1]
+    bias_arg = bias if bias is not None else torch.zeros(d, dtype=s.dtype, device=s.device)
+    out = _LadderMergeFunction.apply(s.reshape(-1, d).contiguous(), h.reshape(-1, D).contiguous(), weight.contiguous(),
+                                     bias_arg, alpha0, float(temperature), kernels)
+    return out.reshape(*lead, d)
+
+
+class LadderMerge(torch.nn.Module):
+    """One ladder: a Linear(D -> d) downsample of the backbone state merged into the side stream by
+    a learnable gate (alpha initialised to 0: mu = 0.5), or added (gate=False, Su's variant)."""
+
+    def __init__(self, backbone_dim, side_dim, *, bias=True, gate=True, temperature=0.1, alpha_init=0.0):
+        super().__init__()
+        linear = torch.nn.Linear(backbone_dim, side_dim, bias=bias)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.alpha = torch.nn.Parameter(torch.tensor(float(alpha_init))) if gate else None
+        self.temperature = temperature
+
+    def forward(self, s, h):
+        return ladder_merge(s, h, self.weight, self.bias, self.alpha, temperature=self.temperature)
+
+
+def _default_side_block(width, n_heads):
+    return torch.nn.TransformerEncoderLayer(width, n_heads, dim_feedforward=4 * width, dropout=0.0,
+                                            batch_first=True)
+
+
+class LadderSideNetwork(torch.nn.Module):
+    """A trainable side network next to a frozen backbone (LST).
+
+    Two ways to wrap the backbone:
+        LadderSideNetwork(blocks, d_model, ...)          blocks: modules [B, L, D] -> [B, L, D];
+            forward(x) runs them on x (the embeddings) without autograd and ladders their outputs.
+        LadderSideNetwork.from_hooks(model, modules, d_model, ...)   a Hugging Face style model:
+            forward(*args, **kwargs) runs model(*args, **kwargs) without autograd; forward hooks
+            capture the outputs of `modules` (the first of a tuple): modules[0] is the side input
+            (e.g. the embedding layer), the others are the laddered layers.
+    Side network (paper, add_residual_after=False): s = W_0 h_0 + b_0; for each laddered layer i:
+    s = SideBlock_i(merge_i(s, h_i)); output W_up LayerNorm(s) of width D.
+
+    Args:
+        d_model: backbone width D. reduction: r, side width d = D // r (8 in the paper).
+        n_heads: heads of the default side block (nn.TransformerEncoderLayer, FFN 4d).
+        side_block: callable (width) -> module, instead of the default block.
+        layers: indices of the backbone layers that get a ladder and a side block (default all).
+        gate, temperature: the ladder gate (True, 0.1) or Su's plain add (gate=False).
+    The backbone's parameters are set to requires_grad=False.
+    """
+
+    def __init__(self, blocks, d_model, *, reduction=8, n_heads=4, side_block=None, layers=None, gate=True,
+                 temperature=0.1):
+        super().__init__()
+        if not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"LadderSideNetwork: d_model must be a positive int, got {d_model!r}")
+        if not isinstance(reduction, int) or reduction <= 0 or d_model % reduction:
+            raise ValueError(f"LadderSideNetwork: reduction must be a positive int dividing d_model={d_model}, "
+                             f"got {reduction!r}")
+        width = d_model // reduction
+        if side_block is None and width % n_heads:
+            raise ValueError(f"LadderSideNetwork: side width {width} is not divisible by n_heads={n_heads}")
+        self.backbone = torch.nn.ModuleList(blocks) if blocks is not None else None
+        n_layers = len(self.backbone) if self.backbone is not None else None
+        self._hooked = None
+        self.d_model, self.width = d_model, width
+        self._init_side(n_layers, layers, side_block or (lambda w: _default_side_block(w, n_heads)), gate, temperature)
+        if self.backbone is not None:
+            self.backbone.requires_grad_(False)
+
+    def _init_side(self, n_layers, layers, side_block, gate, temperature):
+        layers = list(range(n_layers)) if layers is None else sorted(set(layers))
+        if any(not isinstance(i, int) or i < 0 or (n_layers is not None and i >= n_layers) for i in layers):
+            raise ValueError(f"LadderSideNetwork: layers must be backbone layer indices in [0, {n_layers}), got {layers}")
+        self.layers = layers
+        self.side_input = torch.nn.Linear(self.d_model, self.width)
+        # indexed by backbone layer (as strings), not by side layer: skipped layers have none
+        self.ladders = torch.nn.ModuleDict({str(i): LadderMerge(self.d_model, self.width, gate=gate,
+                                                                temperature=temperature) for i in layers})
+        self.side_blocks = torch.nn.ModuleDict({str(i): side_block(self.width) for i in layers})
+        self.final_norm = torch.nn.LayerNorm(self.width)
+        self.upsample = torch.nn.Linear(self.width, self.d_model)
+
+    @classmethod
+    def from_hooks(cls, model, modules, d_model, **kwargs):
+        if len(modules) < 2:
+            raise ValueError("LadderSideNetwork.from_hooks: give the side-input module and at least one layer")
+        net = cls(None, d_model, **{**kwargs, "layers": kwargs.get("layers", list(range(len(modules) - 1)))})
+        if any(i >= len(modules) - 1 for i in net.layers):
+            raise ValueError(f"LadderSideNetwork.from_hooks: layers must index the {len(modules) - 1} hooked layers")
+        model.requires_grad_(False)
+        object.__setattr__(net, "_hooked", (model, list(modules)))  # not a submodule: not trained, not saved
+        return net
+
+    def backbone_states(self, *args, **kwargs):
+        """The side input h_0 and the laddered states {layer: h_i}, computed without autograd."""
+        with torch.no_grad():
+            if self._hooked is None:
+                (x,) = args
+                states, h = {}, x
+                for i, block in enumerate(self.backbone):
+                    h = block(h)
+                    if i in self.ladders_index:
+                        states[i] = h
+                return x, states
+            model, modules = self._hooked
+            captured = {}
+            handles = [m.register_forward_hook(lambda _m, _in, out, k=k: captured.__setitem__(
+                k, out[0] if isinstance(out, (tuple, list)) else out)) for k, m in enumerate(modules)]
+            try:
+                model(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return captured[0], {i: captured[i + 1] for i in self.layers}
+
+    @property
+    def ladders_index(self):
+        return set(self.layers)
+
+    def forward(self, *args, **kwargs):
+        h0, states = self.backbone_states(*args, **kwargs)
+        s = self.side_input(h0)
+        for i in self.layers:
+            s = self.side_blocks[str(i)](self.ladders[str(i)](s, states[i]))
+        return self.upsample(self.final_norm(s))

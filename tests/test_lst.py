@@ -1,0 +1,236 @@
+"""Ladder Side-Tuning: the fused ladder merge against the float64 reference and the oracles of
+specs/lst.md section 9, and LadderSideNetwork (frozen backbone, saved-activation memory)."""
+import pytest
+import torch
+
+import fastnotes
+from fastnotes import reference
+from fastnotes.lst import LadderMerge, LadderSideNetwork, ladder_merge
+
+T = 0.1
+
+
+def spec_inputs(dtype=torch.float64):
+    t = torch.arange(3, dtype=dtype)[:, None]
+    h = torch.sin(4 * t + torch.arange(4, dtype=dtype))
+    s = torch.cos(2 * t + torch.arange(2, dtype=dtype))
+    w = 0.1 * torch.arange(8, dtype=dtype).reshape(2, 4) - 0.3
+    b = torch.tensor([0.05, -0.1], dtype=dtype)
+    g = torch.tensor([[1, -0.5], [0.25, 2], [-1.5, 0.75]], dtype=dtype)
+    return s, h, w, b, g
+
+
+def run_merge(s, h, w, b, alpha, g):
+    """(out, [ds, dW, db, dalpha]) through fastnotes.ladder_merge with the active backend."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (s, w, b, alpha)]
+    s_, w_, b_, a_ = leaves
+    out = ladder_merge(s_, h, w_, b_, a_, temperature=T)
+    grads = torch.autograd.grad(out, [x for x in leaves if x is not None], g)
+    return out.detach(), list(grads)
+
+
+def test_spec_oracles(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = 3e-6 if dtype == torch.float32 else 1e-8
+    s, h, w, b, g = spec_inputs(dtype)
+    out, (ds, dw, db, dalpha) = run_merge(s, h, w, b, torch.tensor(0.0, dtype=dtype), g)
+    expected_out = [[0.39538803, 0.46891687], [0.04031016, -0.58924381], [-0.46423634, -0.09909035]]
+    torch.testing.assert_close(out.double(), torch.tensor(expected_out, dtype=torch.float64), rtol=0, atol=tol)
+    torch.testing.assert_close(ds, 0.5 * g)
+    expected_dw = [[-0.83661900, -0.00821891, 0.82773761, 0.90267598], [-0.38579315, -1.01474759, -0.71074777, 0.24671027]]
+    torch.testing.assert_close(dw.double(), torch.tensor(expected_dw, dtype=torch.float64), rtol=0, atol=tol)
+    torch.testing.assert_close(db.double(), torch.tensor([-0.125, 1.125], dtype=torch.float64), rtol=0, atol=tol)
+    assert abs(dalpha.item() - 1.12241473) < 10 * tol
+    out, (_, _, db, dalpha) = run_merge(s, h, w, b, torch.tensor(0.05, dtype=dtype), g)
+    torch.testing.assert_close(out[0].double(), torch.tensor([0.54346879, 0.48640049], dtype=torch.float64), rtol=0, atol=tol)
+    torch.testing.assert_close(db.double(), torch.tensor([-0.09438517, 0.84946650], dtype=torch.float64), rtol=0, atol=tol)
+    assert abs(dalpha.item() - 1.05508651) < 10 * tol
+
+
+def _assert_close(got, exact, composite, floor, what):
+    err = (got.double() - exact).abs().max().item()
+    composite_err = (composite.double() - exact).abs().max().item()
+    scale = max(1.0, exact.abs().max().item())
+    assert torch.isfinite(got).all(), f"{what}: non-finite"
+    assert err <= 2 * composite_err + floor * scale, f"{what}: error {err:.3g}, composite {composite_err:.3g}"
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("shape", [(37, 20, 45), (1, 8, 16), (2, 5, 33, 24)], ids=str)
+def test_merge_matches_float64_reference(backend, rng, gated, shape):
+    *lead, d, D = shape
+    s = torch.randn(*lead, d, generator=rng, dtype=torch.float64)
+    h = torch.randn(*lead, D, generator=rng, dtype=torch.float64)
+    w = torch.randn(d, D, generator=rng, dtype=torch.float64) / D ** 0.5
+    b = torch.randn(d, generator=rng, dtype=torch.float64)
+    alpha = torch.tensor(0.07, dtype=torch.float64) if gated else None
+    g = torch.randn(*lead, d, generator=rng, dtype=torch.float64)
+    exact_out, exact_grads = _reference_with_grads(s, h, w, b, alpha, g)
+    fp32 = [x.float() if x is not None else None for x in (s, h, w, b, alpha, g)]
+    comp_out, comp_grads = _reference_with_grads(*fp32)
+    out, grads = run_merge(*fp32[:4], fp32[4], fp32[5])
+    _assert_close(out, exact_out, comp_out, 1e-6, "out")
+    for name, got, exact, comp in zip(("ds", "dW", "db", "dalpha"), grads, exact_grads, comp_grads):
+        _assert_close(got, exact, comp, 1e-6, name)
+    if backend != "triton":  # the float64 path
+        out64, grads64 = run_merge(s, h, w, b, alpha, g)
+        torch.testing.assert_close(out64, exact_out, rtol=0, atol=1e-12)
+        for got, exact in zip(grads64, exact_grads):
+            torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
+
+
+def _reference_with_grads(s, h, w, b, alpha, g):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (s, w, b, alpha)]
+    s_, w_, b_, a_ = leaves
+    out = reference.lst.ladder_merge(s_, h, w_, b_, a_, T)
+    return out.detach(), list(torch.autograd.grad(out, [x for x in leaves if x is not None], g))
+
+
+def test_merge_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.03, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *x: reference.lst.ladder_merge(*x, T), (s, h, w, b, alpha))
+    with fastnotes.use_backend("numba"):
+        assert torch.autograd.gradcheck(lambda *x: ladder_merge(*x, temperature=T), (s, h, w, b, alpha))
+        assert torch.autograd.gradcheck(lambda s_, h_, w_: ladder_merge(s_, h_, w_), (s, h, w))
+
+
+def test_ungated_is_su_plain_add(backend, rng):
+    s = torch.randn(9, 4, generator=rng)
+    h = torch.randn(9, 6, generator=rng)
+    w = torch.randn(4, 6, generator=rng)
+    torch.testing.assert_close(ladder_merge(s, h, w), s + h @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_backbone_state(rng):
+    """h from a bf16 backbone is cast once to the side dtype; the result matches the fp64 oracle of
+    the rounded h."""
+    s = torch.randn(6, 4, generator=rng)
+    h = torch.randn(6, 8, generator=rng).to(torch.bfloat16)
+    w = torch.randn(4, 8, generator=rng)
+    out = ladder_merge(s, h, w, None, torch.tensor(0.2))
+    exact = reference.lst.ladder_merge(s.double(), h.double(), w.double(), None, torch.tensor(0.2, dtype=torch.float64), T)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(s=torch.zeros(3, 5)), ValueError, "s must be"),
+    (dict(h=torch.zeros(4, 6)), ValueError, "h must be"),
+    (dict(weight=torch.zeros(4)), ValueError, "weight"),
+    (dict(bias=torch.zeros(3)), ValueError, "bias"),
+    (dict(alpha=torch.zeros(2)), ValueError, "alpha"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(s=torch.zeros(3, 4, dtype=torch.int64)), TypeError, "s must have dtype"),
+    (dict(weight=torch.zeros(4, 6, dtype=torch.float64)), TypeError, "share a dtype"),
+])
+def test_bad_arguments(kwargs, error, match):
+    args = dict(s=torch.zeros(3, 4), h=torch.zeros(3, 6), weight=torch.zeros(4, 6), bias=torch.zeros(4),
+                alpha=torch.zeros(()), temperature=0.1)
+    args.update(kwargs)
+    temperature = args.pop("temperature")
+    with pytest.raises(error, match=match):
+        ladder_merge(**args, temperature=temperature)
+
+
+# ---- LadderSideNetwork -----------------------------------------------------------------------------
+
+D_MODEL, N_HEADS, N_LAYERS, BATCH, SEQ = 256, 4, 4, 8, 64
+
+
+def small_backbone():
+    torch.manual_seed(0)
+    return [torch.nn.TransformerEncoderLayer(D_MODEL, N_HEADS, 4 * D_MODEL, dropout=0.0, batch_first=True)
+            for _ in range(N_LAYERS)]
+
+
+def test_no_gradient_reaches_the_backbone():
+    blocks = small_backbone()
+    net = LadderSideNetwork(blocks, D_MODEL, reduction=8, n_heads=4)
+    before = [p.detach().clone() for p in net.backbone.parameters()]
+    x = torch.randn(2, 5, D_MODEL)
+    net(x).pow(2).mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in net.backbone.parameters())
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.backbone.parameters()))
+    n_side = sum(p.numel() for p in trainable)
+    n_backbone = sum(p.numel() for p in net.backbone.parameters())
+    assert n_side < 0.15 * n_backbone
+
+
+def _saved_bytes(run):
+    """Bytes of tensors autograd saves for backward during run(), parameters excluded (counted once
+    per storage)."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_lst_saves_at_most_40_percent_of_full_fine_tuning():
+    x = torch.randn(BATCH, SEQ, D_MODEL)
+    full = torch.nn.Sequential(*small_backbone())
+    head = torch.nn.Linear(D_MODEL, 2)
+    full_bytes = _saved_bytes(lambda: head(full(x)).mean())
+    net = LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=4)
+    lst_bytes = _saved_bytes(lambda: head(net(x)).mean())
+    assert lst_bytes <= 0.4 * full_bytes, f"LST saves {lst_bytes / 1e6:.2f} MB vs full {full_bytes / 1e6:.2f} MB"
+
+
+def test_layers_subset_and_ungated():
+    net = LadderSideNetwork(small_backbone(), D_MODEL, reduction=16, n_heads=2, layers=[1, 3], gate=False)
+    assert sorted(net.ladders) == ["1", "3"] and net.ladders["1"].alpha is None
+    out = net(torch.randn(2, 3, D_MODEL))
+    assert out.shape == (2, 3, D_MODEL)
+    with pytest.raises(ValueError, match="layers"):
+        LadderSideNetwork(small_backbone(), D_MODEL, layers=[4])
+    with pytest.raises(ValueError, match="reduction"):
+        LadderSideNetwork(small_backbone(), D_MODEL, reduction=3)
+    with pytest.raises(ValueError, match="n_heads"):
+        LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=3)
+
+
+def test_from_hooks_matches_block_list():
+    """A model with its own forward (embedding + encoder), wrapped through forward hooks, gives the
+    same side output as the block-list form on the same states."""
+    blocks = small_backbone()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, D_MODEL)
+            self.layers = torch.nn.ModuleList(blocks)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            for layer in self.layers:
+                h = layer(h)
+            return (h,)
+
+    model = Model()
+    hooked = LadderSideNetwork.from_hooks(model, [model.embed, *model.layers], D_MODEL, reduction=8)
+    listed = LadderSideNetwork(blocks, D_MODEL, reduction=8)
+    listed.load_state_dict(hooked.state_dict(), strict=False)
+    ids = torch.randint(0, 50, (2, 7))
+    out = hooked(ids)
+    torch.testing.assert_close(out, listed(model.embed(ids).detach()), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(k.startswith("backbone") for k in hooked.state_dict())
+
+
+def test_ladder_merge_module_starts_at_half_gate():
+    merge = LadderMerge(8, 2)
+    assert torch.sigmoid(merge.alpha / merge.temperature).item() == 0.5
