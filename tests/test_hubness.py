@@ -103,7 +103,7 @@ def test_integer_data_matches_reference_exactly(hub_backend, rng):
         ref = None if m is None else torch.randint(-3, 4, (m, d), generator=rng).float().to(DEVICE)
         for metric in ("sqeuclidean", "ip"):
             for exclude_self in (True, False):
-                kw = dict(reference=ref, metric=metric, exclude_self=exclude_self)
+                kw = {"reference": ref, "metric": metric, "exclude_self": exclude_self}
                 distances, indices = hubness.knn(x, k, **kw)
                 exact_d, exact_i = reference.knn(x.cpu(), None if ref is None else ref.cpu(), k, metric, exclude_self)
                 assert torch.equal(indices.cpu(), exact_i), (n, m, metric, exclude_self)
@@ -210,16 +210,16 @@ def test_bad_input_raises(call, error, match):
 # ---- statistics ----------------------------------------------------------------------------------
 
 STAT_ORACLES = [  # (counts, k, expected) from specs/hubness.md section 9
-    ([1, 1, 1, 2, 0], 1, dict(skewness=0, robinhood=0.2, gini=0.32, antihub_occurrence=0.2, hub_occurrence=0.4,
-                              atkinson=0.220588745, groupie_ratio=0.4)),
-    ([1, 3, 4, 2, 0], 2, dict(skewness=0, robinhood=0.3, gini=0.4, antihub_occurrence=0.2, hub_occurrence=0.4,
-                              atkinson=0.2444686859, groupie_ratio=0.4)),
-    ([4, 2, 0, 0, 0, 0], 1, dict(skewness=1.1222634355, robinhood=0.6666666667, gini=0.7222222222,
-                                 antihub_occurrence=0.6666666667, hub_occurrence=1.0, atkinson=0.6761984931,
-                                 groupie_ratio=0.6666666667)),
-    ([4, 4, 1, 3, 0, 0], 2, dict(skewness=0, robinhood=0.4166666667, gini=0.4722222222,
-                                 antihub_occurrence=0.3333333333, hub_occurrence=0.6666666667,
-                                 atkinson=0.3705484989)),
+    ([1, 1, 1, 2, 0], 1, {"skewness": 0, "robinhood": 0.2, "gini": 0.32, "antihub_occurrence": 0.2,
+                          "hub_occurrence": 0.4, "atkinson": 0.220588745, "groupie_ratio": 0.4}),
+    ([1, 3, 4, 2, 0], 2, {"skewness": 0, "robinhood": 0.3, "gini": 0.4, "antihub_occurrence": 0.2,
+                          "hub_occurrence": 0.4, "atkinson": 0.2444686859, "groupie_ratio": 0.4}),
+    ([4, 2, 0, 0, 0, 0], 1, {"skewness": 1.1222634355, "robinhood": 0.6666666667, "gini": 0.7222222222,
+                             "antihub_occurrence": 0.6666666667, "hub_occurrence": 1.0, "atkinson": 0.6761984931,
+                             "groupie_ratio": 0.6666666667}),
+    ([4, 4, 1, 3, 0, 0], 2, {"skewness": 0, "robinhood": 0.4166666667, "gini": 0.4722222222,
+                             "antihub_occurrence": 0.3333333333, "hub_occurrence": 0.6666666667,
+                             "atkinson": 0.3705484989}),
 ]
 
 
@@ -279,3 +279,16 @@ def test_spec_oracle_random_gaussian_hubness_grows_with_dimension():
     low = hubness.hubness_stats(hubness.k_occurrence(torch.randn(2000, 4, generator=gen), 10), 10)["skewness"]
     high = hubness.hubness_stats(hubness.k_occurrence(torch.randn(2000, 512, generator=gen), 10), 10)["skewness"]
     assert high > low + 2
+
+
+def test_overflowing_distances_rank_as_infinity():
+    """Finite float32 inputs whose squared distances overflow: every distance is +inf (NaN from
+    inf - inf ranks as +inf too), so each row takes the k smallest other indices and every slot fills."""
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0)) * 1e20
+    with fastnotes.use_backend("numba"):
+        distances, indices = hubness.knn(x, 3)
+        counts = hubness.k_occurrence(x, 3)
+    expected = [[j for j in range(40) if j != i][:3] for i in range(40)]
+    assert indices.tolist() == expected
+    assert torch.isinf(distances).all()
+    assert counts.sum().item() == 120 and counts[:4].tolist() == [39, 39, 39, 3]

@@ -6,8 +6,8 @@ import torch
 
 from .. import _checks
 
-METHODS = ("mutual_proximity", "local_scaling", "nicdm", "csls")
-DEFAULT_NEIGHBORS = {"local_scaling": 5, "nicdm": 5, "csls": 10}
+METHODS = ("mutual_proximity", "local_scaling", "nicdm", "csls", "dissim_local")
+DEFAULT_NEIGHBORS = {"local_scaling": 5, "nicdm": 5, "csls": 10, "dissim_local": 5}
 
 
 def _normal_sf(d, mu, sd):
@@ -40,7 +40,34 @@ def _secondary(method, d, query_stats, ref_stats):
     return s_i[:, None] + s_j - 2.0 * (1.0 - d)  # csls, negated: r_T(x) + r_S(y) - 2 cos(x, y)
 
 
-def _check(distances, indices, method, reference_distances, neighbors):
+def _check_vectors(op, distances, indices, vectors, reference_vectors, reference_indices):
+    if vectors is None:
+        raise ValueError(f"{op}: dissim_local needs vectors (the query points [n, d])")
+    for name, value in (("vectors", vectors), ("reference_vectors", reference_vectors)):
+        if value is not None:
+            _checks.check_tensor(op, name, value, _checks.FLOAT_DTYPES)
+            if value.dim() != 2 or value.device != distances.device:
+                raise ValueError(f"{op}: {name} must be a 2-D tensor on {distances.device}")
+    if vectors.shape[0] != distances.shape[0]:
+        raise ValueError(f"{op}: vectors has {vectors.shape[0]} rows but the lists have {distances.shape[0]}")
+    ref = vectors if reference_vectors is None else reference_vectors
+    if ref.shape[1] != vectors.shape[1]:
+        raise ValueError(f"{op}: reference_vectors must have {vectors.shape[1]} columns like vectors")
+    lists = indices if reference_indices is None else reference_indices
+    if reference_indices is not None:
+        _checks.check_tensor(op, "reference_indices", reference_indices, (torch.int64, torch.int32))
+        if reference_indices.dim() != 2 or reference_indices.shape[0] != ref.shape[0]:
+            raise ValueError(f"{op}: reference_indices must be [{ref.shape[0]}, k'], one list per reference point")
+    elif ref.shape[0] != distances.shape[0]:
+        raise ValueError(f"{op}: a reference set of another size needs reference_indices (its own k-NN lists)")
+    for name, value in (("indices", indices), ("reference_indices", lists)):
+        if value.device.type == "cpu" and value.numel() and not bool(((value >= 0) & (value < ref.shape[0])).all()):
+            raise ValueError(f"{op}: {name} must lie in [0, {ref.shape[0]}), the reference points")
+    return min(indices.shape[1], lists.shape[1])
+
+
+def _check(distances, indices, method, reference_distances, neighbors, vectors=None, reference_vectors=None,
+           reference_indices=None):
     op = "reduce_hubness"
     _checks.check_tensor(op, "distances", distances, _checks.FLOAT_DTYPES)
     _checks.check_tensor(op, "indices", indices, (torch.int64, torch.int32))
@@ -49,6 +76,11 @@ def _check(distances, indices, method, reference_distances, neighbors):
                          f"{tuple(distances.shape)} and {tuple(indices.shape)}")
     if method not in METHODS:
         raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
+    if indices.device != distances.device:
+        raise ValueError(f"{op}: indices is on {indices.device}, distances on {distances.device}")
+    if method == "dissim_local":
+        columns = _check_vectors(op, distances, indices, vectors, reference_vectors, reference_indices)
+        return _check_neighbors(op, method, neighbors, columns)
     ref = distances if reference_distances is None else reference_distances
     if reference_distances is not None:
         _checks.check_tensor(op, "reference_distances", reference_distances, _checks.FLOAT_DTYPES)
@@ -57,8 +89,6 @@ def _check(distances, indices, method, reference_distances, neighbors):
         if reference_distances.device != distances.device:
             raise ValueError(f"{op}: reference_distances is on {reference_distances.device}, distances on "
                              f"{distances.device}")
-    if indices.device != distances.device:
-        raise ValueError(f"{op}: indices is on {indices.device}, distances on {distances.device}")
     if indices.device.type == "cpu" and indices.numel() and \
             not bool(((indices >= 0) & (indices < ref.shape[0])).all()):
         where = "rows of reference_distances" if reference_distances is not None else \
@@ -69,6 +99,10 @@ def _check(distances, indices, method, reference_distances, neighbors):
         if neighbors is not None:
             raise ValueError(f"{op}: mutual_proximity uses every column of the lists; neighbors must be None")
         return None
+    return _check_neighbors(op, method, neighbors, columns)
+
+
+def _check_neighbors(op, method, neighbors, columns):
     if neighbors is None:
         return min(DEFAULT_NEIGHBORS[method], columns)
     if isinstance(neighbors, bool) or not isinstance(neighbors, int) or not 1 <= neighbors <= columns:
@@ -77,7 +111,21 @@ def _check(distances, indices, method, reference_distances, neighbors):
     return neighbors
 
 
-def reduce_hubness(distances, indices, method, *, reference_distances=None, neighbors=None):
+def _dissim_local(work, indices, neighbors, vectors, reference_vectors, reference_indices):
+    """||x - y||^2 - ||x - c(x)||^2 - ||y - c(y)||^2, c = centroid of the `neighbors` nearest
+    reference points (Hara et al. 2016)."""
+    x = vectors.double()
+    y = x if reference_vectors is None else reference_vectors.double()
+    lists = indices if reference_indices is None else reference_indices.long()
+
+    def spread(points, neighbour_lists):
+        return ((points - y[neighbour_lists[:, :neighbors]].mean(dim=1)) ** 2).sum(dim=1)
+
+    return work - spread(x, indices)[:, None] - spread(y, lists)[indices]
+
+
+def reduce_hubness(distances, indices, method, *, reference_distances=None, neighbors=None, vectors=None,
+                   reference_vectors=None, reference_indices=None):
     """Re-rank k-NN lists with a secondary distance that reduces hubness.
 
     Args:
@@ -91,6 +139,10 @@ def reduce_hubness(distances, indices, method, *, reference_distances=None, neig
             "nicdm": d_ij / sqrt(r_i r_j), r = mean distance to the `neighbors` nearest (default 5).
             "csls": r_T(x) + r_S(y) - 2 cos(x, y) (CSLS negated), for cosine distances d = 1 - cos;
                 r = mean cosine to the `neighbors` nearest of the other side (default 10).
+            "dissim_local": d_ij - |x_i - c(x_i)|^2 - |y_j - c(y_j)|^2 for squared Euclidean d, c = the
+                centroid of the `neighbors` nearest reference points (default 5); needs `vectors` (the
+                queries), and for another reference set `reference_vectors` and `reference_indices`
+                (each reference point's own lists). Not shifted to be non-negative (rankings are equal).
         reference_distances: [m, k'] nearest-first distances of each reference point, giving the
             statistics of the listed neighbours j (for csls: each target's distances to its nearest
             sources). None: the lists are of one set onto itself, so row j of `distances` serves.
@@ -98,13 +150,17 @@ def reduce_hubness(distances, indices, method, *, reference_distances=None, neig
     Returns:
         (secondary [n, k], indices [n, k]) with each row re-sorted ascending by (secondary, index).
     """
-    neighbors = _check(distances, indices, method, reference_distances, neighbors)
+    neighbors = _check(distances, indices, method, reference_distances, neighbors, vectors, reference_vectors,
+                       reference_indices)
     work = distances.double()
-    ref = work if reference_distances is None else reference_distances.double()
     indices = indices.long()
-    query_stats = _row_statistics(method, work, neighbors)
-    ref_stats = tuple(s[indices] for s in _row_statistics(method, ref, neighbors))
-    secondary = _secondary(method, work, query_stats, ref_stats)
+    if method == "dissim_local":
+        secondary = _dissim_local(work, indices, neighbors, vectors, reference_vectors, reference_indices)
+    else:
+        ref = work if reference_distances is None else reference_distances.double()
+        query_stats = _row_statistics(method, work, neighbors)
+        ref_stats = tuple(s[indices] for s in _row_statistics(method, ref, neighbors))
+        secondary = _secondary(method, work, query_stats, ref_stats)
     by_index = torch.sort(indices, dim=1, stable=True).indices
     order = by_index.gather(1, torch.sort(secondary.gather(1, by_index), dim=1, stable=True).indices)
     out_dtype = distances.dtype if distances.dtype in (torch.float32, torch.float64) else torch.float32

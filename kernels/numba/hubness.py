@@ -16,7 +16,8 @@ After the first few tiles almost no chunk does, so an entry costs about one comp
 Order: (v, index) ascending; references stream in increasing index, so a newcomer that ties the k-th
 best has a larger index than everything kept and loses, except to an empty slot (index n_r).
 Self-exclusion is by index: the launcher passes the global index of query row 0 in the reference set
-and the scan writes NaN over that tile entry, which never compares at or below anything.
+and the insertion skips that column. NaN values (only from overflow: inputs are checked finite) rank
+as +inf, so every row fills its k slots.
 
 At the end the k survivors of each row get their distance recomputed directly from the vectors
 (sum of squared differences: no cancellation; 1 - dot for cosine; -dot for ip) and are re-sorted by
@@ -39,27 +40,30 @@ _JIT = dict(JIT_OPTIONS, cache=True)
 
 
 @njit(**_JIT)
-def _count_at_or_below(s, add, thr):
-    """How many add_j + s_j <= thr (views indexed from 0 so the loop vectorises; NaN never counts)."""
+def _count_candidates(s, add, thr):
+    """How many add_j + s_j are not above thr (NaN counts: it ranks as +inf). Views indexed from 0
+    so the loop vectorises."""
     one = s.dtype.type(1.0)
     zero = s.dtype.type(0.0)
     n = zero
     for j in range(s.shape[0]):
-        n += one if add[j] + s[j] <= thr else zero
+        n += zero if add[j] + s[j] > thr else one
     return n
 
 
 @njit(**_JIT)
-def _insert_chunk(s, add, col0, best_d, best_i):
-    """Insert the chunk's entries that beat the k-th best under (value, index); col0 is the global
-    reference index of s[0]."""
+def _insert_chunk(s, add, col0, self_col, best_d, best_i):
+    """Insert the chunk's entries that beat the k-th best under (value, index), NaN as +inf, never
+    the column self_col; col0 is the global reference index of s[0]."""
     k = best_d.shape[0]
+    inf = s.dtype.type(np.inf)
     for j in range(s.shape[0]):
         v = add[j] + s[j]
+        v = inf if np.isnan(v) else v
         index = col0 + j
-        if v < best_d[k - 1] or (v == best_d[k - 1] and index < best_i[k - 1]):
+        if (v < best_d[k - 1] or (v == best_d[k - 1] and index < best_i[k - 1])) and index != self_col:
             p = k - 1
-            while p > 0 and best_d[p - 1] > v:
+            while p > 0 and (best_d[p - 1] > v or (best_d[p - 1] == v and best_i[p - 1] > index)):
                 best_d[p] = best_d[p - 1]
                 best_i[p] = best_i[p - 1]
                 p -= 1
@@ -75,15 +79,12 @@ def _scan_tile(tile, add, ref0, self_col0, best_d, best_i):
     k = best_d.shape[1]
     for i in range(bq):
         row = tile[i]
-        self_col = self_col0 + i - ref0
-        if 0 <= self_col < br:
-            row[self_col] = np.nan
         bd = best_d[i]
         bi = best_i[i]
         for c0 in range(0, br, CHUNK):
             c1 = min(c0 + CHUNK, br)
-            if _count_at_or_below(row[c0:c1], add[c0:c1], bd[k - 1]) > 0:
-                _insert_chunk(row[c0:c1], add[c0:c1], ref0 + c0, bd, bi)
+            if _count_candidates(row[c0:c1], add[c0:c1], bd[k - 1]) > 0:
+                _insert_chunk(row[c0:c1], add[c0:c1], ref0 + c0, self_col0 + i, bd, bi)
 
 
 @njit(parallel=True, **_JIT)
