@@ -133,7 +133,7 @@ def test_k_occurrence(benchmark, n, d, contender):
     assert counts.sum() == K * n
     benchmark.extra_info.update(
         op=OP, shape=[n, d], mode="fwd", contender=contender, device="cpu", **_env.device_info("cpu"),
-        versions=_env.versions(), bytes=n * d * 4, flops=2 * n * n * d, k=K, dtype="float32",
+        versions=_env.versions(), bytes=None, flops=2 * n * n * d, k=K, dtype="float32",  # compute-bound: no GB/s
         peak_rss_bytes=result["peak"],
         agree=None if reference is None else float((counts == reference).mean()),
     )
