@@ -36,11 +36,13 @@ def multilabel_ce_composite(logits, targets):
 
 
 def positives_as_targets(pos_index, n_classes, dtype=torch.float64):
-    """Dense {0, 1} targets [..., C] from positive indices [..., K] padded with -1."""
-    dense = torch.zeros(pos_index.shape[:-1] + (n_classes + 1,), dtype=dtype, device=pos_index.device)
-    # padding (-1) goes to the extra column C, which is dropped
-    dense.scatter_(-1, torch.where(pos_index < 0, n_classes, pos_index), 1.0)
-    return dense[..., :n_classes]
+    """Dense {0, 1} targets [..., C] (contiguous) from positive indices [..., K] padded with -1 (no
+    duplicates)."""
+    work = torch.uint8 if dtype == torch.bool else dtype
+    dense = torch.zeros(pos_index.shape[:-1] + (n_classes,), dtype=work, device=pos_index.device)
+    # padding adds 0 at class 0; listed classes add 1
+    dense.scatter_add_(-1, pos_index.clamp(min=0).long(), (pos_index >= 0).to(work))
+    return dense.to(dtype)
 
 
 def sparse_multilabel_ce(logits, pos_index, reduction="mean"):
