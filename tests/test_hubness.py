@@ -177,10 +177,18 @@ def test_colab_value_is_exclude_counts_plus_one(rng):
         assert torch.equal(hubness.k_occurrence(x, 5, exclude_self=False), hubness.k_occurrence(x, 4) + 1)
 
 
-def test_torch_threads_are_restored(rng):
+def test_concurrent_calls_restore_torch_threads(rng):
+    """The numba launcher sets torch's (global) thread count to 1 while it runs: calls from several
+    threads at once still give exact results and leave the user's setting in place."""
+    from concurrent.futures import ThreadPoolExecutor
+
     threads = torch.get_num_threads()
+    xs = [torch.randint(-3, 4, (1100 + 7 * i, 5), generator=rng).float() for i in range(4)]
     with fastnotes.use_backend("numba"):
-        hubness.k_occurrence(torch.randn(1200, 8, generator=rng), 3)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda x: fastnotes.hubness.k_occurrence(x, 6), xs))
+    for x, counts in zip(xs, results):
+        assert torch.equal(counts, reference.k_occurrence(x, None, 6))
     assert torch.get_num_threads() == threads
 
 

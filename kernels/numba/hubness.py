@@ -23,6 +23,7 @@ At the end the k survivors of each row get their distance recomputed directly fr
 (sum of squared differences: no cancellation; 1 - dot for cosine; -dot for ip) and are re-sorted by
 (distance, index), so returned distances carry no error from the expanded formula.
 """
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,6 +38,7 @@ TILE_R = 1024
 CHUNK = 64
 METRICS = {"sqeuclidean": 0, "ip": 1, "cosine": 2}
 _JIT = dict(JIT_OPTIONS, cache=True)
+_THREADS_LOCK = threading.Lock()
 
 
 @njit(**_JIT)
@@ -138,8 +140,8 @@ def _prepare(x, reference, metric):
 
 
 def _select(x, ref, same, k, metric, exclude_self):
-    """(v [n, k], indices [n, k]) of the k best references per query row, unsorted by distance
-    between equal v only in index order; v is the scan value, not the distance."""
+    """(v [n, k], indices [n, k]): each query row's k best references, ascending by (v, index);
+    v is the scan value, not the distance."""
     n, n_ref = x.shape[0], ref.shape[0]
     if metric == "sqeuclidean":
         scaled, add = x * -2.0, (ref * ref).sum(dim=1)
@@ -148,35 +150,38 @@ def _select(x, ref, same, k, metric, exclude_self):
     add_np = add.numpy()
     best_d = np.full((n, k), np.inf, dtype=add_np.dtype)
     best_i = np.full((n, k), n_ref, dtype=np.int64)
-    no_self = -(2 * TILE_Q + 1)
 
-    def query_block(q0):
-        q1 = min(q0 + TILE_Q, n)
-        tile = torch.empty((q1 - q0) * min(TILE_R, n_ref), dtype=x.dtype)
-        for r0 in range(0, n_ref, TILE_R):
-            r1 = min(r0 + TILE_R, n_ref)
-            out = tile[:(q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
-            torch.mm(scaled[q0:q1], ref[r0:r1].T, out=out)
-            _scan_tile(out.numpy(), add_np[r0:r1], r0, q0 if (same and exclude_self) else no_self,
-                       best_d[q0:q1], best_i[q0:q1])
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+        rows = max(1, min(TILE_Q, -(-n // threads)))  # small n: still one block per thread
+        blocks = range(0, n, rows)
 
-    blocks = range(0, n, TILE_Q)
-    threads = torch.get_num_threads()
-    workers = min(threads, len(blocks))
-    if workers <= 1:
-        for q0 in blocks:
-            query_block(q0)
-        return best_d, best_i
-    # One Python thread per core, each running single-threaded BLAS + the nogil scan on its own
-    # query blocks: no OpenMP team, so no barriers and no spinning workers competing with the scan
-    # (torch's multithreaded mm alternating with a parallel scan ran 3-5x slower on this machine
-    # under load). torch's thread count is global: it is 1 only while this call runs.
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(query_block, blocks))
-    finally:
-        torch.set_num_threads(threads)
+        def query_block(q0):
+            q1 = min(q0 + rows, n)
+            self_col0 = q0 if (same and exclude_self) else -n - 1  # query i is reference self_col0 + i
+            tile = torch.empty((q1 - q0) * min(TILE_R, n_ref), dtype=x.dtype)
+            for r0 in range(0, n_ref, TILE_R):
+                r1 = min(r0 + TILE_R, n_ref)
+                out = tile[:(q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
+                torch.mm(scaled[q0:q1], ref[r0:r1].T, out=out)
+                _scan_tile(out.numpy(), add_np[r0:r1], r0, self_col0, best_d[q0:q1], best_i[q0:q1])
+
+        workers = min(threads, len(blocks))
+        if workers <= 1:
+            for q0 in blocks:
+                query_block(q0)
+            return best_d, best_i
+        # One Python thread per core, each running single-threaded BLAS + the nogil scan on its own
+        # query blocks: no OpenMP team, so no barriers and no spinning workers competing with the
+        # scan (torch's multithreaded mm alternating with a parallel scan ran 3-5x slower on this
+        # machine under load). torch's thread count is global: it reads 1 only while this runs, and
+        # the lock keeps a concurrent call from taking that 1 for the user's setting.
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(query_block, blocks))
+        finally:
+            torch.set_num_threads(threads)
     return best_d, best_i
 
 
