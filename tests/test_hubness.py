@@ -140,6 +140,23 @@ def test_gaussian_data_matches_reference(hub_backend, rng, metric):
         assert (indices.cpu() == exact_i).double().mean() > 0.99
 
 
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
+def test_distances_gradient(rng, metric):
+    """With inputs that require grad, knn's distances carry the gradient of the selected pairs
+    (gradcheck in float64 on x and on a separate reference set); the lists are unchanged."""
+    x = torch.randn(12, 3, generator=rng, dtype=torch.float64)
+    y = torch.randn(9, 3, generator=rng, dtype=torch.float64)
+    with fastnotes.use_backend("numba"):
+        plain_d, plain_i = hubness.knn(x, 4, metric=metric)
+        grad_d, grad_i = hubness.knn(x.clone().requires_grad_(), 4, metric=metric)
+        assert grad_d.requires_grad and torch.equal(grad_i, plain_i)
+        assert torch.allclose(grad_d.detach(), plain_d, rtol=1e-12, atol=1e-12)
+        torch.autograd.gradcheck(lambda a: hubness.knn(a, 4, metric=metric)[0], (x.clone().requires_grad_(),))
+        torch.autograd.gradcheck(lambda a, b: hubness.knn(a, 3, reference=b, metric=metric)[0],
+                                 (x.clone().requires_grad_(), y.clone().requires_grad_()))
+        assert not hubness.knn(x, 4, metric=metric)[0].requires_grad
+
+
 def test_half_precision_inputs_are_widened(rng):
     x = torch.randint(-3, 4, (200, 6), generator=rng).float()
     exact = reference.k_occurrence(x, None, 5)
@@ -184,9 +201,8 @@ def test_concurrent_calls_restore_torch_threads(rng):
 
     threads = torch.get_num_threads()
     xs = [torch.randint(-3, 4, (1100 + 7 * i, 5), generator=rng).float() for i in range(4)]
-    with fastnotes.use_backend("numba"):
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda x: fastnotes.hubness.k_occurrence(x, 6), xs))
+    with ThreadPoolExecutor(4) as pool:  # automatic dispatch picks numba for CPU tensors in each thread
+        results = list(pool.map(lambda x: fastnotes.hubness.k_occurrence(x, 6), xs))
     for x, counts in zip(xs, results):
         assert torch.equal(counts, reference.k_occurrence(x, None, 6))
     assert torch.get_num_threads() == threads

@@ -78,11 +78,11 @@ def _check_arguments(op, x, reference, k, metric, exclude_self):
 def _run(op, x, k, reference, metric, exclude_self, what):
     same = _check_arguments(op, x, reference, k, metric, exclude_self)
     backend = _dispatch.select(op, x.device.type, lambda b: _why_not(b, x, k))
+    xc = x.detach().contiguous()  # the selection has no gradient (knn recomputes distances for autograd)
+    ref = xc if same else reference.detach().contiguous()
     if backend == "reference":
-        return backend, getattr(reference_impl, what)(x, None if same else reference, k, metric, exclude_self)
+        return backend, getattr(reference_impl, what)(xc, None if same else ref, k, metric, exclude_self)
     kernels = importlib.import_module(_KERNELS[backend])
-    xc = x.contiguous()
-    ref = xc if same else reference.contiguous()
     return backend, getattr(kernels, what)(xc, ref, k, metric, exclude_self and same)
 
 
@@ -99,11 +99,28 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
             of i is still a neighbour at distance 0. False lets i compete at distance 0.
     Returns:
         (distances [n, k], indices [n, k] int64), each row ascending by (distance, index): ties go to
-        the smaller index. distances are float64 for float64 input, float32 otherwise; no gradient.
+        the smaller index. distances are float64 for float64 input, float32 otherwise. When x or
+        reference requires grad, distances are recomputed in torch from the selected pairs (O(n k d)
+        memory) and carry the gradient; the selection itself has none.
     """
     backend, (distances, indices) = _run("knn", x, k, reference, metric, exclude_self, "knn")
     dtype = torch.float64 if (x.dtype == torch.float64 and backend in ("numba", "reference")) else torch.float32
+    if torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad)):
+        return _differentiable_distances(x, x if reference is None else reference, indices, metric).to(dtype), indices
     return distances.to(dtype), indices
+
+
+def _differentiable_distances(x, reference, indices, metric):
+    """The selected neighbours' distances recomputed in torch, O(n k d), for autograd."""
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    ref = reference.to(work.dtype)
+    if metric == "cosine":
+        work, ref = reference_impl.unit_rows(work), reference_impl.unit_rows(ref)
+    neighbours = ref[indices]  # [n, k, d]
+    if metric == "sqeuclidean":
+        return ((work[:, None, :] - neighbours) ** 2).sum(-1)
+    dots = (work[:, None, :] * neighbours).sum(-1)
+    return -dots if metric == "ip" else 1.0 - dots
 
 
 def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):

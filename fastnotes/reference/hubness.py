@@ -7,7 +7,7 @@ METRICS = ("sqeuclidean", "cosine", "ip")
 _ROWS_PER_BLOCK = 256
 
 
-def _unit_rows(x):
+def unit_rows(x):
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # a zero row has cosine distance 1
 
@@ -21,7 +21,7 @@ def pairwise_distances(x, reference, metric="sqeuclidean"):
                   for i in range(0, x.shape[0], _ROWS_PER_BLOCK)]
         return torch.cat(blocks) if blocks else x.new_zeros(0, reference.shape[0])
     if metric == "cosine":
-        return 1.0 - _unit_rows(x) @ _unit_rows(reference).T
+        return 1.0 - unit_rows(x) @ unit_rows(reference).T
     if metric == "ip":
         return -(x @ reference.T)
     raise ValueError(f"unknown metric {metric!r}")

@@ -36,6 +36,7 @@ from ._tensors import compute_view
 TILE_Q = 512
 TILE_R = 1024
 CHUNK = 64
+SERIAL_WORK = 1 << 22  # multiply-adds below which threads cost more than they save
 METRICS = {"sqeuclidean": 0, "ip": 1, "cosine": 2}
 _JIT = dict(JIT_OPTIONS, cache=True)
 _THREADS_LOCK = threading.Lock()
@@ -167,7 +168,7 @@ def _select(x, ref, same, k, metric, exclude_self):
                 _scan_tile(out.numpy(), add_np[r0:r1], r0, self_col0, best_d[q0:q1], best_i[q0:q1])
 
         workers = min(threads, len(blocks))
-        if workers <= 1:
+        if workers <= 1 or n * n_ref * x.shape[1] < SERIAL_WORK:
             for q0 in blocks:
                 query_block(q0)
             return best_d, best_i
