@@ -18,6 +18,7 @@ _OP = "relpos_attention"
 _KERNELS = {"numba": "fastnotes.kernels.numba.attention", "triton": "fastnotes.kernels.triton.attention"}
 NORMALIZERS = reference.NORMALIZERS
 TRITON_MAX_HEAD_DIM = 128
+TRITON_FP32_MAX_HEAD_DIM = 64  # float32 tiles spill registers above this (kernels/triton/attention.py)
 
 
 def _check_buckets(op, num_buckets, max_distance, bidirectional):
@@ -107,8 +108,12 @@ def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes
 
 
 def _why_not(backend, q, v):
-    if backend == "triton" and max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
-        return f"triton takes head dims up to {TRITON_MAX_HEAD_DIM}"
+    if backend == "triton":
+        dim = max(q.shape[3], v.shape[3])
+        if dim > TRITON_MAX_HEAD_DIM:
+            return f"triton takes head dims up to {TRITON_MAX_HEAD_DIM}"
+        if q.dtype == torch.float32 and q.device.type == "cuda" and dim > TRITON_FP32_MAX_HEAD_DIM:
+            return f"triton takes float32 head dims up to {TRITON_FP32_MAX_HEAD_DIM} (bfloat16/float16 up to 128)"
     return _dispatch.float_kernel_reason(backend, q, "q")
 
 
