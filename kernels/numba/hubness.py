@@ -2,11 +2,12 @@
 
 The distance matrix is never materialised. Queries go in blocks of TILE_Q rows; for each block the
 reference set streams through in blocks of TILE_R rows. A tile [TILE_Q, TILE_R] (2 MB in float32,
-reused by its thread) receives s = scale * x.y from single-threaded BLAS (torch.mm), and a Numba
-scan (nogil) folds it into each query row's running top-k. Query blocks run on one Python thread per
+reused by its thread) receives s = x.y from single-threaded BLAS (torch.mm), and a Numba scan
+(nogil) folds it into each query row's running top-k. Query blocks run on one Python thread per
 core: no OpenMP team, so no barriers and no spinning idle workers competing with the scan.
 
-What the scan ranks is v = add_j + s_ij, the part of the distance that depends on the reference:
+What the scan ranks is v = add_j + scale s_ij, the part of the distance that depends on the reference
+(scaling by -2 or -1 is exact, so v is what a GEMM of the scaled x would give, without its copy):
     sqeuclidean: scale = -2, add_j = |y_j|^2  (|x_i|^2 is the same for the whole row)
     ip / cosine: scale = -1, add_j = 0        (cosine gets unit-norm rows from the launcher)
 A tile row is read in chunks of CHUNK entries: a vectorised pass counts the entries at or below the
@@ -43,25 +44,25 @@ _THREADS_LOCK = threading.Lock()
 
 
 @njit(**_JIT)
-def _count_candidates(s, add, thr):
-    """How many add_j + s_j are not above thr (NaN counts: it ranks as +inf). Views indexed from 0
+def _count_candidates(s, add, scale, thr):
+    """How many add_j + scale s_j are not above thr (NaN counts: it ranks as +inf). Views indexed from 0
     so the loop vectorises."""
     one = s.dtype.type(1.0)
     zero = s.dtype.type(0.0)
     n = zero
     for j in range(s.shape[0]):
-        n += zero if add[j] + s[j] > thr else one
+        n += zero if add[j] + scale * s[j] > thr else one
     return n
 
 
 @njit(**_JIT)
-def _insert_chunk(s, add, col0, self_col, best_d, best_i):
+def _insert_chunk(s, add, scale, col0, self_col, best_d, best_i):
     """Insert the chunk's entries that beat the k-th best under (value, index), NaN as +inf, never
     the column self_col; col0 is the global reference index of s[0]."""
     k = best_d.shape[0]
     inf = s.dtype.type(np.inf)
     for j in range(s.shape[0]):
-        v = add[j] + s[j]
+        v = add[j] + scale * s[j]
         v = inf if np.isnan(v) else v
         index = col0 + j
         if (v < best_d[k - 1] or (v == best_d[k - 1] and index < best_i[k - 1])) and index != self_col:
@@ -75,19 +76,20 @@ def _insert_chunk(s, add, col0, self_col, best_d, best_i):
 
 
 @njit(nogil=True, **_JIT)
-def _scan_tile(tile, add, ref0, self_col0, best_d, best_i):
-    """Fold tile [bq, br] (references ref0 .. ref0 + br) into the top-k of best_d/best_i [bq, k].
+def _scan_tile(tile, add, scale, ref0, self_col0, best_d, best_i):
+    """Fold tile [bq, br] = x.y (references ref0 .. ref0 + br) into the top-k of best_d/best_i [bq, k].
     Query row i is reference self_col0 + i (self_col0 < -bq when nothing is excluded)."""
     bq, br = tile.shape
     k = best_d.shape[1]
+    scale = tile.dtype.type(scale)
     for i in range(bq):
         row = tile[i]
         bd = best_d[i]
         bi = best_i[i]
         for c0 in range(0, br, CHUNK):
             c1 = min(c0 + CHUNK, br)
-            if _count_candidates(row[c0:c1], add[c0:c1], bd[k - 1]) > 0:
-                _insert_chunk(row[c0:c1], add[c0:c1], ref0 + c0, self_col0 + i, bd, bi)
+            if _count_candidates(row[c0:c1], add[c0:c1], scale, bd[k - 1]) > 0:
+                _insert_chunk(row[c0:c1], add[c0:c1], scale, ref0 + c0, self_col0 + i, bd, bi)
 
 
 @njit(parallel=True, **_JIT)
@@ -145,9 +147,9 @@ def _select(x, ref, same, k, metric, exclude_self):
     v is the scan value, not the distance."""
     n, n_ref = x.shape[0], ref.shape[0]
     if metric == "sqeuclidean":
-        scaled, add = x * -2.0, (ref * ref).sum(dim=1)
+        scale, add = -2.0, (ref * ref).sum(dim=1)
     else:
-        scaled, add = -x, torch.zeros(n_ref, dtype=x.dtype)
+        scale, add = -1.0, torch.zeros(n_ref, dtype=x.dtype)
     add_np = add.numpy()
     best_d = np.full((n, k), np.inf, dtype=add_np.dtype)
     best_i = np.full((n, k), n_ref, dtype=np.int64)
@@ -164,8 +166,8 @@ def _select(x, ref, same, k, metric, exclude_self):
             for r0 in range(0, n_ref, TILE_R):
                 r1 = min(r0 + TILE_R, n_ref)
                 out = tile[:(q1 - q0) * (r1 - r0)].view(q1 - q0, r1 - r0)
-                torch.mm(scaled[q0:q1], ref[r0:r1].T, out=out)
-                _scan_tile(out.numpy(), add_np[r0:r1], r0, self_col0, best_d[q0:q1], best_i[q0:q1])
+                torch.mm(x[q0:q1], ref[r0:r1].T, out=out)
+                _scan_tile(out.numpy(), add_np[r0:r1], scale, r0, self_col0, best_d[q0:q1], best_i[q0:q1])
 
         workers = min(threads, len(blocks))
         if workers <= 1 or n * n_ref * x.shape[1] < SERIAL_WORK:
