@@ -273,8 +273,10 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
     loss only and the backward streams again with the row scales g_n (one GEMM more)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, pos_index, reduction, rows_per_chunk, kernels):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(ctx, hidden, weight, bias, targets, pos_index, reduction, rows_per_chunk, kernels, grad_enabled):
+        # needs_input_grad says True under torch.no_grad too: grad_enabled is the caller's grad mode
+        needs = tuple(grad_enabled and flag for flag in
+                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]))
         eager = any(needs) and reduction != "none"
         n_rows = hidden.shape[0]
         compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -306,7 +308,7 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
                                               ctx.rows_per_chunk, scale.to(compute).contiguous(), ctx.needs)
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
 def _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, chunk_size):
@@ -380,10 +382,11 @@ def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, 
     if bad_rows is not None and reduction != "none":
         # NaN rows must reach the reduced loss too: take the per-row path and reduce here
         rows = _FusedLinearMultilabelCEFunction.apply(hidden_2d.contiguous(), weight, bias, dense, index, "none",
-                                                      _rows_per_chunk(n_classes, chunk_size), kernels)
+                                                      _rows_per_chunk(n_classes, chunk_size), kernels,
+                                                      torch.is_grad_enabled())
         return _checks.reduce(_nan_rows(rows, bad_rows).reshape(lead), reduction, hidden.dtype)
     out = _FusedLinearMultilabelCEFunction.apply(hidden_2d.contiguous(), weight, bias, dense, index, reduction,
-                                                 _rows_per_chunk(n_classes, chunk_size), kernels)
+                                                 _rows_per_chunk(n_classes, chunk_size), kernels, torch.is_grad_enabled())
     if reduction == "none":
         return _nan_rows(out, bad_rows).reshape(lead).to(hidden.dtype)
     return out.to(hidden.dtype)

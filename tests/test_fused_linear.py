@@ -243,17 +243,18 @@ def test_bad_arguments(case):
     args = {"targets": None, "pos_index": torch.tensor([[0, 1], [2, -1], [-1, -1]])}
     error, match = ValueError, None
     if case == "both":
-        args["targets"], match = torch.zeros(3, 5), "exactly one of targets"
+        args["targets"], match = torch.zeros(3, 5, dtype=torch.float64), "exactly one of targets"
     elif case == "neither":
         args["pos_index"], match = None, "exactly one of targets"
     elif case == "weight_shape":
-        weight, match = torch.zeros(5, 3), "weight must be"
+        weight, match = torch.zeros(5, 3, dtype=torch.float64), "weight must be"
     elif case == "weight_dtype":
         weight, error, match = torch.zeros(5, 4), TypeError, "weight must have dtype"
     elif case == "bias_shape":
-        args["bias"], match = torch.zeros(4), "bias must be"
+        args["bias"], match = torch.zeros(4, dtype=torch.float64), "bias must be"
     elif case == "targets_shape":
-        args["pos_index"], args["targets"], match = None, torch.zeros(3, 4), "targets must have shape"
+        args["pos_index"], args["targets"], match = None, torch.zeros(3, 4, dtype=torch.float64), \
+            "targets must have shape"
     elif case == "pos_range":
         args["pos_index"][1, 1], match = 5, "must lie in"
     elif case == "pos_negative":

@@ -11,7 +11,11 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK = 8192  # padded n * m held by one program
-NUM_WARPS = 4
+
+
+def _num_warps(bn, bm):
+    """About 16 block elements per thread: the block's temporaries stay in registers."""
+    return max(1, min(16, bn * bm // 512))
 
 
 def unsupported(n, m):
@@ -104,7 +108,7 @@ def nm_class_forward(logits, targets):
     soft = targets.dtype.is_floating_point
     bn, bm = _blocks(n, m)
     nm_class_forward_kernel[(n_samples,)](logits, targets if soft else targets.to(torch.int64), loss, lse, log_a,
-                                          n, m, SOFT=soft, BN=bn, BM=bm, num_warps=NUM_WARPS)
+                                          n, m, SOFT=soft, BN=bn, BM=bm, num_warps=_num_warps(bn, bm))
     return loss, lse, log_a
 
 
@@ -118,7 +122,7 @@ def nm_class_backward(logits, targets, lse, log_a, grad_loss):
     bn, bm = _blocks(n, m)
     nm_class_backward_kernel[(n_samples,)](logits, targets if soft else targets.to(torch.int64), lse, log_a,
                                            grad_loss.to(torch.float32).contiguous(), grad, n, m,
-                                           SOFT=soft, BN=bn, BM=bm, num_warps=NUM_WARPS)
+                                           SOFT=soft, BN=bn, BM=bm, num_warps=_num_warps(bn, bm))
     return grad
 
 
@@ -133,11 +137,11 @@ def _aot_configs():
                 configs.append((nm_class_forward_kernel,
                                 {"logits_ptr": f"*{ty}", "targets_ptr": f"*{targets_ty}", "loss_ptr": "*fp32",
                                  "lse_ptr": "*fp32", "log_a_ptr": "*fp32", "n": "i32", "m": "i32", **meta},
-                                constexprs, NUM_WARPS))
+                                constexprs, _num_warps(bn, bm)))
                 configs.append((nm_class_backward_kernel,
                                 {"logits_ptr": f"*{ty}", "targets_ptr": f"*{targets_ty}", "lse_ptr": "*fp32",
                                  "log_a_ptr": "*fp32", "grad_loss_ptr": "*fp32", "grad_ptr": f"*{ty}", "n": "i32",
-                                 "m": "i32", **meta}, constexprs, NUM_WARPS))
+                                 "m": "i32", **meta}, constexprs, _num_warps(bn, bm)))
     return configs
 
 
