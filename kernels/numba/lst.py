@@ -1,8 +1,8 @@
 """Ladder Side-Tuning's gated merge on the CPU (specs/lst.md section 5).
 
-forward:  o = a s + c (h W^T + b). One parallel task per tile of TILE rows: the tile's GEMM goes to
-          BLAS (np.dot on contiguous blocks, single-threaded inside a task) and the blend runs on
-          the tile while it is in cache; z = h W^T + b is never stored.
+forward:  o = a s + c (h W^T + b). The GEMM runs on torch's threaded BLAS straight into the output
+          buffer (BLAS called from inside numba's parallel loops runs single-threaded and warns),
+          then one parallel pass blends it in place: no [N, d] intermediate besides the output.
 backward: ds = a g, and per tile the column sums of g and the sum of g * s (partials, added in a
           fixed order: deterministic). The launcher adds G = g^T h (one BLAS GEMM), from which
           dW = c G, db = c sum(g) and the z-free gate gradient
@@ -18,20 +18,16 @@ TILE = 64
 _JIT = dict(JIT_OPTIONS, cache=True)
 
 
-@njit(parallel=True, **_JIT)
-def _forward(s, h, weight_t, bias, a, c, out):
-    n = h.shape[0]
+def _blend(out, s, bias, a, c):
+    """out <- a s + c (out + b) in place, where out holds h W^T."""
+    n = out.shape[0]
     for tile in prange((n + TILE - 1) // TILE):
-        lo = tile * TILE
-        hi = min(n, lo + TILE)
-        z = np.dot(h[lo:hi], weight_t)
-        for i in range(hi - lo):
-            zi, si, oi = z[i], s[lo + i], out[lo + i]
-            for j in range(zi.shape[0]):
-                oi[j] = a * si[j] + c * (zi[j] + bias[j])
+        for i in range(tile * TILE, min(n, (tile + 1) * TILE)):
+            oi, si = out[i], s[i]
+            for j in range(oi.shape[0]):
+                oi[j] = a * si[j] + c * (oi[j] + bias[j])
 
 
-@njit(parallel=True, **_JIT)
 def _backward(g, s, a, grad_s, col_sums, gs_sums):
     n, d = g.shape
     for tile in prange((n + TILE - 1) // TILE):
@@ -47,6 +43,13 @@ def _backward(g, s, a, grad_s, col_sums, gs_sums):
                 cols[j] += x
                 acc += x * si[j]
         gs_sums[tile] = acc
+
+
+# Two builds of each: threads for big inputs, one thread for small ones, where waking the thread
+# pool costs more than the work (milliseconds on a loaded machine).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+_blend_parallel, _blend_serial = njit(parallel=True, **_JIT)(_blend), njit(**_JIT)(_blend)
+_backward_parallel, _backward_serial = njit(parallel=True, **_JIT)(_backward), njit(**_JIT)(_backward)
 
 
 def _dtype(x):
@@ -65,10 +68,10 @@ def ladder_merge_forward(s, h, weight, bias, alpha, temperature):
     """s [N, d], h [N, D], weight [d, D], bias [d] contiguous CPU tensors of one dtype (float32 or
     float64); alpha a 0-d tensor or None (ungated). Returns o [N, d]."""
     a, c, _ = _coefficients(alpha, temperature)
-    out = torch.empty_like(s)
+    out = h @ weight.t()  # the GEMM on torch's threaded BLAS, straight into the output buffer
     if s.shape[0] and s.shape[1]:
-        _forward(s.numpy(), h.numpy(), weight.t().contiguous().numpy(), bias.numpy(),
-                 _dtype(s)(a), _dtype(s)(c), out.numpy())
+        blend = _blend_parallel if s.numel() >= PARALLEL_MIN_ELEMENTS else _blend_serial
+        blend(out.numpy(), s.numpy(), bias.numpy(), _dtype(s)(a), _dtype(s)(c))
     return out
 
 
@@ -82,7 +85,8 @@ def ladder_merge_backward(g, s, h, weight, bias, alpha, temperature):
     col_sums = np.zeros((n_tiles, d), dtype=_dtype(g))
     gs_sums = np.zeros(n_tiles, dtype=_dtype(g))
     if n and d:
-        _backward(g.numpy(), s.numpy(), _dtype(g)(a), grad_s.numpy(), col_sums, gs_sums)
+        backward = _backward_parallel if g.numel() >= PARALLEL_MIN_ELEMENTS else _backward_serial
+        backward(g.numpy(), s.numpy(), _dtype(g)(a), grad_s.numpy(), col_sums, gs_sums)
     gram = g.t() @ h  # G = g^T h  [d, D]
     sum_g = torch.from_numpy(col_sums.sum(axis=0))
     grad_alpha = None

@@ -16,6 +16,7 @@ import triton.language as tl
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 ROWS_BLOCK_M, ROWS_BLOCK_N = 32, 64
 NUM_WARPS = 4
+GEMM_WARPS = 8  # the fp32 (IEEE) 64x64 tiles spill on sm_80 with 4 warps
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def ladder_merge_forward(s, h, weight, bias, alpha, temperature):
     grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(d, BLOCK_N))
     ladder_merge_forward_kernel[grid](s, h, weight, bias, _alpha_arg(alpha, s), out, n_rows, d, D, 1.0 / temperature,
                                       GATED=alpha is not None, PRECISION=_precision(h),
-                                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+                                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=GEMM_WARPS)
     return out
 
 
@@ -138,7 +139,7 @@ def ladder_merge_backward(g, s, h, weight, bias, alpha, temperature):
         if D:
             ladder_merge_gram_kernel[grid_w](g, h, weight, alpha_arg, grad_w, wg_sums, n_rows, d, D, 1.0 / temperature,
                                              GATED=gated, PRECISION=_precision(h), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                             BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+                                             BLOCK_K=BLOCK_K, num_warps=GEMM_WARPS)
     sum_g = col_sums.sum(0)
     if not gated:
         return grad_s, grad_w, sum_g.to(bias.dtype), None
@@ -160,7 +161,7 @@ def _aot_configs():
                    "BLOCK_K": "constexpr"}
             blocks = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
             configs.append((ladder_merge_forward_kernel, fwd, {"GATED": gated, "PRECISION": precision, **blocks},
-                            NUM_WARPS))
+                            GEMM_WARPS))
             rows = {"g_ptr": f"*{ty}", "s_ptr": f"*{ty}", "alpha_ptr": "*fp32", "ds_ptr": f"*{ty}",
                     "col_sums_ptr": "*fp32", "gs_sums_ptr": "*fp32", "n_rows": "i32", "d": "i32",
                     "inv_temperature": "fp32", "GATED": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
@@ -171,7 +172,7 @@ def _aot_configs():
                     "GATED": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                     "BLOCK_K": "constexpr"}
             configs.append((ladder_merge_gram_kernel, gram, {"GATED": gated, "PRECISION": precision, **blocks},
-                            NUM_WARPS))
+                            GEMM_WARPS))
     return configs
 
 
