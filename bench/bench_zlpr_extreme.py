@@ -3,7 +3,9 @@ positives.
 
     pytest bench/bench_zlpr_extreme.py --benchmark-json=bench/results/zlpr_extreme.json
     python bench/report.py bench/results/zlpr_extreme.json --out BENCHMARKS.md
-    python bench/bench_zlpr_extreme.py memory          # peak extra memory table (Markdown)
+    python bench/bench_zlpr_extreme.py memory [C ...]  # peak extra memory table (Markdown)
+FASTNOTES_BENCH_LABELS=32768,131072 limits the label counts of the pytest run (each C = 524 288 call
+takes ~10 minutes here); FASTNOTES_BENCH_CONTENDERS=a,b limits the memory run's contenders.
 
 fused_linear_multilabel_ce, N = 4096 rows, D = 1024, C in {32 768, 131 072, 524 288}, fp32, fwd+bwd
 (forward, then torch.autograd.grad for hidden, weight and bias), 10 positives per row:
@@ -278,9 +280,10 @@ if __name__ == "__main__":
         print(json.dumps(_measure_one(sys.argv[2], int(sys.argv[3]))))
     elif sys.argv[1:2] == ["memory"]:
         labels = [int(c) for c in sys.argv[2:]] or LABELS
-        results = measure_memory(labels)
+        contenders = os.environ.get("FASTNOTES_BENCH_CONTENDERS", ",".join(FUSED_CONTENDERS)).split(",")
+        results = measure_memory(labels, contenders)
         os.makedirs("bench/results", exist_ok=True)
-        with open("bench/results/zlpr_extreme_memory.json", "w") as f:
+        with open(f"bench/results/zlpr_extreme_memory_{'_'.join(map(str, labels))}.json", "w") as f:
             json.dump({"device": _env.device_info("cpu"), "versions": _env.versions(), "rows": results}, f, indent=1)
         print(memory_table(results))
     else:
