@@ -234,7 +234,7 @@ def _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels, rows_p
     grad_hidden = _workspace("fused_linear.grad_hidden", hidden.shape, hidden.dtype, device) if needs[0] else None
     grad_weight = _workspace("fused_linear.grad_weight", weight.shape, compute, device).zero_() if needs[1] else None
     grad_bias = torch.zeros(n_classes, dtype=compute, device=device) if needs[2] else None
-    rows = min(rows_per_chunk, n_rows)
+    rows = max(1, min(rows_per_chunk, n_rows))
     chunk = _workspace("fused_linear.logits", (rows, n_classes), compute, device)
     for lo in range(0, n_rows, rows):
         hi = min(lo + rows, n_rows)

@@ -172,6 +172,16 @@ def test_no_grad_and_inputs_untouched(backend, rng):
         assert torch.equal(x, y)
 
 
+def test_empty_rows(backend):
+    dtype = backend_dtype(backend)
+    h = torch.zeros(0, 4, dtype=dtype, device=DEVICE, requires_grad=True)
+    w = torch.randn(6, 4, dtype=dtype, device=DEVICE, requires_grad=True)
+    loss = fastnotes.fused_linear_multilabel_ce(h, w, pos_index=torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
+                                                reduction="sum")
+    loss.backward()
+    assert loss.item() == 0 and h.grad.shape == (0, 4) and (w.grad == 0).all()
+
+
 def test_module(backend, rng):
     torch.manual_seed(0)
     head = fastnotes.FusedLinearMultilabelCE(6, 10, reduction="sum", chunk_size=2, dtype=backend_dtype(backend),
