@@ -222,6 +222,29 @@ def test_param_groups_use_their_own_hyperparameters(backend, rng):
     assert opt.state[w]["v"].shape == (1, 6) and "m" in opt.state[w] and "m" not in opt.state[bias]
 
 
+def test_one_group_of_mixed_tensors(backend, rng):
+    """One multi-tensor step over a group mixing row, column, scalar and full slots and shapes."""
+    shapes = [(9, 16), (5, 3, 4), (33,), (4, 70), (6, 1)]
+    rules = {(4, 70): lambda p: (1, 70), (6, 1): lambda p: (6, 1)}
+    params = [torch.nn.Parameter(torch.randn(s, generator=rng) * 0.3) for s in shapes]
+    theta0 = [p.detach().double().clone() for p in params]
+
+    def slot(p):
+        rule = rules.get(tuple(p.shape))
+        return rule(p) if rule else ((p.shape[0],) + (1,) * (p.dim() - 1) if p.dim() > 1 else ())
+
+    opt = Amos(params, lr=0.03, eta=0.2, beta=0.9, momentum=0.5, slot=slot)
+    grads = [[torch.randn(s, generator=rng) * 0.1 for s in shapes] for _ in range(3)]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+    for i, p in enumerate(params):
+        path, _, _ = reference_run(theta0[i], [g[i] for g in grads], tuple(opt.state[p]["v"].shape), lr=0.03, eta=0.2,
+                                   beta=0.9, momentum=0.5)
+        torch.testing.assert_close(p.detach().double(), path[-1], rtol=0, atol=1e-6)
+
+
 def _model(seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))

@@ -164,15 +164,23 @@ class Amos(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            batches = {}  # backend -> the group's tensors it steps in one multi-tensor call
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise TypeError(f"{_OP}: sparse gradients are not supported")
-                self._step_tensor(p, group)
+                backend, item = self._prepare(p, group)
+                if backend == "reference":
+                    _reference_step(p, self.state[p], group)
+                else:
+                    batches.setdefault(backend, []).append(item)
+            for backend, items in batches.items():
+                importlib.import_module(_KERNELS[backend]).amos_step_tensors(items, _hyper(group))
         return loss
 
-    def _step_tensor(self, p, group):
+    def _prepare(self, p, group):
+        """Pick the backend for p, count the step, and return (backend, kernel item)."""
         state = self.state[p]
         if group["momentum"] is not None and "m" not in state:  # momentum switched on later
             state["m"] = torch.zeros_like(p, dtype=state["v"].dtype, memory_format=torch.contiguous_format)
@@ -189,18 +197,17 @@ class Amos(torch.optim.Optimizer):
 
         backend = _dispatch.select(_OP, p.device.type, why_not)
         state["step"] += 1
-        if backend == "reference":
-            _reference_step(p, state, group)
-        else:
-            momentum_slot = state.get("m") if group["momentum"] is not None else None
-            importlib.import_module(_KERNELS[backend]).amos_step_tensor(
-                p, p.grad, momentum_slot, state["v"], state["b"], state["step"], layout, _hyper(group, state))
+        momentum_slot = state.get("m") if group["momentum"] is not None else None
+        return backend, (p, p.grad, momentum_slot, state["v"], state["b"], state["step"], layout, state["eta"])
 
 
-def _hyper(group, state):
-    return dict(lr=group["lr"], eta=state["eta"], beta=group["beta"], momentum=group["momentum"],
-                clip_value=group["clip_value"], extra_l2=group["extra_l2"], c_coef=group["c_coef"],
-                d_coef=group["d_coef"], epsilon=group["epsilon"])
+def _hyper(group, state=None):
+    """The group's hyper-parameters for the kernels (with the tensor's eta when a state is given)."""
+    hyper = dict(lr=group["lr"], beta=group["beta"], momentum=group["momentum"], clip_value=group["clip_value"],
+                 extra_l2=group["extra_l2"], c_coef=group["c_coef"], d_coef=group["d_coef"], epsilon=group["epsilon"])
+    if state is not None:
+        hyper["eta"] = state["eta"]
+    return hyper
 
 
 def _reference_step(p, state, group):
