@@ -39,12 +39,12 @@ import time
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastnotes-bench-numba-cache"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
-import fastnotes  # noqa: E402
-from fastnotes import _env  # noqa: E402
+import fastnotes
+from fastnotes import _env
 
 FUSED_OP = "fused_linear_multilabel_ce"
 SPARSE_OP = "sparse_multilabel_ce"
@@ -117,7 +117,7 @@ def test_fused_linear(benchmark, fused_case, contender):
     # compiled at the smaller size; first-touch page faults are ~1% of such a call).
     big = n_classes >= 131072
     with fastnotes.use_backend("numba" if contender.startswith("fastnotes-") else None):
-        run = lambda: fused_step(contender, hidden, weight, bias, pos_index, targets)  # noqa: E731
+        run = lambda: fused_step(contender, hidden, weight, bias, pos_index, targets)
         if not big:
             run()
         benchmark.group = f"{FUSED_OP} cpu {N_ROWS}x{DIM}x{n_classes} fwdbwd"
@@ -126,7 +126,6 @@ def test_fused_linear(benchmark, fused_case, contender):
             **_env.device_info("cpu"), versions=_env.versions(), bytes=None, dtype="float32",
             flops=3 * 2 * N_ROWS * DIM * n_classes)
         benchmark.pedantic(run, rounds=1 if big else 2, warmup_rounds=0, iterations=1)
-    del targets
 
 
 def bert4keras_sparse(logits, pos_index):
@@ -158,15 +157,15 @@ def test_sparse(benchmark, sparse_case, mode, contender):
     logits, pos_index = sparse_case
     n, c = SPARSE_SHAPE
     if contender == "fastnotes-numba":
-        fn = lambda x: fastnotes.sparse_multilabel_ce(x, pos_index)  # noqa: E731
+        fn = lambda x: fastnotes.sparse_multilabel_ce(x, pos_index)
     elif contender == "fastnotes-numba-dense":
         dense = fastnotes.reference.positives_as_targets(pos_index, c, torch.bool)
-        fn = lambda x: fastnotes.multilabel_ce(x, dense)  # noqa: E731
+        fn = lambda x: fastnotes.multilabel_ce(x, dense)
     elif contender == "eager-composite":
-        fn = lambda x: bert4keras_sparse(x, pos_index)  # noqa: E731
+        fn = lambda x: bert4keras_sparse(x, pos_index)
     else:
         dense_float = fastnotes.reference.positives_as_targets(pos_index, c, torch.float32)
-        fn = lambda x: F.binary_cross_entropy_with_logits(x, dense_float)  # noqa: E731
+        fn = lambda x: F.binary_cross_entropy_with_logits(x, dense_float)
 
     def run():
         if mode == "fwd":
@@ -259,8 +258,8 @@ def measure_memory(labels=LABELS, contenders=FUSED_CONTENDERS):
 
 def memory_table(rows):
     """Peak extra memory with the gradients (every contender returns the same ones) and without."""
-    lines = ["| C | contender | peak extra MiB | vs eager-composite | without the gradients MiB | vs eager-composite "
-             "| one call s |", "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [("| C | contender | peak extra MiB | vs eager-composite | without the gradients MiB | vs eager-composite "
+              "| one call s |"), "|---:|---|---:|---:|---:|---:|---:|"]
     composite = {r["n_classes"]: r for r in rows if r["contender"] == "eager-composite" and "extra_bytes" in r}
     for r in rows:
         if "skipped" in r:

@@ -444,7 +444,7 @@ class _NMClassCEFunction(torch.autograd.Function):
 
 def _nm_why_not(backend, logits):
     if backend == "triton":
-        from .kernels.triton import nm_class as triton_kernels  # noqa: PLC0415  (triton is installed here)
+        from .kernels.triton import nm_class as triton_kernels
 
         reason = triton_kernels.unsupported(logits.shape[-2], logits.shape[-1])
         if reason:

@@ -147,7 +147,7 @@ def test_oracle_n6_soft_minimiser_is_not_t():
             opt = torch.optim.LBFGS([s], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14,
                                     line_search_fn="strong_wolfe")
 
-            def closure():
+            def closure(opt=opt, s=s):
                 opt.zero_grad()
                 loss = fastnotes.nm_class_ce(s, t)
                 loss.backward()

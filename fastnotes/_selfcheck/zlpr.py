@@ -1,9 +1,8 @@
 """Self-check cases for the multi-label softmax cross-entropy (ZLPR)."""
 import torch
-
-from .. import reference
 import torch.nn.functional as F
 
+from .. import reference
 from ..losses import fused_linear_multilabel_ce, multilabel_ce, sparse_multilabel_ce
 from ._common import fresh_generator
 

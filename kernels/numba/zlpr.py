@@ -17,9 +17,9 @@ into m when it grows large. The backward uses the same identity and the same inf
 """
 import math
 
+import numba
 import numpy as np
 import torch
-import numba
 from numba import njit, prange
 
 from . import _buffers

@@ -28,7 +28,7 @@ def unsupported(n, m):
 
 @triton.jit
 def _block(logits_ptr, targets_ptr, sample, n, m, SOFT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
-    """(s, t, in_bounds, lse per task, log(t (1/p - 1)) per entry) for one sample, float32."""
+    """(lse per task, log(t (1/p - 1)) per entry) for one sample, float32."""
     rows = tl.arange(0, BN)[:, None]
     cols = tl.arange(0, BM)[None, :]
     inb = (rows < n) & (cols < m)
@@ -50,14 +50,14 @@ def _block(logits_ptr, targets_ptr, sample, n, m, SOFT: tl.constexpr, BN: tl.con
     log1m_top = tl.log(rest) - tl.log(1.0 + rest)
     log1mexp = tl.where(is_top & (x > -0.6931471805599453), log1m_top[:, None], tl.log(1.0 - tl.exp(x)))
     z = tl.where(inb & (t > 0.0), tl.log(t) - x + log1mexp, float("-inf"))
-    return s, t, inb, lse, z
+    return lse, z
 
 
 @triton.jit
 def nm_class_forward_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, log_a_ptr, n, m,
                             SOFT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
     sample = tl.program_id(0)
-    s, t, inb, lse, z = _block(logits_ptr, targets_ptr, sample, n, m, SOFT, BN, BM)
+    lse, z = _block(logits_ptr, targets_ptr, sample, n, m, SOFT, BN, BM)
     top = tl.maximum(tl.max(z, axis=0), 0.0)  # the appended zero keeps every column finite
     log_a = top + tl.log(tl.sum(tl.exp(z - top[None, :]), axis=0) + tl.exp(-top))
     cols = tl.arange(0, BM)

@@ -189,7 +189,7 @@ INDEX_BLOCK = 16  # index-list entries compared per step
 @triton.jit
 def _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride, index_stride,
                      INDEX_BLOCK: tl.constexpr):
-    """(s, a, b, in_bounds) for one tile of one row with t = 1 on the listed classes, 0 elsewhere.
+    """(a, b, in_bounds) for one tile of one row with t = 1 on the listed classes, 0 elsewhere.
     The negative stream is the sum over the non-members directly (never all minus positives)."""
     inb = cols < n_cols
     s = tl.load(logits_ptr + row * logits_stride + cols, mask=inb, other=0.0).to(tl.float32)
@@ -201,7 +201,7 @@ def _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_s
     valid = inb & (s != float("-inf"))
     a = tl.where(valid & (member > 0), -s, float("-inf"))
     b = tl.where(valid & (member == 0), s, float("-inf"))
-    return s, a, b, inb
+    return a, b, inb
 
 
 @triton.jit
@@ -218,8 +218,8 @@ def zlpr_sparse_forward_kernel(logits_ptr, index_ptr, partial_ptr, n_cols, n_ind
     l_neg = (split == 0).to(tl.float32)
     for offset in range(0, cols_per_split, BLOCK):
         cols = start + offset + tl.arange(0, BLOCK)
-        s, a, b, inb = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
-                                        index_stride, INDEX_BLOCK)
+        a, b, _ = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
+                                   index_stride, INDEX_BLOCK)
         m_new = tl.maximum(m_pos, tl.max(a, axis=0))
         l_pos = l_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(a - m_new), axis=0)
         m_pos = m_new
@@ -239,8 +239,8 @@ def zlpr_sparse_backward_kernel(logits_ptr, index_ptr, lse_ptr, grad_loss_ptr, g
                                 logits_stride, index_stride, BLOCK: tl.constexpr, INDEX_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    s, a, b, inb = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
-                                    index_stride, INDEX_BLOCK)
+    a, b, inb = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
+                                 index_stride, INDEX_BLOCK)
     g = tl.load(grad_loss_ptr + row).to(tl.float32)
     grad = g * (tl.exp(b - tl.load(lse_ptr + row * 2 + 1)) - tl.exp(a - tl.load(lse_ptr + row * 2)))
     tl.store(grad_logits_ptr + row * n_cols + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inb)
