@@ -147,7 +147,7 @@ def _select(x, ref, same, k, metric, exclude_self):
     v is the scan value, not the distance."""
     n, n_ref = x.shape[0], ref.shape[0]
     if metric == "sqeuclidean":
-        scale, add = -2.0, (ref * ref).sum(dim=1)
+        scale, add = -2.0, torch.cat([(rows * rows).sum(dim=1) for rows in ref.split(4096)])  # no [m, d] temporary
     else:
         scale, add = -1.0, torch.zeros(n_ref, dtype=x.dtype)
     add_np = add.numpy()
