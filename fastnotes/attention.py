@@ -108,6 +108,10 @@ def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes
 
 
 def _why_not(backend, q, v):
+    if backend == "numba":  # its tile products are np.dot (scipy's BLAS), limited to one thread per tile
+        missing = _dispatch._missing_module("scipy") or _dispatch._missing_module("threadpoolctl")
+        if missing:
+            return missing
     if backend == "triton":
         dim = max(q.shape[3], v.shape[3])
         if dim > TRITON_MAX_HEAD_DIM:
@@ -185,7 +189,10 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
         rel_bias, post_table: [H, R] tables (get gradients); alibi_slopes: [H] (gets a gradient).
         normalizer: 'softmax' | 'l2'.
         key_padding_mask: bool [B, Lk], True = attend.
-    Rows whose keys are all masked give 0 (and zero gradients). Gradients are deterministic on CPU.
+    Rows whose keys are all masked give 0 (and zero gradients). The kernels' gradients are
+    deterministic (private partial sums, no atomics); the fold of the diagonal gradients into the
+    tables is torch's gather backward (deterministic on CPU; on CUDA under
+    torch.use_deterministic_algorithms(True)).
     Returns [B, H, Lq, E] in q's dtype.
     """
     _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes, post_table, normalizer,

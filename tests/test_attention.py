@@ -369,3 +369,11 @@ def test_self_attention_module():
     assert shared.grad is not None and shared.grad.abs().sum() > 0
     masked = fastnotes.RelPosSelfAttention(16, 4, position="alibi", normalizer="l2", causal=True, urpe=True)
     assert masked(x, key_padding_mask=torch.ones(2, 9, dtype=torch.bool)).shape == (2, 9, 16)
+
+
+def test_forced_backend_reasons():
+    q = torch.randn(1, 1, 4, 130)
+    with fastnotes.use_backend("triton"), pytest.raises(fastnotes.BackendUnsupportedError, match="head dims up to 128"):
+        fastnotes.relpos_attention(q, q, q)
+    with fastnotes.use_backend("numba"), pytest.raises(fastnotes.BackendUnsupportedError, match="CPU"):
+        fastnotes.relpos_attention(q.to("meta"), q.to("meta"), q.to("meta"))
