@@ -135,7 +135,7 @@ def _launch_group(items, hyper):
                                              *scalars, BLOCK_R=block_r, BLOCK_I=1, num_warps=NUM_WARPS)
     if col_tasks:
         block_i = min(64, triton.next_power_of_2(max_inner))
-        block_r = min(max(1, 4096 // block_i), triton.next_power_of_2(max_cols_reduced))
+        block_r = min(max(1, 2048 // block_i), triton.next_power_of_2(max_cols_reduced))
         amos_slots_kernel[(len(col_tasks),)](as_device(col_tasks, torch.int64), tensors, scales, coef, g_like,
                                              *scalars, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=NUM_WARPS)
     has_momentum = hyper["momentum"] is not None
@@ -171,7 +171,7 @@ def _aot_configs():
     for ty in ("fp32", "fp16", "bf16"):
         slots_sig = {"tasks_ptr": "*i64", "tensors_ptr": "*i64", "scales_ptr": "*fp32", "coef_ptr": "*fp32",
                      "g_like": f"*{ty}", **scalars, "BLOCK_R": "constexpr", "BLOCK_I": "constexpr"}
-        for block_r, block_i in ((1024, 1), (64, 64), (1, 64)):
+        for block_r, block_i in ((1024, 1), (32, 64), (1, 64)):
             configs.append((amos_slots_kernel, slots_sig, {"BLOCK_R": block_r, "BLOCK_I": block_i}, NUM_WARPS))
         apply_sig = {"blocks_ptr": "*i64", "tensors_ptr": "*i64", "coef_ptr": "*fp32", "theta_like": f"*{ty}",
                      "clip": "fp32", "momentum": "fp32", "HAS_MOMENTUM": "constexpr", "BLOCK": "constexpr"}
