@@ -23,8 +23,8 @@ import tempfile
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastnotes-bench-numba-cache"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 OP = "amos_step"
 SHAPES = [(1024, 4096)] * 20 + [(2048, 2048)] * 4 + [(1024,)] * 40
@@ -104,7 +104,6 @@ def test_optimizer_step(benchmark, tensors, contender):
         "op": OP, "shape": [N_PARAMS], "mode": "step", "contender": contender, "device": device,
         **_env.device_info(device), "versions": _env.versions(), "bytes": BYTES_PER_PARAM[kind] * N_PARAMS,
         "state_bytes": state_bytes(opt), "n_tensors": len(SHAPES)})
-    del opt
 
 
 INTERLEAVED = ["fastnotes-numba", "adamw-foreach", "adamw-fused"]
@@ -141,7 +140,6 @@ def test_interleaved_steps(benchmark, tensors):
         **_env.device_info(device), "versions": _env.versions(), "bytes": None,
         "medians_s": medians, "state_bytes_by_contender": {name: state_bytes(o) for name, (o, _, _) in made.items()},
         "n_tensors": len(SHAPES)})
-    del made
 
 
 # ---- report (python bench/bench_amos.py RESULTS.json [--out BENCHMARKS.md]) -------------------------
@@ -160,14 +158,14 @@ def markdown(path, command):
     info = rows[0]["extra_info"]
     threads = info.get("threads") or {}
     out = [f"<!-- bench:{OP}:begin -->", f"## {OP}", "",
-           f"- Device: {info['device']}: {info['device_name']}, {threads.get('torch')} torch / "
-           f"{threads.get('numba')} numba threads",
+           (f"- Device: {info['device']}: {info['device_name']}, {threads.get('torch')} torch / "
+            f"{threads.get('numba')} numba threads"),
            "- Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
            f"- Date: {data.get('datetime', '?')}, command: `{command}`",
-           f"- One optimiser step over {info['n_tensors']} fp32 tensors, {N_PARAMS:,} parameters "
-           "(20 x [1024, 4096], 4 x [2048, 2048], 40 x [1024]); median of "
-           f"{rows[0]['stats']['rounds']} steps after 2 warm-up steps. GB/s = compulsory bytes / median. "
-           f"Speed-up = {BASELINE} median / contender median, same run.", ""]
+           (f"- One optimiser step over {info['n_tensors']} fp32 tensors, {N_PARAMS:,} parameters "
+            "(20 x [1024, 4096], 4 x [2048, 2048], 40 x [1024]); median of "
+            f"{rows[0]['stats']['rounds']} steps after 2 warm-up steps. GB/s = compulsory bytes / median. "
+            f"Speed-up = {BASELINE} median / contender median, same run."), ""]
     for device in sorted({r["extra_info"]["device"] for r in rows}):
         case = [r for r in rows if r["extra_info"]["device"] == device]
         medians = {r["extra_info"]["contender"]: r["stats"]["median"] for r in case}
@@ -183,8 +181,8 @@ def markdown(path, command):
     for r in interleaved:
         medians = r["extra_info"]["medians_s"]
         memory = r["extra_info"]["state_bytes_by_contender"]
-        out += [f"Interleaved ({r['stats']['rounds']} rounds, one step of each contender per round, "
-                f"{r['extra_info']['device']}):", "", f"| contender | median ms | state MB | vs {BASELINE} |",
+        out += [(f"Interleaved ({r['stats']['rounds']} rounds, one step of each contender per round, "
+                 f"{r['extra_info']['device']}):"), "", f"| contender | median ms | state MB | vs {BASELINE} |",
                 "|---|---:|---:|---:|"]
         for name, median in medians.items():
             out.append(f"| {name} | {median * 1e3:.1f} | {memory[name] / 1e6:.2f} | "

@@ -6,13 +6,12 @@ import math
 import pytest
 import torch
 
-import fastnotes
 from fastnotes.optim import Amos, schedules
 from fastnotes.reference.amos import amos_update, reduced_axes
 
 THETA0 = [[0.5, -1.0, 0.25], [2.0, -0.75, 1.5]]
 G_BASE = [[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]]
-SPEC = dict(lr=0.01, eta=0.5, beta=0.9)  # c = d = 0.25, extra_l2 = 0: the defaults
+SPEC = {"lr": 0.01, "eta": 0.5, "beta": 0.9}  # c = d = 0.25, extra_l2 = 0: the defaults
 
 
 def spec_gradient(t, dtype=torch.float64):
@@ -338,12 +337,12 @@ def test_factored_state_memory_is_rows_plus_cols():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr="0.1"), "lr"),
-    (dict(lr=0.1, beta=1.0), "beta"), (dict(lr=0.1, beta=-0.1), "beta"), (dict(lr=0.1, momentum=1.0), "momentum"),
-    (dict(lr=0.1, clip_value=0.0), "clip_value"), (dict(lr=0.1, eta=-1.0), "eta"), (dict(lr=0.1, eta=0.0), "eta"),
-    (dict(lr=0.1, extra_l2=-1e-3), "extra_l2"), (dict(lr=0.1, c_coef=-1), "c_coef"), (dict(lr=0.1, d_coef=float("inf")), "d_coef"),
-    (dict(lr=0.1, epsilon=0.0), "epsilon"), (dict(lr=0.1, slot="diagonal"), "slot"),
-    (dict(lr=0.1, slot=lambda p: (2, 3)), "slot"), (dict(lr=0.1, eta=lambda p: float("nan")), "eta"),
+    ({"lr": 0.0}, "lr"), ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr": "0.1"}, "lr"),
+    ({"lr": 0.1, "beta": 1.0}, "beta"), ({"lr": 0.1, "beta": -0.1}, "beta"), ({"lr": 0.1, "momentum": 1.0}, "momentum"),
+    ({"lr": 0.1, "clip_value": 0.0}, "clip_value"), ({"lr": 0.1, "eta": -1.0}, "eta"), ({"lr": 0.1, "eta": 0.0}, "eta"),
+    ({"lr": 0.1, "extra_l2": -1e-3}, "extra_l2"), ({"lr": 0.1, "c_coef": -1}, "c_coef"), ({"lr": 0.1, "d_coef": float("inf")}, "d_coef"),
+    ({"lr": 0.1, "epsilon": 0.0}, "epsilon"), ({"lr": 0.1, "slot": "diagonal"}, "slot"),
+    ({"lr": 0.1, "slot": lambda p: (2, 3)}, "slot"), ({"lr": 0.1, "eta": lambda p: float("nan")}, "eta"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
     p = torch.nn.Parameter(torch.randn(4, 5))

@@ -118,18 +118,18 @@ def test_bfloat16_backbone_state(rng):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(s=torch.zeros(3, 5)), ValueError, "s must be"),
-    (dict(h=torch.zeros(4, 6)), ValueError, "h must be"),
-    (dict(weight=torch.zeros(4)), ValueError, "weight"),
-    (dict(bias=torch.zeros(3)), ValueError, "bias"),
-    (dict(alpha=torch.zeros(2)), ValueError, "alpha"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(s=torch.zeros(3, 4, dtype=torch.int64)), TypeError, "s must have dtype"),
-    (dict(weight=torch.zeros(4, 6, dtype=torch.float64)), TypeError, "share a dtype"),
+    ({"s": torch.zeros(3, 5)}, ValueError, "s must be"),
+    ({"h": torch.zeros(4, 6)}, ValueError, "h must be"),
+    ({"weight": torch.zeros(4)}, ValueError, "weight"),
+    ({"bias": torch.zeros(3)}, ValueError, "bias"),
+    ({"alpha": torch.zeros(2)}, ValueError, "alpha"),
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"s": torch.zeros(3, 4, dtype=torch.int64)}, TypeError, "s must have dtype"),
+    ({"weight": torch.zeros(4, 6, dtype=torch.float64)}, TypeError, "share a dtype"),
 ])
 def test_bad_arguments(kwargs, error, match):
-    args = dict(s=torch.zeros(3, 4), h=torch.zeros(3, 6), weight=torch.zeros(4, 6), bias=torch.zeros(4),
-                alpha=torch.zeros(()), temperature=0.1)
+    args = {"s": torch.zeros(3, 4), "h": torch.zeros(3, 6), "weight": torch.zeros(4, 6), "bias": torch.zeros(4),
+                "alpha": torch.zeros(()), "temperature": 0.1}
     args.update(kwargs)
     temperature = args.pop("temperature")
     with pytest.raises(error, match=match):

@@ -16,7 +16,7 @@ def _amos_check(device, dtype):
     theta0 = [torch.randn(s, generator=gen, dtype=torch.float64) * 0.2 for s, _ in shapes_rules]
     grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * 0.1 for s, _ in shapes_rules] for _ in range(_STEPS)]
     params = [torch.nn.Parameter(t.to(device=device, dtype=dtype, copy=True)) for t in theta0]
-    hyper = dict(lr=0.02, beta=0.9)
+    hyper = {"lr": 0.02, "beta": 0.9}
     groups = [{"params": [params[0]], "slot": "row"}, {"params": [params[1]], "slot": "column", "momentum": 0.9,
                                                          "clip_value": 0.15}, {"params": [params[2]], "slot": "row"}]
     opt = Amos(groups, **hyper)

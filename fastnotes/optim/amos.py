@@ -119,8 +119,8 @@ class Amos(torch.optim.Optimizer):
 
     def __init__(self, params, lr, *, eta=None, slot="row", beta=0.999, momentum=None, clip_value=None,
                  extra_l2=0.0, c_coef=0.25, d_coef=0.25, epsilon=2.0 ** -125):
-        defaults = dict(lr=lr, eta=eta, slot=slot, beta=beta, momentum=momentum, clip_value=clip_value,
-                        extra_l2=extra_l2, c_coef=c_coef, d_coef=d_coef, epsilon=epsilon)
+        defaults = {"lr": lr, "eta": eta, "slot": slot, "beta": beta, "momentum": momentum, "clip_value": clip_value,
+                        "extra_l2": extra_l2, "c_coef": c_coef, "d_coef": d_coef, "epsilon": epsilon}
         _check_group(defaults)
         super().__init__(params, defaults)
 
@@ -203,8 +203,8 @@ class Amos(torch.optim.Optimizer):
 
 def _hyper(group, state=None):
     """The group's hyper-parameters for the kernels (with the tensor's eta when a state is given)."""
-    hyper = dict(lr=group["lr"], beta=group["beta"], momentum=group["momentum"], clip_value=group["clip_value"],
-                 extra_l2=group["extra_l2"], c_coef=group["c_coef"], d_coef=group["d_coef"], epsilon=group["epsilon"])
+    hyper = {"lr": group["lr"], "beta": group["beta"], "momentum": group["momentum"], "clip_value": group["clip_value"],
+                 "extra_l2": group["extra_l2"], "c_coef": group["c_coef"], "d_coef": group["d_coef"], "epsilon": group["epsilon"]}
     if state is not None:
         hyper["eta"] = state["eta"]
     return hyper

@@ -122,7 +122,7 @@ def _launch_group(items, hyper):
             max_cols_reduced, max_inner = max(max_cols_reduced, reduced), max(max_inner, inner)
         blocks += [(j, start) for start in range(0, theta.numel(), APPLY_BLOCK)]
         n_slots += outer * inner
-    as_device = lambda rows, dtype: torch.tensor(rows, dtype=dtype).to(device)  # noqa: E731
+    as_device = lambda rows, dtype: torch.tensor(rows, dtype=dtype).to(device)
     tensors = as_device(table, torch.int64)
     scales = as_device(scales, torch.float32)
     coef = torch.empty(2 * n_slots, dtype=torch.float32, device=device)

@@ -56,7 +56,7 @@ def ladder_merge_rows_kernel(g_ptr, s_ptr, alpha_ptr, ds_ptr, col_sums_ptr, gs_s
     tile = tl.program_id(0)
     rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < n_rows
-    a, c = _gate(alpha_ptr, inv_temperature, GATED)
+    a, _ = _gate(alpha_ptr, inv_temperature, GATED)
     gs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for c0 in range(0, d, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -87,7 +87,7 @@ def ladder_merge_gram_kernel(g_ptr, h_ptr, w_ptr, alpha_ptr, dw_ptr, wg_sums_ptr
         gt = tl.load(g_ptr + ns64[None, :] * d + rows[:, None], mask=in_rows[:, None] & in_n[None, :], other=0.0)
         h = tl.load(h_ptr + ns64[:, None] * D + cols[None, :], mask=in_n[:, None] & in_cols[None, :], other=0.0)
         acc = tl.dot(gt, h, acc, input_precision=PRECISION)
-    a, c = _gate(alpha_ptr, inv_temperature, GATED)
+    _, c = _gate(alpha_ptr, inv_temperature, GATED)
     mask = in_rows[:, None] & in_cols[None, :]
     offs = rows[:, None] * D + cols[None, :]
     tl.store(dw_ptr + offs, (c * acc).to(dw_ptr.dtype.element_ty), mask=mask)
