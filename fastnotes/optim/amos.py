@@ -120,7 +120,7 @@ class Amos(torch.optim.Optimizer):
     def __init__(self, params, lr, *, eta=None, slot="row", beta=0.999, momentum=None, clip_value=None,
                  extra_l2=0.0, c_coef=0.25, d_coef=0.25, epsilon=2.0 ** -125):
         defaults = {"lr": lr, "eta": eta, "slot": slot, "beta": beta, "momentum": momentum, "clip_value": clip_value,
-                        "extra_l2": extra_l2, "c_coef": c_coef, "d_coef": d_coef, "epsilon": epsilon}
+                    "extra_l2": extra_l2, "c_coef": c_coef, "d_coef": d_coef, "epsilon": epsilon}
         _check_group(defaults)
         super().__init__(params, defaults)
 
@@ -163,13 +163,13 @@ class Amos(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(p.grad is not None and p.grad.is_sparse for g in self.param_groups for p in g["params"]):
+            raise TypeError(f"{_OP}: sparse gradients are not supported")
         for group in self.param_groups:
             batches = {}  # backend -> the group's tensors it steps in one multi-tensor call
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{_OP}: sparse gradients are not supported")
                 backend, item = self._prepare(p, group)
                 if backend == "reference":
                     _reference_step(p, self.state[p], group)
