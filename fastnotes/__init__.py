@@ -3,13 +3,19 @@
 Each op runs a fused kernel: Triton on GPU, Numba on CPU, with a plain-torch reference as the
 oracle and fallback. See README.md for the op table.
 """
-from . import diffusion
+from . import diffusion, hubness, lst, optim
 from ._dispatch import BACKENDS, BackendUnsupportedError, use_backend
+from .attention import RelPosSelfAttention, T5RelativeBias, relpos_attention, t5_bucket
 from .diffusion import NoiseSchedule, sampler_step
 from .exact import ExactLoss, GradientNormalizer, exact_loss, expected_accuracy, smooth_accuracy_loss
-from .losses import MultilabelCE, multilabel_ce
+from .losses import (FusedLinearMultilabelCE, MultilabelCE, fused_linear_multilabel_ce, multilabel_ce,
+                     nm_class_ce, sparse_multilabel_ce)
+from .lst import LadderSideNetwork, ladder_merge
+from .optim import Amos
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnsupportedError", "ExactLoss", "GradientNormalizer", "MultilabelCE", "NoiseSchedule",
-           "diffusion", "exact_loss", "expected_accuracy", "multilabel_ce", "sampler_step", "smooth_accuracy_loss",
-           "use_backend"]
+__all__ = ["BACKENDS", "Amos", "BackendUnsupportedError", "ExactLoss", "FusedLinearMultilabelCE", "GradientNormalizer",
+           "LadderSideNetwork", "MultilabelCE", "NoiseSchedule", "RelPosSelfAttention", "T5RelativeBias", "diffusion",
+           "exact_loss", "expected_accuracy", "fused_linear_multilabel_ce", "hubness", "ladder_merge", "lst",
+           "multilabel_ce", "nm_class_ce", "optim", "relpos_attention", "sampler_step", "smooth_accuracy_loss",
+           "sparse_multilabel_ce", "t5_bucket", "use_backend"]
