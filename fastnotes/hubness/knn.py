@@ -70,7 +70,8 @@ def _check_arguments(op, x, reference, k, metric, exclude_self):
         raise ValueError(f"{op}: k must satisfy 1 <= k < {candidates} for {what}, got k = {k}")
     if x.device.type == "cpu":  # on CUDA this would be a host sync; the kernels treat NaN as +inf there
         for name, t in (("x", x), ("reference", None if same else reference)):
-            if t is not None and not bool(torch.isfinite(t).all()):
+            # in row blocks: isfinite on the whole tensor makes [n, d] temporaries
+            if t is not None and not all(bool(torch.isfinite(rows).all()) for rows in t.split(8192)):
                 raise ValueError(f"{op}: {name} contains NaN or infinite values")
     return same
 
