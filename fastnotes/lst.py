@@ -120,6 +120,37 @@ def _default_side_block(width, n_heads):
                                             batch_first=True)
 
 
+def _top_rows(weight, k):
+    """Indices of the k rows of weight with the largest L1 norm, in order."""
+    return weight.abs().sum(1).topk(k).indices.sort().values
+
+
+def _copy_pruned_block(big, small, keep):
+    """Copy the pruned sub-tensors of one nn.TransformerEncoderLayer into a narrower one."""
+    heads = big.self_attn.num_heads
+    if small.self_attn.num_heads != heads:
+        raise ValueError("init_from_backbone: side blocks need the backbone's number of heads")
+    d_big, d_small = big.self_attn.embed_dim, small.self_attn.embed_dim
+    head_big, head_small = d_big // heads, d_small // heads
+    q, k, v = big.self_attn.in_proj_weight[:, keep].chunk(3)
+    score = (q.abs() * k.abs() * v.abs()).sum(1)  # the elementwise product of the three importances
+    rows = torch.cat([h * head_big + score[h * head_big:(h + 1) * head_big].topk(head_small).indices.sort().values
+                      for h in range(heads)])
+    in_rows = torch.cat([rows, rows + d_big, rows + 2 * d_big])
+    small.self_attn.in_proj_weight.copy_(big.self_attn.in_proj_weight[in_rows][:, keep])
+    small.self_attn.in_proj_bias.copy_(big.self_attn.in_proj_bias[in_rows])
+    small.self_attn.out_proj.weight.copy_(big.self_attn.out_proj.weight[keep][:, rows])
+    small.self_attn.out_proj.bias.copy_(big.self_attn.out_proj.bias[keep])
+    units = _top_rows(big.linear1.weight[:, keep], small.linear1.out_features)
+    small.linear1.weight.copy_(big.linear1.weight[units][:, keep])
+    small.linear1.bias.copy_(big.linear1.bias[units])
+    small.linear2.weight.copy_(big.linear2.weight[keep][:, units])
+    small.linear2.bias.copy_(big.linear2.bias[keep])
+    for norm in ("norm1", "norm2"):
+        getattr(small, norm).weight.copy_(getattr(big, norm).weight[keep])
+        getattr(small, norm).bias.copy_(getattr(big, norm).bias[keep])
+
+
 class LadderSideNetwork(torch.nn.Module):
     """A trainable side network next to a frozen backbone (LST).
 
@@ -139,7 +170,8 @@ class LadderSideNetwork(torch.nn.Module):
         side_block: callable (width) -> module, instead of the default block.
         layers: indices of the backbone layers that get a ladder and a side block (default all).
         gate, temperature: the ladder gate (True, 0.1) or Su's plain add (gate=False).
-    The backbone's parameters are set to requires_grad=False.
+    The backbone's parameters are set to requires_grad=False. init_from_backbone() initialises the
+    side blocks by structured pruning of the backbone's (optional; the paper's fisher-v2 init).
     """
 
     def __init__(self, blocks, d_model, *, reduction=8, n_heads=4, side_block=None, layers=None, gate=True,
@@ -206,6 +238,26 @@ class LadderSideNetwork(torch.nn.Module):
                 for handle in handles:
                     handle.remove()
             return captured[0], {i: captured[i + 1] for i in self.layers}
+
+    @torch.no_grad()
+    def init_from_backbone(self):
+        """Structured-pruning init of the side blocks (specs/lst.md 4, with weight magnitudes in place
+        of Fisher importance): for nn.TransformerEncoderLayer backbone and side blocks with the same
+        number of heads, keep the width/D model channels with the largest LayerNorm gains summed
+        over the layers, per head the query/key/value rows with the largest |q| |k| |v| (L1 over the
+        kept inputs), and the FFN units with the largest L1 norm; copy those sub-tensors in.
+        Ladders, gates and the upsample keep their default init. Returns the kept model channels."""
+        blocks = list(self.backbone) if self.backbone is not None else None
+        if blocks is None or not all(isinstance(b, torch.nn.TransformerEncoderLayer) for b in blocks):
+            raise ValueError("init_from_backbone: needs a block list of nn.TransformerEncoderLayer")
+        sides = {i: self.side_blocks[str(i)] for i in self.layers}
+        if not all(isinstance(b, torch.nn.TransformerEncoderLayer) for b in sides.values()):
+            raise ValueError("init_from_backbone: needs the default side blocks (nn.TransformerEncoderLayer)")
+        gains = sum(b.norm1.weight.abs() + b.norm2.weight.abs() for b in blocks)
+        keep = gains.topk(self.width).indices.sort().values
+        for i, side in sides.items():
+            _copy_pruned_block(blocks[i], side, keep)
+        return keep
 
     @property
     def ladders_index(self):

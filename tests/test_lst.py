@@ -231,6 +231,31 @@ def test_from_hooks_matches_block_list():
     assert not any(k.startswith("backbone") for k in hooked.state_dict())
 
 
+def test_init_from_backbone_copies_pruned_sub_tensors():
+    blocks = small_backbone()
+    net = LadderSideNetwork(blocks, D_MODEL, reduction=8, n_heads=N_HEADS)
+    keep = net.init_from_backbone()
+    width = D_MODEL // 8
+    gains = sum(b.norm1.weight.abs() + b.norm2.weight.abs() for b in blocks)
+    assert keep.shape == (width,) and set(keep.tolist()) == set(gains.topk(width).indices.tolist())
+    big, small = blocks[2], net.side_blocks["2"]
+    torch.testing.assert_close(small.norm2.weight, big.norm2.weight[keep])
+    torch.testing.assert_close(small.linear2.bias, big.linear2.bias[keep])
+    # every side FFN unit is one backbone unit, restricted to the kept channels
+    for row in small.linear1.weight:
+        assert (big.linear1.weight[:, keep] == row).all(1).any()
+    # per head the kept query rows come from that head of the backbone
+    head_big, head_small = D_MODEL // N_HEADS, width // N_HEADS
+    q_small = small.self_attn.in_proj_weight[:width]
+    for h in range(N_HEADS):
+        q_big = big.self_attn.in_proj_weight[h * head_big:(h + 1) * head_big][:, keep]
+        for row in q_small[h * head_small:(h + 1) * head_small]:
+            assert (q_big == row).all(1).any()
+    assert torch.isfinite(net(torch.randn(2, 5, D_MODEL))).all()
+    with pytest.raises(ValueError, match="heads"):
+        LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=2).init_from_backbone()
+
+
 def test_ladder_merge_module_starts_at_half_gate():
     merge = LadderMerge(8, 2)
     assert torch.sigmoid(merge.alpha / merge.temperature).item() == 0.5
