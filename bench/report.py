@@ -18,7 +18,8 @@ import sys
 from collections import defaultdict
 from datetime import datetime
 
-BASELINES = ("eager-composite", "torch-compile", "bce-with-logits", "diffusers-ddpm", "diffusers-ddim")
+BASELINES = ("eager-composite", "torch-compile", "bce-with-logits", "diffusers-ddpm", "diffusers-ddim", "faiss-cpu",
+             "sklearn-brute", "torch-cdist-topk", "sdpa-no-bias", "adamw-foreach", "adamw-fused")
 MODE_LABELS = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 DEFAULT_COMMAND = "make bench"
 
