@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from conftest import DEVICE, available_backends
 from helpers import assert_close_to_oracle
 
 import fastnotes
-from fastnotes import attention as api
 from fastnotes.reference import attention as reference
 
 BACKENDS = available_backends()
