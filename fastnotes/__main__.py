@@ -30,6 +30,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "forced_backend": _dispatch.forced_backend(),
         "backends": {b: _dispatch.availability(b, device.type) or "available" for b in fastnotes.BACKENDS},
+        "cuda_extension": _dispatch.availability("cuda", "cuda") is None,
         "checks": _selfcheck.run_checks(device),
     }
     if not args.no_bench:
@@ -52,18 +53,21 @@ def _print_report(report, device):
     print("\nbackends:")
     for name, status in report["backends"].items():
         print(f"  {name:10s} {status}")
+    print(f"  (CUDA C++ extension fastnotes._C: {'built' if report['cuda_extension'] else 'not built'})")
+    width = max(len(row["op"]) for row in report["checks"] + report.get("timings", []))
     print("\nself-check (fused vs float64 reference, random inputs, forward and backward):")
-    print(f"  {'op':16s} {'backend':10s} {'dtype':8s} {'value err':>10s} {'grad err':>10s} {'tol':>8s}  result")
+    print(f"  {'op':{width}s} {'backend':10s} {'dtype':8s} {'value err':>10s} {'grad err':>10s} {'tol':>8s}  result")
     for row in report["checks"]:
         if "error" in row:
-            print(f"  {row['op']:16s} {row['backend']:10s} {row['dtype']:8s} FAILED: {row['error']}")
+            print(f"  {row['op']:{width}s} {row['backend']:10s} {row['dtype']:8s} FAILED: {row['error']}")
             continue
-        print(f"  {row['op']:16s} {row['backend']:10s} {row['dtype']:8s} {row['value_error']:10.2e} "
+        print(f"  {row['op']:{width}s} {row['backend']:10s} {row['dtype']:8s} {row['value_error']:10.2e} "
               f"{row['grad_error']:10.2e} {row['tolerance']:8.0e}  {'pass' if row['passed'] else 'FAIL'}")
     if "timings" in report:
         print("\nquick timing (median of 5; auto-selected backend vs the eager composite):")
+        case_width = max(len(row["case"]) for row in report["timings"])
         for row in report["timings"]:
-            print(f"  {row['op']:16s} {row['case']:26s} fused {row['fused_ms']:8.2f} ms   "
+            print(f"  {row['op']:{width}s} {row['case']:{case_width}s} fused {row['fused_ms']:8.2f} ms   "
                   f"composite {row['composite_ms']:8.2f} ms   x{row['speedup']:.1f}")
     print("\nall checks passed" if report["passed"] else "\nSOME CHECKS FAILED")
 
