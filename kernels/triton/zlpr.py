@@ -20,6 +20,23 @@ _PARTIAL = 5  # per (row, split): m_pos, l_pos, m_neg, l_neg, bad-target count
 
 
 @triton.jit
+def _online_logsumexp(m, l, x):
+    """One tile of a running logsumexp: (max, sum of exp(x - max)) updated with the block x."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+
+
+@triton.jit
+def _store_partial(out, m_pos, l_pos, m_neg, l_neg, n_bad):
+    """A split's partial (m, l) of both streams and its count of bad targets, for the combine kernel."""
+    tl.store(out + 0, m_pos)
+    tl.store(out + 1, l_pos)
+    tl.store(out + 2, m_neg)
+    tl.store(out + 3, l_neg)
+    tl.store(out + 4, n_bad)
+
+
+@triton.jit
 def _load_row_tile(logits_ptr, targets_ptr, mask_ptr, row, cols, n_cols,
                    logits_stride, targets_stride, mask_stride, HAS_MASK: tl.constexpr):
     """(s, t, valid, a, b, in_bounds) for one tile of one row, in float32."""
@@ -52,18 +69,9 @@ def zlpr_forward_kernel(logits_ptr, targets_ptr, mask_ptr, partial_ptr, n_cols, 
         s, t, valid, a, b, inb = _load_row_tile(logits_ptr, targets_ptr, mask_ptr, row, cols, n_cols,
                                                 logits_stride, targets_stride, mask_stride, HAS_MASK)
         n_bad += tl.sum((inb & ~((t >= 0.0) & (t <= 1.0))).to(tl.float32), axis=0)
-        m_new = tl.maximum(m_pos, tl.max(a, axis=0))
-        l_pos = l_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(a - m_new), axis=0)
-        m_pos = m_new
-        m_new = tl.maximum(m_neg, tl.max(b, axis=0))
-        l_neg = l_neg * tl.exp(m_neg - m_new) + tl.sum(tl.exp(b - m_new), axis=0)
-        m_neg = m_new
-    out = partial_ptr + (row * n_splits + split) * 5
-    tl.store(out + 0, m_pos)
-    tl.store(out + 1, l_pos)
-    tl.store(out + 2, m_neg)
-    tl.store(out + 3, l_neg)
-    tl.store(out + 4, n_bad)
+        m_pos, l_pos = _online_logsumexp(m_pos, l_pos, a)
+        m_neg, l_neg = _online_logsumexp(m_neg, l_neg, b)
+    _store_partial(partial_ptr + (row * n_splits + split) * 5, m_pos, l_pos, m_neg, l_neg, n_bad)
 
 
 @triton.jit
@@ -220,18 +228,9 @@ def zlpr_sparse_forward_kernel(logits_ptr, index_ptr, partial_ptr, n_cols, n_ind
         cols = start + offset + tl.arange(0, BLOCK)
         a, b, _ = _sparse_row_tile(logits_ptr, index_ptr, row, cols, n_cols, n_index, logits_stride,
                                    index_stride, INDEX_BLOCK)
-        m_new = tl.maximum(m_pos, tl.max(a, axis=0))
-        l_pos = l_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(a - m_new), axis=0)
-        m_pos = m_new
-        m_new = tl.maximum(m_neg, tl.max(b, axis=0))
-        l_neg = l_neg * tl.exp(m_neg - m_new) + tl.sum(tl.exp(b - m_new), axis=0)
-        m_neg = m_new
-    out = partial_ptr + (row * n_splits + split) * 5
-    tl.store(out + 0, m_pos)
-    tl.store(out + 1, l_pos)
-    tl.store(out + 2, m_neg)
-    tl.store(out + 3, l_neg)
-    tl.store(out + 4, 0.0)
+        m_pos, l_pos = _online_logsumexp(m_pos, l_pos, a)
+        m_neg, l_neg = _online_logsumexp(m_neg, l_neg, b)
+    _store_partial(partial_ptr + (row * n_splits + split) * 5, m_pos, l_pos, m_neg, l_neg, 0.0)
 
 
 @triton.jit
