@@ -7,8 +7,7 @@ import torch
 from conftest import DEVICE
 
 import fastnotes
-from fastnotes.diffusion import NoiseSchedule, heun_step, sampler_step
-from fastnotes.diffusion import _rng
+from fastnotes.diffusion import NoiseSchedule, _rng, heun_step, sampler_step
 from fastnotes.reference import diffusion as reference_diffusion
 
 METHODS = ("ddpm", "ddpm-large", "ddim", "analytic-ddpm", "analytic-ddim", "ode-euler")
@@ -187,6 +186,20 @@ def reference_step(x, m, z, t, s, method, prediction, clip, gamma, eta, dtype):
                                             noise=z.to(dtype) if stochastic else None)
 
 
+def amplified_magnitude(x, m, t, prediction):
+    """Per element |x0_hat| + |eps_hat| computed term by term in absolute value: how much rounding
+    the inputs to float32 can move the step's intermediate values."""
+    tt = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
+    sc = reference_diffusion.step_scalars(LINEAR.log_alphas_cumprod, tt, tt - 1, method="ddpm")
+    a, sg = (sc[k].reshape(-1, *[1] * (x.dim() - 1)) for k in ("a_t", "sg_t"))
+    ax, am = x.abs(), m.abs()
+    if prediction == "eps":
+        return (ax + sg * am) / a + am
+    if prediction == "x0":
+        return am + (ax + a * am) / sg
+    return 2 * (a + sg) * (ax + am)
+
+
 REFERENCE_CASES = [(method, clip) for method in METHODS for clip in (False, True)
                    if not (method == "ode-euler" and clip)]  # ode-euler takes no clipping (test_bad_input)
 
@@ -208,12 +221,17 @@ def test_against_reference(backend, method, prediction, per_sample, clip, rng):
     exact = reference_step(x, m, z, t, s, method, prediction, clip, gamma, eta, torch.float64)
     composite = reference_step(x, m, z, t, s, method, prediction, clip, gamma, eta, dtype)
     assert got.dtype == dtype and got.shape == x.shape
-    err = (got.double().cpu() - exact).abs().max().item()
+    err = (got.double().cpu() - exact).abs()
     comp_err = (composite.double() - exact).abs().max().item()
     floor = 1e-12 if dtype == torch.float64 else 3e-6
     scale = max(1.0, exact.abs().max().item())
+    # Rounding x and m to `dtype` alone moves x0_hat and eps_hat by about unit roundoff times
+    # |x|/a_t (or /sg_t): up to 150x |x| at the ends of the schedule, where the composite's own
+    # error is sometimes small by luck. Allow that per element.
+    bound = 2 * comp_err + floor * scale + 8 * torch.finfo(dtype).eps / 2 * amplified_magnitude(x, m, t, prediction)
     assert torch.isfinite(got).all()
-    assert err <= 2 * comp_err + floor * scale, f"error {err:.3g}, composite {comp_err:.3g}"
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), f"error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g}"
 
 
 def test_per_sample_equals_separate_calls(backend, rng):
@@ -391,8 +409,8 @@ def test_non_contiguous_inputs(backend, rng):
 
 
 def _call(**over):
-    args = dict(x_t=torch.zeros(2, 5), model_output=torch.zeros(2, 5), t=10, s=5, schedule=LINEAR)
-    kw = dict(method="ddpm")
+    args = {"x_t": torch.zeros(2, 5), "model_output": torch.zeros(2, 5), "t": 10, "s": 5, "schedule": LINEAR}
+    kw = {"method": "ddpm"}
     for k, v in over.items():
         (args if k in args else kw)[k] = v
     return sampler_step(args["x_t"], args["model_output"], args["t"], args["s"], args["schedule"], **kw)
@@ -484,7 +502,7 @@ def test_optimal_trajectory_oracle_d6():
     assert path == [1, 3, 4, 11, 12] and abs(cost - -3.8481327352) < 1e-9
     f = step_costs(schedule, g)
     for k in (3, 4, 5, 6):
-        brute = min(sum(f[a, b].item() for a, b in zip(p, p[1:]))
+        brute = min(sum(f[a, b].item() for a, b in itertools.pairwise(p))
                     for p in ([1, *mid, 12] for mid in itertools.combinations(range(2, 12), k - 2)))
         assert abs(optimal_trajectory(schedule, g, k)[1] - brute) < 1e-12
 
