@@ -59,10 +59,10 @@ def sample(model, shape, schedule, timesteps, method, *, eta=0.0, prediction="ep
     if progress and _tqdm is not None:
         pairs = _tqdm(pairs, desc=f"sample ({method})")
     for t, s in pairs:
-        t_batch = torch.full((batch,), t, dtype=torch.int64, device=x.device)
         if method == "heun":
-            x = heun_step(model, x, t_batch, s, schedule, prediction=prediction)
+            x = heun_step(model, x, t, s, schedule, prediction=prediction)
         else:
+            t_batch = torch.full((batch,), t, dtype=torch.int64, device=x.device)
             x = sampler_step(x, model(x, t_batch), t, s, schedule, method=method, eta=eta, prediction=prediction,
                              gamma=gamma, clip_denoised=clip_denoised, generator=generator, out=x)
     return x

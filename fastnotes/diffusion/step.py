@@ -2,8 +2,8 @@
 
 Every supported step is affine in (x_t, model_output, z) per sample, apart from the optional clamp
 of x0_hat, so the public function computes six per-sample coefficients once, in float64 from the
-schedule table (a few tiny torch ops on x_t's device, no host sync), and hands them to one fused
-elementwise kernel:
+schedule table (in numpy when the timesteps are host values, else in torch on their device with no
+host sync), and hands them to one fused elementwise kernel:
 
     x0  = clamp(px x + pm m, lo, hi)                      (only when clipping)
     x_s = A x + M m + C x0 + S z                          (C = 0 without clipping)
@@ -35,10 +35,10 @@ N_COEF = 8  # A, M, C, px, pm, S, (padding to 32 bytes)
 # ---- argument checks ------------------------------------------------------------------------------
 
 
-def _timesteps(name, value, batch, device, num_steps):
-    """int64 [B]: a numpy array for CPU tensors (the prologue runs on the host), else a tensor on
-    `device`. Range-checked unless it is a CUDA tensor (no host sync there: out-of-range entries give
-    NaN rows instead)."""
+def _timesteps(name, value, batch, num_steps):
+    """int64 [B]: a range-checked numpy array for ints and CPU tensors (the prologue then runs on the
+    host, whatever the device of x_t: a few numpy ops instead of ~40 tiny device kernels), else the
+    device tensor as it is (no host sync: out-of-range entries give NaN rows instead)."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{_OP}: {name} must be an int or an integer tensor, got bool")
     if isinstance(value, numbers.Integral):
@@ -50,7 +50,7 @@ def _timesteps(name, value, batch, device, num_steps):
             raise ValueError(f"{_OP}: {name} must be a scalar or have shape [{batch}] (one timestep per sample), "
                              f"got {tuple(value.shape)}")
         if value.device.type != "cpu":
-            return value.reshape(-1).to(device=device, dtype=torch.int64).expand(batch)
+            return value.reshape(-1).to(torch.int64).expand(batch)
         values = np.broadcast_to(value.reshape(-1).numpy(), (batch,)).astype(np.int64)  # a writable copy
     else:
         raise TypeError(f"{_OP}: {name} must be an int or an int64 tensor, got {type(value).__name__}")
@@ -59,11 +59,7 @@ def _timesteps(name, value, batch, device, num_steps):
     if bad.any():
         raise ValueError(f"{_OP}: {name} must lie in [{low}, {num_steps}] for this schedule; "
                          f"got {int(values[bad][0])}")
-    if device.type == "cpu":
-        return values
-    if isinstance(value, numbers.Integral):  # a fill on the device: no copy from pageable memory, no sync
-        return torch.full((batch,), int(value), dtype=torch.int64, device=device)
-    return torch.from_numpy(np.ascontiguousarray(values)).to(device)
+    return values
 
 
 def _check_order(t_idx, s_idx):
@@ -231,14 +227,17 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     _check_arguments(x_t, model_output, schedule, method, eta, prediction, noise, out)
     batch = x_t.shape[0]
     device = x_t.device
-    t_idx = _timesteps("t", t, batch, device, schedule.num_steps)
-    s_idx = _timesteps("s", s, batch, device, schedule.num_steps)
+    t_idx = _timesteps("t", t, batch, schedule.num_steps)
+    s_idx = _timesteps("s", s, batch, schedule.num_steps)
     _check_order(t_idx, s_idx)
+    on_host = isinstance(t_idx, np.ndarray) and isinstance(s_idx, np.ndarray)
+    if not on_host:  # one of them lives on the device: the prologue runs there
+        t_idx, s_idx = (torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v.to(device)
+                        for v in (t_idx, s_idx))
     clip_range = _clip_range(clip_denoised, method)
     if method == "ode-euler" and clip_range is not None:
         raise ValueError(f"{_OP}: ode-euler does not use x0_hat; leave clip_denoised at None/False")
     table = _gamma_table(gamma, schedule, method)
-    on_host = isinstance(t_idx, np.ndarray)
     if on_host:
         logab = schedule.log_alphas_cumprod.numpy()
         gamma_t = None if table is None else table[t_idx]
@@ -266,8 +265,10 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     kernels = importlib.import_module(_KERNELS[backend])
     coef = step_coefficients(logab, t_idx, s_idx, method=method, eta=float(eta), prediction=prediction,
                              gamma_t=gamma_t, clip_range=clip_range)
-    if on_host:
+    if on_host and device.type == "cpu":
         coef = torch.from_numpy(coef)
+    elif on_host:  # the GPU kernels read float32 coefficients: one small asynchronous upload
+        coef = torch.from_numpy(coef.astype(np.float32)).to(device, non_blocking=True)
     flat = (batch, x_t.numel() // batch)
     x2 = x_t.reshape(flat)
     m2 = model_output.to(x_t.dtype).reshape(flat)
@@ -300,16 +301,17 @@ def heun_step(model, x_t, t, s, schedule, *, prediction="eps", model_output=None
     """
     _check_arguments(x_t, x_t if model_output is None else model_output, schedule, "ddim", 0.0, prediction, None, None)
     batch = x_t.shape[0]
-    t_idx = _timesteps("t", t, batch, x_t.device, schedule.num_steps)
-    s_idx = _timesteps("s", s, batch, x_t.device, schedule.num_steps)
-    _check_order(t_idx, s_idx)
-    if isinstance(t_idx, np.ndarray):  # the model takes timestep tensors
-        t_idx, s_idx = torch.from_numpy(np.ascontiguousarray(t_idx)), torch.from_numpy(np.ascontiguousarray(s_idx))
+    t_given = _timesteps("t", t, batch, schedule.num_steps)
+    s_given = _timesteps("s", s, batch, schedule.num_steps)
+    _check_order(t_given, s_given)
+    # the model takes timestep tensors on x_t's device; the fused step takes host values as they are
+    t_idx, s_idx = (torch.from_numpy(np.ascontiguousarray(v)).to(x_t.device) if isinstance(v, np.ndarray)
+                    else v.to(x_t.device) for v in (t_given, s_given))
     m1 = model(x_t, t_idx) if model_output is None else model_output
-    x_euler = sampler_step(x_t, m1, t_idx, s_idx, schedule, method="ddim", prediction=prediction,
-                           clip_denoised=False)
+    x_euler = sampler_step(x_t, m1, torch.as_tensor(t_given), torch.as_tensor(s_given), schedule, method="ddim",
+                           prediction=prediction, clip_denoised=False)
     final = s_idx == 0
-    if t_idx.device.type == "cpu" and bool(final.all()):
+    if isinstance(s_given, np.ndarray) and bool((s_given == 0).all()):
         return x_euler
     m2 = model(x_euler, s_idx)
     logab = schedule.log_alphas_cumprod_on(x_t.device)
