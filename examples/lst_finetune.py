@@ -9,6 +9,9 @@ frozen. Two ways to fine-tune it for the new label, same steps and batches:
     full fine-tuning   every backbone weight trains (AdamW)
     LST                fastnotes.LadderSideNetwork (r = 8) trains beside the frozen backbone, with
                        fastnotes.optim.Amos; the backbone runs without an autograd graph
+    LST, Fisher init   the same, its side blocks first pruned from the backbone's layers by the
+                       empirical Fisher of the pretraining loss on 64 single task sequences
+                       (fastnotes.lst.fisher_importance, init_from_backbone; the paper's fisher-v2)
 Printed: accuracy on held-out data, trainable parameters, and the activation memory saved for the
 backward pass (counted with torch.autograd.graph.saved_tensors_hooks, parameters excluded).
 """
@@ -55,6 +58,7 @@ def pretrain(backbone, steps, gen):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return probe
 
 
 def saved_bytes(fn):
@@ -97,7 +101,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     backbone = Backbone()
-    pretrain(backbone, args.pretrain_steps, torch.Generator().manual_seed(1))
+    probe = pretrain(backbone, args.pretrain_steps, torch.Generator().manual_seed(1))
     pretrained = {k: v.clone() for k, v in backbone.state_dict().items()}
     probe_x, _, _ = batch(16, torch.Generator().manual_seed(3))
 
@@ -113,25 +117,31 @@ def main():
     full_mem = saved_bytes(lambda: head(full(probe_x).mean(1)).sum())
     full_params = sum(p.numel() for p in [*full.parameters(), *head.parameters()])
 
-    # LST: the backbone's embedding output is the side input, its layers are laddered
-    frozen = Backbone()
-    frozen.load_state_dict(pretrained)
-    side = fastnotes.LadderSideNetwork.from_hooks(frozen, [frozen.embed, *frozen.layers], D_MODEL, reduction=8,
-                                                  n_heads=4)
-    head = torch.nn.Linear(D_MODEL, 2)
-    trainable = [*side.parameters(), *head.parameters()]
-    start = time.perf_counter()
-    train(side, head, trainable, lambda ps: Amos(ps, lr=1 / math.sqrt(args.steps), beta=0.98, momentum=0.9),
-          args.steps, torch.Generator().manual_seed(2))
-    lst_time = time.perf_counter() - start
-    lst_acc = accuracy(side, head, torch.Generator().manual_seed(4))
-    lst_mem = saved_bytes(lambda: head(side(probe_x).mean(1)).sum())
-    assert all(p.grad is None for p in frozen.parameters()), "a gradient reached the frozen backbone"
-
-    print(f"{'method':<18}{'accuracy':>10}{'trainable':>12}{'saved for bwd (16 seqs)':>26}{'train time':>12}")
-    print(f"{'full fine-tuning':<18}{full_acc:>10.3f}{full_params:>12,}{full_mem:>23.2f} MB{full_time:>11.1f}s")
-    print(f"{'LST (r=8) + Amos':<18}{lst_acc:>10.3f}{sum(p.numel() for p in trainable):>12,}"
-          f"{lst_mem:>23.2f} MB{lst_time:>11.1f}s")
+    print(f"{'method':<20}{'accuracy':>10}{'trainable':>12}{'saved for bwd (16 seqs)':>26}{'train time':>12}")
+    print(f"{'full fine-tuning':<20}{full_acc:>10.3f}{full_params:>12,}{full_mem:>23.2f} MB{full_time:>11.1f}s")
+    for name, fisher_init in (("LST (r=8) + Amos", False), ("  + Fisher init", True)):
+        # the backbone's embedding output is the side input, its layers are laddered
+        frozen = Backbone()
+        frozen.load_state_dict(pretrained)
+        side = fastnotes.LadderSideNetwork.from_hooks(frozen, [frozen.embed, *frozen.layers], D_MODEL,
+                                                      reduction=8, n_heads=4)
+        if fisher_init:
+            task_x, _, task_count = batch(64, torch.Generator().manual_seed(5))
+            fisher = fastnotes.lst.fisher_importance(
+                frozen, lambda i: (probe(frozen(task_x[i:i + 1]).mean(1)).squeeze() - task_count[i]) ** 2,
+                range(len(task_x)))
+            side.init_from_backbone(fisher)
+        head = torch.nn.Linear(D_MODEL, 2)
+        trainable = [*side.parameters(), *head.parameters()]
+        start = time.perf_counter()
+        train(side, head, trainable, lambda ps: Amos(ps, lr=1 / math.sqrt(args.steps), beta=0.98, momentum=0.9),
+              args.steps, torch.Generator().manual_seed(2))
+        lst_time = time.perf_counter() - start
+        lst_acc = accuracy(side, head, torch.Generator().manual_seed(4))
+        lst_mem = saved_bytes(lambda: head(side(probe_x).mean(1)).sum())
+        assert all(p.grad is None for p in frozen.parameters()), "a gradient reached the frozen backbone"
+        print(f"{name:<20}{lst_acc:>10.3f}{sum(p.numel() for p in trainable):>12,}"
+              f"{lst_mem:>23.2f} MB{lst_time:>11.1f}s")
     print(f"LST keeps {100 * lst_mem / full_mem:.0f}% of full fine-tuning's saved activations")
 
 

@@ -120,28 +120,65 @@ def _default_side_block(width, n_heads):
                                             batch_first=True)
 
 
-def _top_rows(weight, k):
-    """Indices of the k rows of weight with the largest L1 norm, in order."""
-    return weight.abs().sum(1).topk(k).indices.sort().values
+def fisher_importance(module, loss_fn, batches):
+    """Empirical Fisher importance of module's parameters (specs/lst.md section 4): the sum over
+    `batches` of (d loss_fn(batch) / d theta)^2, elementwise. With batches of one sample this is the
+    paper's fisher-v2 score (1024 training samples); pass the result to init_from_backbone.
+
+    loss_fn(batch) -> scalar loss computed through module. Parameters are switched to requires_grad
+    for the passes and set back afterwards; .grad is left untouched (torch.autograd.grad).
+    Returns {parameter: importance tensor} (float32, float64 for float64 parameters)."""
+    params = list(module.parameters())
+    if not params:
+        raise ValueError("fisher_importance: module has no parameters")
+    importance = {p: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                  for p in params}
+    flags = [p.requires_grad for p in params]
+    seen = 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                loss = loss_fn(batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError("fisher_importance: loss_fn must return a scalar loss tensor")
+                grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        importance[p] += g.to(importance[p].dtype) ** 2
+                seen += 1
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    if seen == 0:
+        raise ValueError("fisher_importance: batches is empty")
+    return importance
 
 
-def _copy_pruned_block(big, small, keep):
-    """Copy the pruned sub-tensors of one nn.TransformerEncoderLayer into a narrower one."""
+def _top_rows(scores, k):
+    """Indices of the k rows of a non-negative score matrix with the largest sums (L1), in order."""
+    return scores.sum(1).topk(k).indices.sort().values
+
+
+def _copy_pruned_block(big, small, keep, score):
+    """Copy the pruned sub-tensors of one nn.TransformerEncoderLayer into a narrower one, ranking
+    rows by score(parameter), a non-negative importance of the parameter's shape."""
     heads = big.self_attn.num_heads
     if small.self_attn.num_heads != heads:
         raise ValueError("init_from_backbone: side blocks need the backbone's number of heads")
     d_big, d_small = big.self_attn.embed_dim, small.self_attn.embed_dim
     head_big, head_small = d_big // heads, d_small // heads
-    q, k, v = big.self_attn.in_proj_weight[:, keep].chunk(3)
-    score = (q.abs() * k.abs() * v.abs()).sum(1)  # the elementwise product of the three importances
-    rows = torch.cat([h * head_big + score[h * head_big:(h + 1) * head_big].topk(head_small).indices.sort().values
+    q, k, v = score(big.self_attn.in_proj_weight)[:, keep].chunk(3)
+    score_qkv = (q * k * v).sum(1)  # the elementwise product of the three importances
+    rows = torch.cat([h * head_big + score_qkv[h * head_big:(h + 1) * head_big].topk(head_small).indices.sort().values
                       for h in range(heads)])
     in_rows = torch.cat([rows, rows + d_big, rows + 2 * d_big])
     small.self_attn.in_proj_weight.copy_(big.self_attn.in_proj_weight[in_rows][:, keep])
     small.self_attn.in_proj_bias.copy_(big.self_attn.in_proj_bias[in_rows])
     small.self_attn.out_proj.weight.copy_(big.self_attn.out_proj.weight[keep][:, rows])
     small.self_attn.out_proj.bias.copy_(big.self_attn.out_proj.bias[keep])
-    units = _top_rows(big.linear1.weight[:, keep], small.linear1.out_features)
+    units = _top_rows(score(big.linear1.weight)[:, keep], small.linear1.out_features)
     small.linear1.weight.copy_(big.linear1.weight[units][:, keep])
     small.linear1.bias.copy_(big.linear1.bias[units])
     small.linear2.weight.copy_(big.linear2.weight[keep][:, units])
@@ -240,23 +277,39 @@ class LadderSideNetwork(torch.nn.Module):
             return captured[0], {i: captured[i + 1] for i in self.layers}
 
     @torch.no_grad()
-    def init_from_backbone(self):
-        """Structured-pruning init of the side blocks (specs/lst.md 4, with weight magnitudes in place
-        of Fisher importance): for nn.TransformerEncoderLayer backbone and side blocks with the same
-        number of heads, keep the width/D model channels with the largest LayerNorm gains summed
-        over the layers, per head the query/key/value rows with the largest |q| |k| |v| (L1 over the
-        kept inputs), and the FFN units with the largest L1 norm; copy those sub-tensors in.
-        Ladders, gates and the upsample keep their default init. Returns the kept model channels."""
-        blocks = list(self.backbone) if self.backbone is not None else None
-        if blocks is None or not all(isinstance(b, torch.nn.TransformerEncoderLayer) for b in blocks):
-            raise ValueError("init_from_backbone: needs a block list of nn.TransformerEncoderLayer")
+    def init_from_backbone(self, importance=None):
+        """Structured-pruning init of the side blocks (specs/lst.md 4). The importance of a backbone
+        parameter is importance[p] when given (fisher_importance(...): the paper's fisher-v2 init),
+        else its magnitude |p|. For an nn.TransformerEncoderLayer backbone and side blocks with the
+        same number of heads: keep the width model channels with the largest LayerNorm-gain
+        importance summed over the layers; per head the query/key/value rows with the largest L1 of
+        the product of the three importances over the kept inputs; the FFN units with the largest L1
+        importance; copy those sub-tensors in. Ladders, gates and the upsample keep their default
+        init. Returns the kept model channels."""
+        blocks = list(self.backbone) if self.backbone is not None else self._hooked[1][1:]
+        if not all(isinstance(b, torch.nn.TransformerEncoderLayer) for b in blocks):
+            raise ValueError("init_from_backbone: needs backbone layers of type nn.TransformerEncoderLayer")
         sides = {i: self.side_blocks[str(i)] for i in self.layers}
         if not all(isinstance(b, torch.nn.TransformerEncoderLayer) for b in sides.values()):
             raise ValueError("init_from_backbone: needs the default side blocks (nn.TransformerEncoderLayer)")
-        gains = sum(b.norm1.weight.abs() + b.norm2.weight.abs() for b in blocks)
+        if importance is None:
+            score = torch.abs
+        else:
+            missing = [name for b in blocks for name, p in b.named_parameters() if p not in importance]
+            if missing:
+                raise ValueError(f"init_from_backbone: importance has no entry for backbone parameter {missing[0]!r} "
+                                 "(compute it with fisher_importance over the backbone)")
+
+            def score(p):
+                value = importance[p]
+                if value.shape != p.shape:
+                    raise ValueError(f"init_from_backbone: importance of shape {tuple(value.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)}")
+                return value.to(p.device, torch.float64).abs()
+        gains = sum(score(b.norm1.weight) + score(b.norm2.weight) for b in blocks)
         keep = gains.topk(self.width).indices.sort().values
         for i, side in sides.items():
-            _copy_pruned_block(blocks[i], side, keep)
+            _copy_pruned_block(blocks[i], side, keep, score)
         return keep
 
     @property

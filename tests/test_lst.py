@@ -5,7 +5,7 @@ import torch
 
 import fastnotes
 from fastnotes import reference
-from fastnotes.lst import LadderMerge, LadderSideNetwork, ladder_merge
+from fastnotes.lst import LadderMerge, LadderSideNetwork, fisher_importance, ladder_merge
 
 T = 0.1
 
@@ -254,6 +254,78 @@ def test_init_from_backbone_copies_pruned_sub_tensors():
     assert torch.isfinite(net(torch.randn(2, 5, D_MODEL))).all()
     with pytest.raises(ValueError, match="heads"):
         LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=2).init_from_backbone()
+
+
+def test_fisher_importance_sums_squared_per_sample_gradients(rng):
+    """The empirical Fisher equals the sum of per-sample squared gradients computed one by one; the
+    frozen flags and .grad are left as they were."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    model.requires_grad_(False)
+    samples = [(torch.randn(1, 4, generator=rng, dtype=torch.float64), torch.randn(1, 2, generator=rng,
+                                                                              dtype=torch.float64)) for _ in range(5)]
+
+    def loss_fn(sample):
+        x, y = sample
+        return ((model(x) - y) ** 2).sum()
+
+    got = fisher_importance(model, loss_fn, samples)
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    copy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    copy.load_state_dict(model.state_dict())
+    expected = [torch.zeros_like(p) for p in copy.parameters()]
+    for x, y in samples:
+        copy.zero_grad()
+        ((copy(x) - y) ** 2).sum().backward()
+        for e, p in zip(expected, copy.parameters()):
+            e += p.grad ** 2
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(got[p], e, rtol=1e-12, atol=0)
+        assert got[p].dtype == torch.float64 and (e > 0).any()
+    with pytest.raises(ValueError, match="empty"):
+        fisher_importance(model, loss_fn, [])
+    with pytest.raises(ValueError, match="scalar"):
+        fisher_importance(model, lambda s: model(s[0]), samples)
+
+
+def test_init_from_backbone_follows_the_given_importance():
+    """Magnitudes passed as importance reproduce the default init; an importance that favours other
+    channels, heads rows and FFN units makes the init keep exactly those."""
+    width = D_MODEL // 8
+    default = LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=N_HEADS)
+    magnitudes = {p: p.detach().abs() for p in default.backbone.parameters()}
+    again = LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=N_HEADS)
+    again.load_state_dict(default.state_dict())
+    assert torch.equal(again.init_from_backbone({q: magnitudes[p] for q, p in zip(again.backbone.parameters(),
+                                                                                   default.backbone.parameters())}),
+                       default.init_from_backbone())
+    for a, b in zip(again.side_blocks.parameters(), default.side_blocks.parameters()):
+        assert torch.equal(a, b)
+    # an importance that is large exactly on the last `width` channels (LayerNorm gains) and on the
+    # last FFN units: the init must keep those, whatever the magnitudes say
+    net = LadderSideNetwork(small_backbone(), D_MODEL, reduction=8, n_heads=N_HEADS)
+    favoured = {p: torch.ones_like(p) for p in net.backbone.parameters()}
+    n_units = net.side_blocks["0"].linear1.out_features
+    for block in net.backbone:
+        favoured[block.norm1.weight][-width:] = 10.0
+        favoured[block.linear1.weight][-n_units:] = 10.0
+    keep = net.init_from_backbone(favoured)
+    assert keep.tolist() == list(range(D_MODEL - width, D_MODEL))
+    big, small = net.backbone[1], net.side_blocks["1"]
+    torch.testing.assert_close(small.linear1.weight, big.linear1.weight[-n_units:][:, keep])
+    with pytest.raises(ValueError, match="no entry"):
+        net.init_from_backbone({})
+    # a hooked backbone prunes its laddered layers the same way, here by a Fisher importance
+    layers = torch.nn.ModuleList(small_backbone())
+    embed = torch.nn.Linear(D_MODEL, D_MODEL)
+    model = torch.nn.Sequential(embed, *layers)
+    x = torch.randn(3, 1, 5, D_MODEL)
+    fisher = fisher_importance(model, lambda xi: model(xi).square().mean(), x)
+    hooked = LadderSideNetwork.from_hooks(model, [embed, *layers], D_MODEL, reduction=8, n_heads=N_HEADS)
+    listed = LadderSideNetwork(list(layers), D_MODEL, reduction=8, n_heads=N_HEADS)
+    assert torch.equal(hooked.init_from_backbone(fisher), listed.init_from_backbone(fisher))
+    torch.testing.assert_close(hooked.side_blocks["2"].linear2.weight, listed.side_blocks["2"].linear2.weight)
+    with pytest.raises(ValueError, match="shape"):
+        net.init_from_backbone({p: torch.ones(3) for p in net.backbone.parameters()})
 
 
 def test_ladder_merge_module_starts_at_half_gate():
