@@ -232,8 +232,8 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     _check_order(t_idx, s_idx)
     on_host = isinstance(t_idx, np.ndarray) and isinstance(s_idx, np.ndarray)
     if not on_host:  # one of them lives on the device: the prologue runs there
-        t_idx, s_idx = (torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v.to(device)
-                        for v in (t_idx, s_idx))
+        t_idx, s_idx = (torch.from_numpy(v).to(device, non_blocking=True) if isinstance(v, np.ndarray)
+                        else v.to(device) for v in (t_idx, s_idx))
     clip_range = _clip_range(clip_denoised, method)
     if method == "ode-euler" and clip_range is not None:
         raise ValueError(f"{_OP}: ode-euler does not use x0_hat; leave clip_denoised at None/False")
@@ -304,9 +304,10 @@ def heun_step(model, x_t, t, s, schedule, *, prediction="eps", model_output=None
     t_given = _timesteps("t", t, batch, schedule.num_steps)
     s_given = _timesteps("s", s, batch, schedule.num_steps)
     _check_order(t_given, s_given)
-    # the model takes timestep tensors on x_t's device; the fused step takes host values as they are
-    t_idx, s_idx = (torch.from_numpy(np.ascontiguousarray(v)).to(x_t.device) if isinstance(v, np.ndarray)
-                    else v.to(x_t.device) for v in (t_given, s_given))
+    # the model takes timestep tensors on x_t's device (uploaded without a host sync: pageable memory is
+    # staged at once); the fused step takes host values as they are
+    t_idx, s_idx = (torch.from_numpy(np.ascontiguousarray(v)).to(x_t.device, non_blocking=True)
+                    if isinstance(v, np.ndarray) else v.to(x_t.device) for v in (t_given, s_given))
     m1 = model(x_t, t_idx) if model_output is None else model_output
     x_euler = sampler_step(x_t, m1, torch.as_tensor(t_given), torch.as_tensor(s_given), schedule, method="ddim",
                            prediction=prediction, clip_denoised=False)
