@@ -18,16 +18,15 @@ above the resident memory before it, measured in a fresh subprocess per contende
 (heap handed back with malloc_trim first, VmHWM reset through /proc/self/clear_refs, RSS also polled
 every millisecond), gradients included. On CUDA it is torch.cuda.max_memory_allocated above the start.
 """
-import ctypes
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _memory import PeakRss, saved_bytes
 
 import fastnotes
 from fastnotes import _env
@@ -99,52 +98,7 @@ def _step(fn, inputs, mode):
         torch.autograd.grad(out.sum(), leaves, allow_unused=True)  # sdpa does not use the tables
 
 
-def _saved_bytes(fn, inputs):
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    leaves = [x.detach().requires_grad_() for x in inputs]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*leaves)
-    return sum(seen.values())
-
-
 # ---- peak memory in a fresh subprocess ------------------------------------------------------------
-
-class _PeakRss:
-    """Peak resident set size while a block runs: VmHWM (reset first) and a 1 ms poll of VmRSS."""
-
-    @staticmethod
-    def _status(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def __enter__(self):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.before = self.peak = self._status("VmRSS")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._status("VmRSS"))
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._status("VmHWM"), self._status("VmRSS"))
-        return False
-
 
 def peak_memory_one(contender, length, device):
     """Runs in the subprocess: warm up at a small length (compilation), then one fwd+bwd."""
@@ -159,7 +113,7 @@ def peak_memory_one(contender, length, device):
             _step(fn, inputs, "fwdbwd")
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - start
-        with _PeakRss() as rss:
+        with PeakRss() as rss:
             _step(fn, inputs, "fwdbwd")
         return rss.peak - rss.before
 
@@ -202,7 +156,7 @@ def test_attention(benchmark, device, length, mode, contender):
                                                               "eager-composite") else ""),
             # compulsory traffic: read q, k, v, write o (fwd); plus read o, dO, write dq, dk, dv (bwd)
             bytes=n * DIM * 4 * (4 if mode == "fwd" else 9),
-            saved_bytes=_saved_bytes(fn, inputs) if mode == "fwdbwd" else None,
+            saved_bytes=saved_bytes(fn, *inputs) if mode == "fwdbwd" else None,
             peak_extra_bytes=peak_memory(contender, length, device) if mode == "fwdbwd" else None,
         )
         benchmark.pedantic(run, rounds=3 if length >= 2048 else 5, warmup_rounds=1, iterations=1)

@@ -10,6 +10,7 @@ fwd reads the logits; fwd+bwd reads them twice and writes the gradient.
 """
 import pytest
 import torch
+from _memory import saved_bytes
 
 import fastnotes
 from fastnotes import _env
@@ -30,19 +31,6 @@ def _prob_fn(contender, labels):
     nodes, weights = gauss_hermite(NODES)
     sigma_rows = torch.full((BATCH,), SIGMA, device=labels.device)
     return lambda x: reference.expected_accuracy(x, labels, sigma_rows, None, nodes, weights)
-
-
-def _saved_bytes(fn, logits):
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel() * t.element_size())
-        return t
-
-    x = logits.detach().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x).sum()
-    return sum(sizes)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -77,6 +65,6 @@ def test_exact(benchmark, device, n_classes, mode, contender):
             op=OP, shape=[BATCH, n_classes], mode=mode, contender=contender, device=device,
             **_env.device_info(device), versions=_env.versions(),
             bytes=BATCH * n_classes * BYTES_PER_ELEMENT[mode], nodes=NODES, dtype="float32",
-            saved_bytes=_saved_bytes(fn, logits) if mode == "fwdbwd" else None,
+            saved_bytes=saved_bytes(fn, logits) if mode == "fwdbwd" else None,
         )
         benchmark.pedantic(run, rounds=10, warmup_rounds=1, iterations=1)

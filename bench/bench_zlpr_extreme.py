@@ -28,13 +28,11 @@ memory is handed back (malloc_trim), then the resident set size is polled every 
 before the call through /proc/self/clear_refs, is folded in): peak minus the RSS before the call is
 the extra memory the step needed, gradients included.
 """
-import ctypes
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastnotes-bench-numba-cache"))
@@ -42,6 +40,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fa
 import pytest
 import torch
 import torch.nn.functional as F
+from _memory import PeakRss
 
 import fastnotes
 from fastnotes import _env
@@ -190,36 +189,6 @@ def test_sparse(benchmark, sparse_case, mode, contender):
 # ---- peak extra memory, one fresh subprocess per measurement --------------------------------------
 
 
-class _PeakRSS:
-    """Polls the resident set size every millisecond while the block runs and keeps the maximum.
-    (VmHWM alone misses peaks: the kernel updates it lazily.) The big buffers live for seconds
-    here, so a 1 ms poll sees them; VmHWM is folded in as well."""
-
-    def __enter__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.before = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _poll(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        with open("/proc/self/status") as f:
-            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        self.peak = max(self.peak, hwm, self._rss())
-        return False
-
-
 def _measure_one(contender, n_classes):
     """Runs in the subprocess: warm up small, build the inputs, reset the peak, run once."""
     with fastnotes.use_backend("numba" if contender.startswith("fastnotes-") else None):
@@ -228,12 +197,8 @@ def _measure_one(contender, n_classes):
         del small
         hidden, weight, bias, pos_index = fused_inputs(n_classes)
         targets = fused_targets(contender, pos_index, n_classes)
-        # hand freed heap memory back first, or the step would reuse it unseen
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()
-        with _PeakRSS() as rss:
+        with PeakRss() as rss:
             fused_step(contender, hidden, weight, bias, pos_index, targets)
         seconds = time.perf_counter() - start
     gradient_bytes = sum(x.numel() * x.element_size() for x in (hidden, weight, bias))

@@ -19,7 +19,7 @@ from collections import defaultdict
 from datetime import datetime
 
 BASELINES = ("eager-composite", "torch-compile", "bce-with-logits", "diffusers-ddpm", "diffusers-ddim", "faiss-cpu",
-             "sklearn-brute", "torch-cdist-topk", "sdpa-no-bias", "adamw-foreach", "adamw-fused")
+             "sklearn-brute", "torch-cdist-topk", "sdpa-no-bias", "adamw-foreach", "adamw-fused", "cross-entropy")
 MODE_LABELS = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 DEFAULT_COMMAND = "make bench"
 

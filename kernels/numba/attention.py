@@ -24,11 +24,10 @@ import math
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls scipy's BLAS; load it before limiting it)
 import torch
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
-from ._math import JIT_OPTIONS, _bits_as_float32, _float32_bits, fast_exp, fast_log, like
+from ._math import JIT_OPTIONS, fast_exp, fast_log, like, row_max
 from ._tensors import compute_view
 
 _JIT = dict(JIT_OPTIONS, cache=True)
@@ -38,39 +37,6 @@ NORMALIZER_CODES = {"softmax": SOFTMAX, "l2": L2}
 # of both threads stay in L2.
 FORWARD_TILES = (64, 256)
 BACKWARD_TILES = (64, 128)
-
-
-def row_max(row):
-    """max of a 1-D float array (-inf when empty or all -inf)."""
-    raise NotImplementedError("row_max is only callable from numba-compiled code")
-
-
-@overload(row_max, jit_options=JIT_OPTIONS)
-def _row_max_impl(row):
-    if row.dtype == types.float32:
-
-        def impl(row):
-            # A float max reduction does not vectorise without 'nnan'. The bits of a float32 read
-            # as int32 order like the floats once the magnitude bits of negatives are flipped, and
-            # an integer max does vectorise (10x faster here); -inf and inf need no special case.
-            top = np.int32(-2147483648)
-            for c in range(row.shape[0]):
-                bits = _float32_bits(row[c])
-                key = bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))
-                top = key if key > top else top
-            return _bits_as_float32(top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-
-        return impl
-    if row.dtype == types.float64:
-
-        def impl(row):
-            top = -np.inf
-            for c in range(row.shape[0]):
-                top = row[c] if row[c] > top else top
-            return top
-
-        return impl
-    return None
 
 
 # The elementwise loops below index every array from 0 through views (a negative index would be

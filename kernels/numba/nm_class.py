@@ -6,7 +6,8 @@ Per sample s [n, m], targets t (soft [n, m], or integer classes [n], negative = 
     logA_j = lse([z_1j .. z_nj, 0])                           (column reduction over n, appended zero)
     L      = sum_j logA_j
     dL/ds_ij = p_ij W_i - w_ij,  w_ij = exp(z'_ij - logA_j) with z'_ij = log t_ij + lse_i - s_ij, W_i = sum_j w_ij
-Samples run in parallel; the statistics (lse [n], logA [m]) are saved for the backward.
+Samples run in parallel; the statistics (lse [n], logA [m]) are saved for the backward. Integer
+targets touch one column per task (w has one non-zero), so both passes skip the others.
 """
 import math
 
@@ -14,19 +15,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._math import JIT_OPTIONS, fast_exp, like
+from ._math import JIT_OPTIONS, fast_exp, like, row_max
 from ._tensors import compute_view
 
 _JIT = dict(JIT_OPTIONS, cache=True)
 _LN2 = 0.6931471805599453
-
-
-@njit(inline="always", **_JIT)
-def _target(soft, labels, b, i, j):
-    """t_ij of sample b: soft targets, or 1 where labels[b, i] == j when soft is empty."""
-    if soft.shape[0] == 0:
-        return 1.0 if labels[b, i] == j else 0.0
-    return float(soft[b, i, j])
 
 
 @njit(inline="always", **_JIT)
@@ -40,13 +33,21 @@ def _log1mexp(x):
 @njit(**_JIT)
 def _row_lse(s, lse):
     for i in range(s.shape[0]):
-        top = -np.inf
-        for j in range(s.shape[1]):
-            top = max(top, s[i, j])
+        top = row_max(s[i])  # in the array dtype: float32 rows vectorise below
         total = like(s, 0.0)
         for j in range(s.shape[1]):
             total += fast_exp(s[i, j] - top)
         lse[i] = top + math.log(total)
+
+
+@njit(inline="always", **_JIT)
+def _add_to_column(z, j, col_max, col_sum):
+    """Fold z into the running logsumexp of column j."""
+    if z > col_max[j]:
+        col_sum[j] = col_sum[j] * math.exp(col_max[j] - z) + 1.0
+        col_max[j] = z
+    else:
+        col_sum[j] += math.exp(z - col_max[j])
 
 
 @njit(parallel=True, **_JIT)
@@ -58,16 +59,17 @@ def _forward(logits, soft, labels, loss, lse, log_a):
         col_max = np.zeros(m)  # the appended zero: each column starts at (max 0, sum 1)
         col_sum = np.ones(m)
         for i in range(n):
-            for j in range(m):
-                t = _target(soft, labels, b, i, j)
-                if t > 0.0:
+            if soft.shape[0] == 0:  # integer targets: one class per task, none for a padding task
+                j = labels[b, i]
+                if j >= 0:
                     x = float(s[i, j]) - lse[b, i]  # log p_ij <= 0
-                    z = math.log(t) - x + _log1mexp(min(x, 0.0))
-                    if z > col_max[j]:
-                        col_sum[j] = col_sum[j] * math.exp(col_max[j] - z) + 1.0
-                        col_max[j] = z
-                    else:
-                        col_sum[j] += math.exp(z - col_max[j])
+                    _add_to_column(-x + _log1mexp(min(x, 0.0)), j, col_max, col_sum)
+                continue
+            for j in range(m):
+                t = float(soft[b, i, j])
+                if t > 0.0:
+                    x = float(s[i, j]) - lse[b, i]
+                    _add_to_column(math.log(t) - x + _log1mexp(min(x, 0.0)), j, col_max, col_sum)
         total = 0.0
         for j in range(m):
             log_a[b, j] = col_max[j] + math.log(col_sum[j])
@@ -77,20 +79,39 @@ def _forward(logits, soft, labels, loss, lse, log_a):
 
 @njit(parallel=True, **_JIT)
 def _backward(logits, soft, labels, lse, log_a, grad_loss, grad_logits):
+    """dL/ds_ij = g (p_ij W_i - w_ij); p in the array dtype with fast_exp, so the full pass over the
+    row vectorises; the few w_ij (t_ij > 0) in float64."""
     n, m = logits.shape[1], logits.shape[2]
     for b in prange(logits.shape[0]):
         g = float(grad_loss[b])
-        w = np.empty(m)
+        w = np.zeros(m)
         for i in range(n):
             lse_i = float(lse[b, i])
+            row = logits[b, i]
+            out = grad_logits[b, i]
             w_sum = 0.0
+            if soft.shape[0] == 0:
+                j = labels[b, i]
+                if j >= 0:
+                    w_sum = math.exp(lse_i - float(row[j]) - log_a[b, j])
+            else:
+                for j in range(m):
+                    t = float(soft[b, i, j])
+                    w[j] = math.exp(math.log(t) + lse_i - float(row[j]) - log_a[b, j]) if t > 0.0 else 0.0
+                    w_sum += w[j]
+            scale = like(row, g * w_sum)
+            shift = like(row, lse_i)
             for j in range(m):
-                t = _target(soft, labels, b, i, j)
-                w[j] = math.exp(math.log(t) + lse_i - float(logits[b, i, j]) - log_a[b, j]) if t > 0.0 else 0.0
-                w_sum += w[j]
-            for j in range(m):
-                p = math.exp(float(logits[b, i, j]) - lse_i)
-                grad_logits[b, i, j] = g * (p * w_sum - w[j])
+                out[j] = scale * fast_exp(row[j] - shift)
+            # the target columns again in float64: p W - w cancels as p -> 1
+            if soft.shape[0] == 0:
+                j = labels[b, i]
+                if j >= 0:
+                    out[j] = like(row, g * math.expm1(float(row[j]) - lse_i) * w_sum)  # W = w: (p - 1) w
+            else:
+                for j in range(m):
+                    if w[j] > 0.0:
+                        out[j] = like(row, g * (math.exp(float(row[j]) - lse_i) * w_sum - w[j]))
 
 
 # ---- launch functions: contiguous CPU tensors [B, n, m] in, tensors out --------------------------
