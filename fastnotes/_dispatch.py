@@ -131,3 +131,11 @@ def select(op_name, device_type, why_not):
             return backend
         reasons[backend] = problem
     raise BackendUnsupportedError(f"{op_name}: no backend can run this call: {reasons}")
+
+
+def eager_op(fn):
+    """Decorator for the public entry points of the fused kernels: torch.compile runs them as they
+    are, with a graph break around the call, instead of tracing into the host-side checks and the
+    Numba/Triton launches (which it cannot trace). Autograd through them works as in eager mode."""
+    return torch.compiler.disable(fn)
+

@@ -166,6 +166,7 @@ class _RelPosAttentionFunction(torch.autograd.Function):
                 dbias if needs[3] else None, dpost if needs[4] else None, None, None, None, None, None)
 
 
+@_dispatch.eager_op
 def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_buckets=None, alibi_slopes=None,
                      post_table=None, normalizer="softmax", key_padding_mask=None):
     """Attention with relative-position terms before and after the normalisation, fused (the

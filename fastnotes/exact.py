@@ -76,6 +76,7 @@ def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregatio
                               sigma=sigma if isinstance(sigma, torch.Tensor) else None)
 
 
+@_dispatch.eager_op
 def expected_accuracy(logits, target, *, sigma=1.0, margin=None, nodes=32, ignore_index=-100):
     """P(argmax(logits + sigma * eps) == target), eps ~ N(0, I), per row [B], by a K-node
     Gauss-Hermite rule (deterministic; error ~2e-10 at K = 32). Rows whose target is ignore_index

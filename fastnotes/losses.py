@@ -62,6 +62,7 @@ def _mask_rows(mask, shape):
     return mask.expand(shape).reshape(-1, n_classes).contiguous()
 
 
+@_dispatch.eager_op
 def multilabel_ce(logits, targets, *, mask=None, reduction="mean"):
     """Multi-label softmax cross-entropy (ZLPR, Su 2020/2022) over the last dimension.
 
@@ -170,6 +171,7 @@ class _SparseMultilabelCEFunction(torch.autograd.Function):
         return ctx.kernels.sparse_backward(logits, pos_index, lse, grad_loss), None, None
 
 
+@_dispatch.eager_op
 def sparse_multilabel_ce(logits, pos_index, *, reduction="mean"):
     """ZLPR with the positives given as indices, for many classes and few positives per row.
 
@@ -339,6 +341,7 @@ def _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, 
         raise ValueError(f"{op}: chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
 
 
+@_dispatch.eager_op
 def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, bias=None, reduction="mean",
                                chunk_size=None):
     """ZLPR loss of the logits hidden @ weight.T + bias without ever holding them: for extreme
@@ -452,6 +455,7 @@ def _nm_why_not(backend, logits):
     return _dispatch.float_kernel_reason(backend, logits, "logits")
 
 
+@_dispatch.eager_op
 def nm_class_ce(logits, targets, *, reduction="mean"):
     """EXPERIMENTAL: Su's "n x m classification" loss (kexue.fm/archives/9158, an attempt he titled
     unsuccessful), for samples that each hold n m-class problems (e.g. the tokens of a sequence).

@@ -64,6 +64,7 @@ def _check_arguments(s, h, weight, bias, alpha, temperature):
     _checks.check_same_device(_OP, "s", s, h=h, weight=weight, bias=bias, alpha=alpha)
 
 
+@_dispatch.eager_op
 def ladder_merge(s, h, weight, bias=None, alpha=None, *, temperature=0.1):
     """The ladder merge of LST, fused: o = mu s + (1 - mu) (h W^T + b), mu = sigmoid(alpha / T).
 

@@ -193,6 +193,7 @@ def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_ran
 # ---- public API ---------------------------------------------------------------------------------------
 
 
+@_dispatch.eager_op
 @torch.no_grad()
 def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, prediction="eps", gamma=None,
                  clip_denoised=None, noise=None, generator=None, out=None):

@@ -87,6 +87,7 @@ def _run(op, x, k, reference, metric, exclude_self, what):
     return backend, getattr(kernels, what)(xc, ref, k, metric, exclude_self and same)
 
 
+@_dispatch.eager_op
 def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
     """The k nearest reference rows of every row of x, exactly.
 
@@ -124,6 +125,7 @@ def _differentiable_distances(x, reference, indices, metric):
     return -dots if metric == "ip" else 1.0 - dots
 
 
+@_dispatch.eager_op
 def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
     """N_k over the reference set: counts[r] = how many rows of x have reference row r among their k
     nearest (arguments as in knn). int64 [m]; counts.sum() == k * n.

@@ -157,6 +157,7 @@ class Amos(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device).clone()
 
+    @_dispatch.eager_op
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
