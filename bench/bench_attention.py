@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _memory import PeakRss, saved_bytes
+from _shared import PeakRss, backend_of, saved_bytes, skip_reason
 
 import fastnotes
 from fastnotes import _env
@@ -74,18 +74,12 @@ def contender_fn(contender, length, device):
     raise ValueError(contender)
 
 
-def skip_reason(contender, device, mode):
-    if contender == "fastnotes-numba" and device != "cpu":
-        return "numba runs on CPU tensors"
-    if contender == "fastnotes-triton" and device != "cuda":
-        return "triton is benchmarked on CUDA only (the CPU interpreter is for tests)"
+def _skip_reason(contender, device, mode):
+    if skip_reason(contender, device):
+        return skip_reason(contender, device)
     if contender == "flex-attention" and device == "cpu" and mode == "fwdbwd":
         return "FlexAttention has no CPU backward (NotImplementedError in torch 2.13)"
     return None
-
-
-def _backend(contender):
-    return contender.split("-")[1] if contender.startswith("fastnotes-") else None
 
 
 def _step(fn, inputs, mode):
@@ -102,7 +96,7 @@ def _step(fn, inputs, mode):
 
 def peak_memory_one(contender, length, device):
     """Runs in the subprocess: warm up at a small length (compilation), then one fwd+bwd."""
-    with fastnotes.use_backend(_backend(contender)):
+    with fastnotes.use_backend(backend_of(contender)):
         _step(contender_fn(contender, 64, device), make_inputs(64, device), "fwdbwd")
         fn = contender_fn(contender, length, device)
         inputs = make_inputs(length, device)
@@ -134,12 +128,12 @@ def peak_memory(contender, length, device):
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("contender", CONTENDERS)
 def test_attention(benchmark, device, length, mode, contender):
-    reason = skip_reason(contender, device, mode)
+    reason = _skip_reason(contender, device, mode)
     if reason:
         pytest.skip(reason)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     inputs = make_inputs(length, device)
-    with fastnotes.use_backend(_backend(contender)):
+    with fastnotes.use_backend(backend_of(contender)):
         fn = contender_fn(contender, length, device)
 
         def run():
@@ -179,7 +173,7 @@ def test_attention_gpu_target(benchmark, contender):
         fn = contender_fn(contender, length, "cuda")
 
     def run():
-        with fastnotes.use_backend(_backend(contender)):
+        with fastnotes.use_backend(backend_of(contender)):
             _step(fn, inputs, "fwdbwd")
         torch.cuda.synchronize()
 

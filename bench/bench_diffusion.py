@@ -27,6 +27,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fa
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _shared import backend_of, skip_reason  # noqa: E402
 
 import fastnotes  # noqa: E402
 from fastnotes import _env  # noqa: E402
@@ -98,11 +99,9 @@ def _fn(contender, x, eps, noise, device):
 @pytest.mark.parametrize("contender", CONTENDERS)
 def test_sampler_step(benchmark, inputs, contender):
     device, shape, x, eps, noise = inputs
-    if contender.startswith("fastnotes-numba") and device != "cpu":
-        pytest.skip("numba runs on CPU tensors")
-    if contender == "fastnotes-triton" and device != "cuda":
-        pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is for tests)")
-    backend = contender.split("-")[1] if contender.startswith("fastnotes-") else None
+    if skip_reason(contender, device):
+        pytest.skip(skip_reason(contender, device))
+    backend = backend_of(contender)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with fastnotes.use_backend(backend):
         fn = _fn(contender, x, eps, noise, device)

@@ -10,7 +10,7 @@ fwd reads the logits; fwd+bwd reads them twice and writes the gradient.
 """
 import pytest
 import torch
-from _memory import saved_bytes
+from _shared import backend_of, saved_bytes, skip_reason
 
 import fastnotes
 from fastnotes import _env
@@ -38,14 +38,12 @@ def _prob_fn(contender, labels):
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("contender", CONTENDERS)
 def test_exact(benchmark, device, n_classes, mode, contender):
-    if contender == "fastnotes-numba" and device != "cpu":
-        pytest.skip("numba runs on CPU tensors")
-    if contender == "fastnotes-triton" and device != "cuda":
-        pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is for tests)")
+    if skip_reason(contender, device):
+        pytest.skip(skip_reason(contender, device))
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(BATCH, n_classes, generator=gen).to(device)
     labels = torch.randint(0, n_classes, (BATCH,), generator=gen).to(device)
-    backend = contender.split("-")[1] if contender.startswith("fastnotes-") else None
+    backend = backend_of(contender)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with fastnotes.use_backend(backend):
         fn = _prob_fn(contender, labels)

@@ -13,7 +13,7 @@ composite also keeps z = h W^T + b for dalpha; the fused op recomputes nothing a
 import pytest
 import torch
 import torch.nn.functional as F
-from _memory import saved_bytes
+from _shared import backend_of, saved_bytes, skip_reason
 
 import fastnotes
 from fastnotes import _env
@@ -44,10 +44,8 @@ def _compulsory_bytes(n, dim, side, mode):
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("contender", CONTENDERS)
 def test_ladder_merge(benchmark, device, shape, mode, contender):
-    if contender == "fastnotes-numba" and device != "cpu":
-        pytest.skip("numba runs on CPU tensors")
-    if contender == "fastnotes-triton" and device != "cuda":
-        pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is for tests)")
+    if skip_reason(contender, device):
+        pytest.skip(skip_reason(contender, device))
     n, dim, side = shape
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(n, dim, generator=gen).to(device)
@@ -57,7 +55,7 @@ def test_ladder_merge(benchmark, device, shape, mode, contender):
     alpha = torch.tensor(0.3, device=device)
     grad_out = torch.randn(n, side, generator=gen).to(device)
     fn = _composite if contender == "eager-composite" else _fused
-    backend = contender.split("-")[1] if contender.startswith("fastnotes-") else None
+    backend = backend_of(contender)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with fastnotes.use_backend(backend):
 

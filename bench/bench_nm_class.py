@@ -12,7 +12,7 @@ them twice and writes the gradient.
 import pytest
 import torch
 import torch.nn.functional as F
-from _memory import saved_bytes
+from _shared import backend_of, saved_bytes, skip_reason
 
 import fastnotes
 from fastnotes import _env
@@ -49,15 +49,13 @@ def _loss_fn(contender):
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("contender", CONTENDERS)
 def test_nm_class_ce(benchmark, device, shape, mode, contender):
-    if contender == "fastnotes-numba" and device != "cpu":
-        pytest.skip("numba runs on CPU tensors")
-    if contender == "fastnotes-triton" and device != "cuda":
-        pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is for tests)")
+    if skip_reason(contender, device):
+        pytest.skip(skip_reason(contender, device))
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(shape, generator=gen).to(device)
     targets = torch.randint(0, shape[-1], shape[:-1], generator=gen).to(device)
     fn = _loss_fn(contender)
-    backend = contender.split("-")[1] if contender.startswith("fastnotes-") else None
+    backend = backend_of(contender)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with fastnotes.use_backend(backend):
 

@@ -27,6 +27,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fa
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _shared import backend_of, skip_reason  # noqa: E402
 
 import fastnotes  # noqa: E402
 from fastnotes import _env  # noqa: E402
@@ -104,13 +105,11 @@ def _timed_fn(loss_fn, logits, mode, device):
 @pytest.mark.parametrize("mode", MODES)
 def test_multilabel_ce(benchmark, inputs, mode, contender, monkeypatch):
     device, (n, c), logits, targets = inputs
-    if contender.startswith("fastnotes-numba") and device != "cpu":
-        pytest.skip("numba runs on CPU tensors")
+    if skip_reason(contender, device):
+        pytest.skip(skip_reason(contender, device))
     if contender == "fastnotes-numba-fresh":
         monkeypatch.setenv("FASTNOTES_REUSE_BUFFERS", "0")
-    if contender == "fastnotes-triton" and device != "cuda":
-        pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is for tests)")
-    backend = contender.split("-")[1] if contender.startswith("fastnotes-") else None
+    backend = backend_of(contender)
 
     with fastnotes.use_backend(backend):
         run = _timed_fn(_loss_fn(contender, targets), logits, mode, device)

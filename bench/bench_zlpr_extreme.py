@@ -40,7 +40,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fa
 import pytest
 import torch
 import torch.nn.functional as F
-from _memory import PeakRss
+from _shared import PeakRss
 
 import fastnotes
 from fastnotes import _env

@@ -1,6 +1,8 @@
-"""Memory measurements shared by the benchmarks (imported as `_memory`: pytest and `python bench/...`
-both put bench/ on sys.path).
+"""Mechanics shared by the benchmarks (imported as `_shared`: pytest and `python bench/...` both put
+bench/ on sys.path).
 
+    backend_of(contender)      "fastnotes-numba..." -> "numba", any other contender -> None (no forcing)
+    skip_reason(contender, device)   why a fastnotes contender does not run on that device, or None
     saved_bytes(fn, *inputs)   bytes autograd keeps for the backward of fn(*inputs), counted once per
                                storage with saved-tensor hooks (parameters of modules included)
     PeakRss()                  peak resident set size while a block runs, on Linux: freed heap memory is
@@ -12,6 +14,19 @@ import ctypes
 import threading
 
 import torch
+
+
+def backend_of(contender):
+    return contender.split("-")[1] if contender.startswith("fastnotes-") else None
+
+
+def skip_reason(contender, device):
+    backend = backend_of(contender)
+    if backend == "numba" and device != "cpu":
+        return "numba runs on CPU tensors"
+    if backend == "triton" and device != "cuda":
+        return "triton is benchmarked on CUDA only (the CPU interpreter is for tests)"
+    return None
 
 
 def saved_bytes(fn, *inputs):
