@@ -142,6 +142,45 @@ def test_interleaved_steps(benchmark, tensors):
         "n_tensors": len(SHAPES)})
 
 
+def test_interleaved_grad_scaler_steps(benchmark, tensors):
+    """The same three contenders stepped through torch.amp.GradScaler (scaler.step, scaler.update):
+    Amos and fused AdamW take the scale into the step, foreach AdamW gets GradScaler's unscale pass."""
+    import time
+
+    import fastnotes
+    from fastnotes import _env
+
+    device, params = tensors
+    if device != "cpu":
+        pytest.skip("the interleaved comparison is for the CPU")
+    made = {name: _make_optimizer(name, params, device) for name in INTERLEAVED}
+    scalers = {name: torch.amp.GradScaler(device, init_scale=2.0 ** 10) for name in made}
+    for scaler in scalers.values():
+        scaler.scale(torch.ones((), device=device))  # initialises the scale; the gradients stay as they are
+    times = {name: [] for name in made}
+    grads = [p.grad.clone() for p in params]  # GradScaler's unscale_ (foreach AdamW) rewrites them
+
+    def one_round():
+        for name, (opt, backend, _) in made.items():
+            torch._foreach_copy_([p.grad for p in params], grads)
+            with fastnotes.use_backend(backend):
+                start = time.perf_counter()
+                scalers[name].step(opt)
+                scalers[name].update()
+                times[name].append(time.perf_counter() - start)
+
+    one_round()  # warm-up
+    for values in times.values():
+        values.clear()
+    benchmark.pedantic(one_round, rounds=ROUNDS + 2, iterations=1, warmup_rounds=0)
+    medians = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    benchmark.extra_info.update({
+        "op": OP, "shape": [N_PARAMS], "mode": "interleaved-amp", "contender": "interleaved", "device": device,
+        **_env.device_info(device), "versions": _env.versions(), "bytes": None,
+        "medians_s": medians, "state_bytes_by_contender": {name: state_bytes(o) for name, (o, _, _) in made.items()},
+        "n_tensors": len(SHAPES)})
+
+
 # ---- report (python bench/bench_amos.py RESULTS.json [--out BENCHMARKS.md]) -------------------------
 
 BASELINE = "adamw-foreach"
@@ -151,8 +190,8 @@ def markdown(path, command):
     with open(path) as f:
         data = json.load(f)
     rows = [b for b in data["benchmarks"] if b.get("extra_info", {}).get("op") == OP]
-    interleaved = [r for r in rows if r["extra_info"]["mode"] == "interleaved"]
-    rows = [r for r in rows if r["extra_info"]["mode"] != "interleaved"]
+    interleaved = [r for r in rows if r["extra_info"]["mode"].startswith("interleaved")]
+    rows = [r for r in rows if not r["extra_info"]["mode"].startswith("interleaved")]
     if not rows:
         raise SystemExit(f"no {OP} benchmarks in {path}")
     info = rows[0]["extra_info"]
@@ -181,7 +220,8 @@ def markdown(path, command):
     for r in interleaved:
         medians = r["extra_info"]["medians_s"]
         memory = r["extra_info"]["state_bytes_by_contender"]
-        out += [(f"Interleaved ({r['stats']['rounds']} rounds, one step of each contender per round, "
+        how = " through torch.amp.GradScaler (scaler.step + update)" if r["extra_info"]["mode"].endswith("amp") else ""
+        out += [(f"Interleaved{how} ({r['stats']['rounds']} rounds, one step of each contender per round, "
                  f"{r['extra_info']['device']}):"), "", f"| contender | median ms | state MB | vs {BASELINE} |",
                 "|---|---:|---:|---:|"]
         for name, median in medians.items():
