@@ -138,4 +138,3 @@ def eager_op(fn):
     are, with a graph break around the call, instead of tracing into the host-side checks and the
     Numba/Triton launches (which it cannot trace). Autograd through them works as in eager mode."""
     return torch.compiler.disable(fn)
-
