@@ -127,6 +127,65 @@ def test_fused_linear(benchmark, fused_case, contender):
         benchmark.pedantic(run, rounds=1 if big else 2, warmup_rounds=0, iterations=1)
 
 
+# ---- the same sizes on a GPU (issue 3's GPU target) -------------------------------------------------
+
+GPU_CONTENDERS = ["fastnotes-triton", "fastnotes-triton-sparse", "eager-composite", "bce-with-logits",
+                  "liger-flce"]
+
+
+def _liger_flce():
+    """Liger-Kernel's fused linear cross-entropy (single-label: the speed reference the issue names),
+    or a skip when it is not installed."""
+    liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
+    return liger.LigerFusedLinearCrossEntropyLoss()
+
+
+@pytest.fixture(scope="module", params=LABELS, ids=lambda c: f"C{c}")
+def fused_case_cuda(request):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    hidden, weight, bias, pos_index = (t.detach().cuda() for t in fused_inputs(request.param))
+    yield request.param, hidden, weight, bias, pos_index
+
+
+@pytest.mark.parametrize("contender", GPU_CONTENDERS)
+def test_fused_linear_cuda(benchmark, fused_case_cuda, contender):
+    """fwd+bwd at N = 4096, D = 1024, fp32 on CUDA; extra_info["peak_extra_bytes"] is
+    torch.cuda.max_memory_allocated during the step above what was allocated before it."""
+    n_classes, hidden, weight, bias, pos_index = fused_case_cuda
+    hidden, weight, bias = (t.detach().requires_grad_() for t in (hidden, weight, bias))
+    if contender == "liger-flce":
+        loss_fn = _liger_flce()
+        labels = pos_index[:, 0].contiguous()
+
+        def step():
+            torch.autograd.grad(loss_fn(weight, hidden, labels, bias), (hidden, weight, bias))
+    else:
+        name = contender.replace("triton", "numba")  # fused_step's names; the backend is forced below
+        targets = None if name.endswith("sparse") else fused_targets(name, pos_index, n_classes)
+
+        def step():
+            fused_step(name, hidden, weight, bias, pos_index, targets)
+
+    def run():
+        step()
+        torch.cuda.synchronize()
+
+    with fastnotes.use_backend("triton" if contender.startswith("fastnotes-") else None):
+        run()  # warm-up: Triton compilation, cuBLAS handles
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        peak = torch.cuda.max_memory_allocated() - before
+        benchmark.group = f"{FUSED_OP} cuda {N_ROWS}x{DIM}x{n_classes} fwdbwd"
+        benchmark.extra_info.update(
+            op=FUSED_OP, shape=[N_ROWS, DIM, n_classes], mode="fwdbwd", contender=contender, device="cuda",
+            **_env.device_info("cuda"), versions=_env.versions(), bytes=None, dtype="float32",
+            flops=3 * 2 * N_ROWS * DIM * n_classes, peak_extra_bytes=peak)
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
+
+
 def bert4keras_sparse(logits, pos_index):
     """bert4keras sparse_multilabel_categorical_crossentropy (no padding), ported to torch: the
     negative part as log(sum_all - sum_pos), the form that cancels when a positive dominates."""

@@ -19,7 +19,8 @@ from collections import defaultdict
 from datetime import datetime
 
 BASELINES = ("eager-composite", "torch-compile", "bce-with-logits", "diffusers-ddpm", "diffusers-ddim", "faiss-cpu",
-             "sklearn-brute", "torch-cdist-topk", "sdpa-no-bias", "adamw-foreach", "adamw-fused", "cross-entropy")
+             "sklearn-brute", "torch-cdist-topk", "sdpa-no-bias", "adamw-foreach", "adamw-fused", "cross-entropy",
+             "liger-flce")
 MODE_LABELS = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
 DEFAULT_COMMAND = "make bench"
 
@@ -43,6 +44,8 @@ def load(path):
             "contender": info["contender"],
             "bytes": info.get("bytes"),
             "saved_bytes": info.get("saved_bytes"),
+            # peak memory of one call above what was allocated before it (GPU suites), when recorded
+            "peak_bytes": info.get("peak_extra_bytes", info.get("peak_memory_bytes")),
             "median_s": bench["stats"]["median"],
             "rounds": bench["stats"]["rounds"],
         })
@@ -121,13 +124,15 @@ def markdown_section(op, rows, data, command, plot_rel=None):
         baselines = [b for b in BASELINES if b in medians]
         # memory saved for backward (counted with saved-tensor hooks), when the suite records it
         saved = any(r["saved_bytes"] is not None for r in case_rows)
+        peak = any(r["peak_bytes"] is not None for r in case_rows)
         # bandwidth against a copy of the same tensors measured in the same run, when the suite has one
         copy = next((r for r in case_rows if r["contender"] == "copy" and r["bytes"]), None)
         out += ["", f"### {case_title(case)}", ""]
         out.append("| contender | median ms | GB/s | " + ("% of copy GB/s | " if copy else "")
-                   + ("saved for bwd MB | " if saved else "")
+                   + ("saved for bwd MB | " if saved else "") + ("peak MB | " if peak else "")
                    + " | ".join(f"vs {b}" for b in baselines) + " |")
-        out.append("|---|---:|---:|" + ("---:|" if copy else "") + ("---:|" if saved else "") + "---:|" * len(baselines))
+        out.append("|---|---:|---:|" + ("---:|" if copy else "") + ("---:|" if saved else "") + ("---:|" if peak else "")
+                   + "---:|" * len(baselines))
         for r in case_rows:
             gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r["bytes"] else "n/a"
             if copy:
@@ -135,6 +140,8 @@ def markdown_section(op, rows, data, command, plot_rel=None):
                 gbs += f" | {100 * share:.0f}%" if share is not None else " | "
             if saved:
                 gbs += f" | {r['saved_bytes'] / 1e6:.2f}" if r["saved_bytes"] is not None else " | "
+            if peak:
+                gbs += f" | {r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else " | "
             name = r["contender"]
             if name.startswith("fastnotes-"):
                 speedups = [f"{medians[b] / r['median_s']:.2f}x" for b in baselines]
