@@ -109,9 +109,12 @@ def test_optimizer_step(benchmark, tensors, contender):
 INTERLEAVED = ["fastnotes-numba", "adamw-foreach", "adamw-fused"]
 
 
-def test_interleaved_steps(benchmark, tensors):
+@pytest.mark.parametrize("grad_scaler", [False, True], ids=["plain", "grad_scaler"])
+def test_interleaved_steps(benchmark, tensors, grad_scaler):
     """The machines are shared and drift within minutes: step the three main contenders in turn,
-    each round one step each, and record every contender's median (extra_info["medians_s"])."""
+    each round one step each, and record every contender's median (extra_info["medians_s"]). With
+    grad_scaler, each step goes through torch.amp.GradScaler (scaler.step, scaler.update): fused
+    AdamW takes the scale into its step, the others get GradScaler's unscale pass."""
     import time
 
     import fastnotes
@@ -122,51 +125,22 @@ def test_interleaved_steps(benchmark, tensors):
         pytest.skip("the interleaved comparison is for the CPU")
     made = {name: _make_optimizer(name, params, device) for name in INTERLEAVED}
     times = {name: [] for name in made}
-
-    def one_round():
-        for name, (opt, backend, _) in made.items():
-            with fastnotes.use_backend(backend):
-                start = time.perf_counter()
-                opt.step()
-                times[name].append(time.perf_counter() - start)
-
-    one_round()  # warm-up
-    for values in times.values():
-        values.clear()
-    benchmark.pedantic(one_round, rounds=ROUNDS + 2, iterations=1, warmup_rounds=0)
-    medians = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-    benchmark.extra_info.update({
-        "op": OP, "shape": [N_PARAMS], "mode": "interleaved", "contender": "interleaved", "device": device,
-        **_env.device_info(device), "versions": _env.versions(), "bytes": None,
-        "medians_s": medians, "state_bytes_by_contender": {name: state_bytes(o) for name, (o, _, _) in made.items()},
-        "n_tensors": len(SHAPES)})
-
-
-def test_interleaved_grad_scaler_steps(benchmark, tensors):
-    """The same three contenders stepped through torch.amp.GradScaler (scaler.step, scaler.update):
-    Amos and fused AdamW take the scale into the step, foreach AdamW gets GradScaler's unscale pass."""
-    import time
-
-    import fastnotes
-    from fastnotes import _env
-
-    device, params = tensors
-    if device != "cpu":
-        pytest.skip("the interleaved comparison is for the CPU")
-    made = {name: _make_optimizer(name, params, device) for name in INTERLEAVED}
-    scalers = {name: torch.amp.GradScaler(device, init_scale=2.0 ** 10) for name in made}
+    scalers = {name: torch.amp.GradScaler(device, init_scale=2.0 ** 10) for name in made} if grad_scaler else {}
     for scaler in scalers.values():
         scaler.scale(torch.ones((), device=device))  # initialises the scale; the gradients stay as they are
-    times = {name: [] for name in made}
-    grads = [p.grad.clone() for p in params]  # GradScaler's unscale_ (foreach AdamW) rewrites them
+    grads = [p.grad.clone() for p in params] if grad_scaler else None  # unscale_ rewrites them
 
     def one_round():
         for name, (opt, backend, _) in made.items():
-            torch._foreach_copy_([p.grad for p in params], grads)
+            if grad_scaler:
+                torch._foreach_copy_([p.grad for p in params], grads)
             with fastnotes.use_backend(backend):
                 start = time.perf_counter()
-                scalers[name].step(opt)
-                scalers[name].update()
+                if grad_scaler:
+                    scalers[name].step(opt)
+                    scalers[name].update()
+                else:
+                    opt.step()
                 times[name].append(time.perf_counter() - start)
 
     one_round()  # warm-up
@@ -175,9 +149,10 @@ def test_interleaved_grad_scaler_steps(benchmark, tensors):
     benchmark.pedantic(one_round, rounds=ROUNDS + 2, iterations=1, warmup_rounds=0)
     medians = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
     benchmark.extra_info.update({
-        "op": OP, "shape": [N_PARAMS], "mode": "interleaved-amp", "contender": "interleaved", "device": device,
-        **_env.device_info(device), "versions": _env.versions(), "bytes": None,
-        "medians_s": medians, "state_bytes_by_contender": {name: state_bytes(o) for name, (o, _, _) in made.items()},
+        "op": OP, "shape": [N_PARAMS], "mode": "interleaved-amp" if grad_scaler else "interleaved",
+        "contender": "interleaved", "device": device, **_env.device_info(device), "versions": _env.versions(),
+        "bytes": None, "medians_s": medians,
+        "state_bytes_by_contender": {name: state_bytes(o) for name, (o, _, _) in made.items()},
         "n_tensors": len(SHAPES)})
 
 
