@@ -22,8 +22,13 @@ def _sampler_step_check(device, dtype):
     got = sampler_step(x.to(device=device, dtype=dtype), eps.to(device=device, dtype=dtype), t.to(device),
                        s.to(device), _DIFFUSION_SCHEDULE, method="analytic-ddpm", gamma=gamma,
                        noise=z.to(device=device, dtype=dtype))
-    scale = max(1.0, exact.abs().max().item())
-    return {"value_error": (got.double().cpu() - exact).abs().max().item() / scale, "grad_error": 0.0}
+    # Error per element relative to the size of the terms that produced it: near the end of the
+    # schedule x0_hat = (x - sg_t eps) / a_t multiplies the inputs by up to 1/a_t ~ 150, and so their
+    # float32 rounding; a plain max(1, |x_s|) scale would flag that rounding as a failure.
+    sc = reference_diffusion.step_scalars(_DIFFUSION_SCHEDULE.log_alphas_cumprod, t, s, method="ddpm")
+    a_t, sg_t = (sc[k].reshape(-1, 1, 1, 1) for k in ("a_t", "sg_t"))
+    magnitude = 1.0 + exact.abs() + (x.abs() + sg_t * eps.abs()) / a_t + eps.abs() + z.abs()
+    return {"value_error": ((got.double().cpu() - exact).abs() / magnitude).max().item(), "grad_error": 0.0}
 
 
 def _sampler_step_timing(device):
