@@ -114,7 +114,9 @@ def _trajectory_cases():
 @pytest.mark.parametrize("rule, shape, extra", _trajectory_cases(), ids=lambda x: str(x))
 def test_trajectory_matches_float64_reference(backend, rng, rule, shape, extra):
     """25 steps (6 under the Triton interpreter) of fp32 (and fp64) Amos vs the float64 reference,
-    by the package rule: error <= 2x the fp32 reference's error + a floor."""
+    by the package rule: error <= 2x the fp32 reference's error + a floor. The floor grows with the
+    steps taken (one float32 roundoff of the parameter's size per step, at least 2e-7): the slot sums
+    run in another order than the reference's, and their rounding accumulates along the path."""
     n_steps = 6 if backend == "triton" else 25
     hyper = dict(lr=0.02, eta=0.3, beta=0.95, **extra)
     theta0 = torch.randn(shape, generator=rng, dtype=torch.float64) * 0.3
@@ -129,7 +131,8 @@ def test_trajectory_matches_float64_reference(backend, rng, rule, shape, extra):
         opt.step()
         err = (p32.detach().double() - path[t]).abs().max().item()
         composite_err = (fp32_path[t] - path[t]).abs().max().item()
-        assert err <= 2 * composite_err + 2e-7, f"step {t + 1}: error {err:.3g}, fp32 reference {composite_err:.3g}"
+        floor = max(2e-7, torch.finfo(torch.float32).eps * (t + 1) * max(1.0, path[t].abs().max().item()))
+        assert err <= 2 * composite_err + floor, f"step {t + 1}: error {err:.3g}, fp32 reference {composite_err:.3g}"
     torch.testing.assert_close(opt.state[p32]["v"].double(), v, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(opt.state[p32]["b"].double(), b, rtol=1e-4, atol=1e-12)
     if backend != "triton":  # the float64 path is exact to rounding
