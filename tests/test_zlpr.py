@@ -338,3 +338,45 @@ def test_reference_matches_composite_on_hard_labels(rng):
     """The benchmarks' 1e12 composite agrees with the reference where it is valid (hard, fp64)."""
     logits, targets = make_inputs((4, 200), "hard_bool", rng, dtype=torch.float64)
     assert torch.allclose(reference.multilabel_ce_composite(logits, targets), oracle(logits, targets), atol=1e-9)
+
+
+def test_overflow_path_then_later_chunks(backend, rng):
+    """float32 logits ~200 above the running lse take the numba kernel's overflow path; later
+    1024-wide chunks of the same row must then use that stream's own new maximum (a slip there
+    gave 211.9 for 206.3). Positive and negative streams, in the first and in a later chunk."""
+    logits, targets = make_inputs((5, 3000), "hard_float", rng, dtype=torch.float32)
+    logits[0, 0], targets[0, 0] = 200.0, 0.0
+    logits[1, 2100], targets[1, 2100] = 150.0, 0.0
+    logits[2, 5], targets[2, 5] = -180.0, 1.0
+    logits[3, 1500], targets[3, 1500] = -120.0, 1.0
+    logits[4, 0], targets[4, 0] = 200.0, 0.0
+    logits[4, 2999], targets[4, 2999] = -200.0, 1.0
+    check_against_oracle(backend, logits, targets, gen=rng)
+
+
+def test_infinite_logits_follow_the_math(backend, rng):
+    """+inf on a class of the negative stream (t < 1): loss +inf, NaN gradient at that entry (no
+    derivative at infinity, so GradScaler skips the step as with torch's losses), the other
+    entries their finite limit; +inf on a positive (t = 1) only removes its term; -inf removes the
+    class. Every backend gives what the reference gives, also past the first 1024-column chunk."""
+    dtype = backend_dtype(backend)
+    logits, targets = make_inputs((6, 2500), "soft", rng, dtype=dtype)
+    inf = float("inf")
+    logits[0, 0], targets[0, 0] = inf, 0.0
+    logits[1, 1800], targets[1, 1800] = inf, 0.3
+    logits[1, 7], targets[1, 7] = inf, 0.0
+    logits[2, 2000], targets[2, 2000] = inf, 1.0
+    logits[3, 10], targets[3, 10] = -inf, 1.0
+    logits[4, 1200], targets[4, 1200] = inf, 0.0
+    logits[4, 1201], targets[4, 1201] = -inf, 0.0
+    upstream = torch.rand(6, generator=rng, dtype=torch.float64) + 0.5
+    loss, grad = run_op(logits.to(DEVICE), targets.to(DEVICE), None, upstream.to(DEVICE))
+    exact_loss, exact_grad = oracle_with_grad(logits, targets, None, upstream)
+    assert torch.equal(torch.isinf(loss.cpu()), torch.isinf(exact_loss)) and not loss.isnan().any()
+    assert torch.isinf(exact_loss[[0, 1, 4]]).all() and torch.isfinite(exact_loss[[2, 3, 5]]).all()
+    assert torch.equal(grad.cpu().isnan(), exact_grad.isnan()), "NaN gradients only where the reference has them"
+    finite = torch.isfinite(exact_loss)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(loss.cpu()[finite].double(), exact_loss[finite], rtol=tol, atol=tol)
+    known = ~exact_grad.isnan()
+    assert torch.allclose(grad.cpu()[known].double(), exact_grad[known], rtol=1e-5, atol=tol)

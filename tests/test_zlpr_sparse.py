@@ -173,3 +173,27 @@ def test_bad_rows_nan_on_gpu():
     pos = torch.tensor([[0, 1], [6, -1], [2, 2]], device="cuda")
     rows = fastnotes.sparse_multilabel_ce(logits, pos, reduction="none")
     assert torch.isfinite(rows[0]) and torch.isnan(rows[1]) and torch.isnan(rows[2])
+
+
+def test_plus_inf_logits_follow_the_reference(backend, rng):
+    """+inf on a non-positive class: loss +inf and a NaN gradient at that entry only (as the dense
+    op and the reference); +inf on a positive only removes its term. Also in a later column chunk."""
+    dtype = backend_dtype(backend)
+    logits = (torch.randn(3, 2500, generator=rng, dtype=torch.float64) * 3).to(dtype)
+    pos = random_positives((3,), 2500, 4, rng)
+    pos[0] = torch.tensor([5, 6, -1, -1])
+    logits[0, 2200] = float("inf")
+    pos[1] = torch.tensor([1900, 6, -1, -1])
+    logits[1, 1900] = float("inf")
+    upstream = torch.rand(3, generator=rng, dtype=torch.float64) + 0.5
+    x = logits.to(DEVICE).requires_grad_()
+    loss = fastnotes.sparse_multilabel_ce(x, pos.to(DEVICE), reduction="none")
+    loss.backward(upstream.to(DEVICE, dtype))
+    xr = logits.detach().double().requires_grad_()
+    exact = reference.sparse_multilabel_ce(xr, pos, "none")
+    exact.backward(upstream)
+    assert loss[0].item() == float("inf") and torch.isfinite(loss[1:]).all()
+    assert torch.allclose(loss[1:].cpu().double(), exact[1:].detach(), rtol=1e-5)
+    assert torch.equal(x.grad.cpu().isnan(), xr.grad.isnan()) and x.grad[0].isnan().sum() == 1
+    known = ~xr.grad.isnan()
+    assert torch.allclose(x.grad.cpu()[known].double(), xr.grad[known], rtol=1e-5, atol=1e-6)

@@ -69,7 +69,9 @@ def _chunk_sums(s, t, mask, m_pos, m_neg):
 
 @njit(**_JIT)
 def _add_chunk_exactly(s, t, mask, lo, hi, m_pos, l_pos, m_neg, l_neg):
-    """The overflow path: move m to the chunk's true maximum, then add its terms."""
+    """The overflow path: move m to the chunk's true maximum, then add its terms. A +inf logit in
+    the negative stream makes m = +inf: its terms count 1 (not exp(inf - inf) = NaN), so LB = +inf."""
+    one = like(s, 1.0)
     for j in range(lo, hi):
         x, tj, pos, neg, _ = _entry(s, t, mask, j)
         if pos:
@@ -77,13 +79,13 @@ def _add_chunk_exactly(s, t, mask, lo, hi, m_pos, l_pos, m_neg, l_neg):
             if a > m_pos:
                 l_pos *= fast_exp(m_pos - a)
                 m_pos = a
-            l_pos += fast_exp(a - m_pos)
+            l_pos += one if a == m_pos else fast_exp(a - m_pos)
         if neg:
             b = x + like(s, math.log1p(-tj))
             if b > m_neg:
                 l_neg *= fast_exp(m_neg - b)
                 m_neg = b
-            l_neg += fast_exp(b - m_neg)
+            l_neg += one if b == m_neg else fast_exp(b - m_neg)
     return m_pos, l_pos, m_neg, l_neg
 
 

@@ -21,9 +21,11 @@ _PARTIAL = 5  # per (row, split): m_pos, l_pos, m_neg, l_neg, bad-target count
 
 @triton.jit
 def _online_logsumexp(m, l, x):
-    """One tile of a running logsumexp: (max, sum of exp(x - max)) updated with the block x."""
+    """One tile of a running logsumexp: (max, sum of exp(x - max)) updated with the block x. Terms
+    equal to the max count 1, so +inf logits give lse = +inf (exp(inf - inf) would be NaN)."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    return m_new, l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+    rescale = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
+    return m_new, l * rescale + tl.sum(tl.where(x == m_new, 1.0, tl.exp(x - m_new)), axis=0)
 
 
 @triton.jit
@@ -86,9 +88,9 @@ def zlpr_combine_kernel(partial_ptr, loss_ptr, lse_ptr, bad_ptr, n_splits, SPLIT
     l_neg = tl.load(base + 3, mask=ok, other=0.0)
     n_bad = tl.sum(tl.load(base + 4, mask=ok, other=0.0), axis=0)
     top = tl.max(m_pos, axis=0)
-    lse_pos = top + tl.log(tl.sum(l_pos * tl.exp(m_pos - top), axis=0))
-    top = tl.max(m_neg, axis=0)
-    lse_neg = top + tl.log(tl.sum(l_neg * tl.exp(m_neg - top), axis=0))
+    lse_pos = top + tl.log(tl.sum(tl.where(m_pos == top, l_pos, l_pos * tl.exp(m_pos - top)), axis=0))
+    top = tl.max(m_neg, axis=0)  # +inf when a split saw a +inf logit: see _online_logsumexp
+    lse_neg = top + tl.log(tl.sum(tl.where(m_neg == top, l_neg, l_neg * tl.exp(m_neg - top)), axis=0))
     tl.store(lse_ptr + row * 2, lse_pos)
     tl.store(lse_ptr + row * 2 + 1, lse_neg)
     tl.store(loss_ptr + row, tl.where(n_bad > 0, float("nan"), lse_pos + lse_neg))
