@@ -111,6 +111,32 @@ def test_spec_oracle_step(backend, method, eta):
     assert torch.allclose(got.double().cpu(), expected, atol=tol, rtol=0), (got, expected)
 
 
+# spec 4.5: the noise std cap y (2/255) sqrt(pi/2), as variances, and the O-D2 means at (112 -> 1)
+NOISE_CAP = {1: 9.66272250239e-05, 2: 3.86508900096e-04}
+MU_112_1 = {"ddpm": [0.4208956169, -0.9797423548, 1.721591375, 0.0879800141],
+            "ddim": [0.4238167426, -0.9875320233, 1.7323021692, 0.0884668684]}
+
+
+@pytest.mark.parametrize("method, sigma2", [("analytic-ddpm", 0.0145467012), ("analytic-ddim", 0.0137160594),
+                                            ("ddpm-large", 0.1263076379), ("ddpm", 9.9930876038e-05)])
+@pytest.mark.parametrize("y", [1, 2])
+def test_clip_pixel_caps_the_noise_std(backend, method, sigma2, y):
+    """O-D2 with Analytic-DPM's sampling-time clip: sigma2 := min(sigma2, ((2y/255) sqrt(pi/2))^2) on
+    every sample of the call (row 0: the spec oracle; row 1: z = 0, so only the mean); ddpm's
+    9.993e-5 is just above the y = 1 cap (9.663e-5) and under the y = 2 one."""
+    dtype = backend_dtype(backend)
+    x = torch.tensor([X, X], dtype=dtype, device=DEVICE)
+    eps = torch.tensor([EPS, EPS], dtype=dtype, device=DEVICE)
+    z = torch.tensor([Z, [0.0] * 4], dtype=dtype, device=DEVICE)
+    kw = {"gamma": 0.9} if method.startswith("analytic") else {}
+    got = sampler_step(x, eps, 112, 1, LINEAR, method=method, noise=z, clip_denoised=False, clip_pixel=y, **kw)
+    mu = torch.tensor(MU_112_1["ddim" if method == "analytic-ddim" else "ddpm"], dtype=torch.float64)
+    sd = math.sqrt(min(sigma2, NOISE_CAP[y]))
+    expected = torch.stack([mu + sd * torch.tensor(Z, dtype=torch.float64), mu])
+    tol = 1e-9 if dtype == torch.float64 else 3e-6
+    assert torch.allclose(got.double().cpu(), expected, atol=tol, rtol=0), (got, expected)
+
+
 def test_spec_oracle_sigma2_and_bounds():
     """O-D1/O-D2/O-D4 variances from the reference's per-sample scalars, and the bound ordering."""
     t, s = torch.tensor([334, 112]), torch.tensor([223, 1])
@@ -393,6 +419,59 @@ def test_out_and_in_place(backend, rng):
     x_copy = x.clone()
     sampler_step(x_copy, m, t, s, LINEAR, method="ddpm", noise=z, out=x_copy)
     assert torch.equal(x_copy, expected)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("given_noise", [False, True])
+def test_in_place_step_is_correct(backend, rng, clip, given_noise):
+    """out=x_t: every kernel reads an element before writing it at the same index, so the in-place
+    step equals the out-of-place one (with clipping, given and generated noise; rows of 3000 span
+    two noise blocks and, on Triton, three tiles)."""
+    dtype = backend_dtype(backend)
+    x, m, z, t, s = random_case(rng, (3, 3000), True)
+    x, m, z = (v.to(dtype).to(DEVICE) for v in (x, m, z))
+    kw = dict(method="analytic-ddpm", gamma=0.7, clip_denoised=clip, noise=z if given_noise else None)
+    expected = sampler_step(x, m, t, s, LINEAR, generator=torch.Generator().manual_seed(5), **kw)
+    x_in_place = x.clone()
+    got = sampler_step(x_in_place, m, t, s, LINEAR, generator=torch.Generator().manual_seed(5), out=x_in_place, **kw)
+    assert got is x_in_place
+    assert torch.equal(got, expected)
+
+
+def _overlapping_out(x, m, z, which):
+    """A copy of (x, m, z) in one storage with an `out` of x's shape that overlaps `which` in memory:
+    'noise' / 'model_output' (the same elements), or 'x_t+1' / 'x_t-1' (x_t shifted by one element)."""
+    n = x.numel()
+    store = torch.full((4 * n + 2,), float("nan"), dtype=x.dtype, device=x.device)
+    view = {"x_t": store[1:n + 1], "model_output": store[n + 1:2 * n + 1], "noise": store[2 * n + 1:3 * n + 1]}
+    for name, value in zip(("x_t", "model_output", "noise"), (x, m, z)):
+        view[name].copy_(value.reshape(-1))
+    start = {"noise": 2 * n + 1, "model_output": n + 1, "x_t+1": 2, "x_t-1": 0}[which]
+    out = store[start:start + n]
+    return (*(view[k].view(x.shape) for k in ("x_t", "model_output", "noise")), out.view(x.shape))
+
+
+@pytest.mark.parametrize("which", ["noise", "model_output", "x_t+1", "x_t-1"])
+def test_out_overlapping_an_input_raises(backend, rng, which):
+    """Before: out=noise or an out shifted by one element against x_t gave wrong values silently
+    (max error up to 1e29 on numba, 3.2 on Triton) or, depending on the direction, right ones."""
+    dtype = backend_dtype(backend)
+    x, m, z, t, s = random_case(rng, (3, 50), True)
+    x, m, z, out = _overlapping_out(*(v.to(dtype).to(DEVICE) for v in (x, m, z)), which)
+    with pytest.raises(ValueError, match="out overlaps " + which.split("+")[0].split("-")[0]):
+        sampler_step(x, m, t, s, LINEAR, method="ddpm", noise=z, out=out)
+
+
+def test_out_next_to_the_inputs_in_one_storage(backend, rng):
+    """Adjacent, non-overlapping views of one storage are fine (no false alarm) and correct."""
+    dtype = backend_dtype(backend)
+    x, m, z, t, s = random_case(rng, (3, 50), True)
+    x, m, z = (v.to(dtype).to(DEVICE) for v in (x, m, z))
+    expected = sampler_step(x, m, t, s, LINEAR, method="ddpm", noise=z)
+    store = torch.empty(4 * x.numel(), dtype=dtype, device=DEVICE).view(4, *x.shape)
+    store[0], store[1], store[2] = x, m, z
+    got = sampler_step(store[0], store[1], t, s, LINEAR, method="ddpm", noise=store[2], out=store[3])
+    assert torch.equal(got, expected) and torch.equal(store[0], x)
 
 
 def test_non_contiguous_inputs(backend, rng):

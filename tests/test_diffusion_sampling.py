@@ -109,7 +109,51 @@ def test_sample_heun_runs_the_ode():
     assert heun_50 < heun_20 / 4  # second order: (50 / 20)^2 = 6.25 (measured 6.9)
 
 
+def _loop_with_noise_clip(model, shape, trajectory, method, seed, clipped, y, **kw):
+    """sample()'s loop written out, with clip_pixel=y on the steps whose target is in `clipped`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    for t, s in zip(reversed(trajectory), list(reversed(trajectory))[1:] + [0]):
+        x = sampler_step(x, model(x, torch.full((shape[0],), t)), t, s, LINEAR, method=method, generator=gen,
+                         clip_pixel=y if s in clipped else None, **kw)
+    return x
+
+
+@pytest.mark.parametrize("method, kw", [("ddpm-large", {}), ("analytic-ddim", {"gamma": 0.5, "eta": 0.5})])
+def test_sample_clips_the_noise_of_the_last_steps_only(method, kw):
+    """Analytic-DPM's clip_sigma_idx = k: the cap applies to the steps into tau_1..tau_k and to no
+    other. On [1, 251, 500, 750, 1000] the steps into 1 and 251 both have sigma above the y = 1 cap,
+    so clipping one step too many, too few or none changes the samples."""
+    model = ring_mixture().eps_model(LINEAR)
+    trajectory = [1, 251, 500, 750, 1000]
+    for k, clipped in ((None, {1}), (1, {1}), (2, {1, 251})):
+        got = sample(model, (64, 2), LINEAR, trajectory, method, clip_pixel=1, clip_sigma_steps=k,
+                     generator=torch.Generator().manual_seed(3), progress=False, **kw)
+        for other in ({1}, {1, 251}, {251}, set()):
+            expected = _loop_with_noise_clip(model, (64, 2), trajectory, method, 3, other, 1, **kw)
+            close = torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+            assert close == (other == clipped), (k, other)
+
+
+def test_sample_with_a_model_that_returns_its_input():
+    """A model whose output is x itself (here an x0 predictor that returns x): sample() must not
+    step in place then (the step would raise: out overlaps model_output)."""
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    got = sample(lambda x, t: x, (8, 2), LINEAR, [1, 500, 1000], "ddim", prediction="x0", x_T=x_T, progress=False)
+    x = x_T.clone()
+    for t, s in ((1000, 500), (500, 1), (1, 0)):
+        x = sampler_step(x, x.clone(), t, s, LINEAR, method="ddim", prediction="x0")
+    assert torch.allclose(got, x, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
+    (dict(clip_pixel=0), ValueError, "clip_pixel must be None or a finite number > 0"),
+    (dict(clip_pixel=float("nan")), ValueError, "clip_pixel must be"),
+    (dict(clip_pixel=True), ValueError, "clip_pixel must be"),
+    (dict(clip_pixel=1, method="heun"), ValueError, "clip_pixel bounds the noise"),
+    (dict(clip_pixel=1, method="ode-euler"), ValueError, "clip_pixel bounds the noise"),
+    (dict(clip_sigma_steps=2), ValueError, "give clip_pixel too"),
+    (dict(clip_pixel=1, clip_sigma_steps=0), ValueError, "clip_sigma_steps must be an int >= 1"),
     (dict(timesteps=[5, 3]), ValueError, "increasing"),
     (dict(timesteps=[0, 3]), ValueError, r"\[1, 1000\]"),
     (dict(timesteps="ten"), TypeError, "timesteps"),
@@ -119,9 +163,15 @@ def test_sample_heun_runs_the_ode():
 def test_sample_bad_input(kwargs, error, match):
     args = dict(timesteps=5, method="ddim")
     args.update(kwargs)
-    model = ring_mixture().eps_model(LINEAR)
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return torch.zeros_like(x)
+
     with pytest.raises(error, match=match):
         sample(model, (4, 2), LINEAR, args.pop("timesteps"), args.pop("method"), progress=False, **args)
+    assert not calls  # checked before any model call
 
 
 # ---- the DP fallback when G_t > 1 ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import torch
 
 from .analytic import _tqdm, even_trajectory
 from .schedule import NoiseSchedule
-from .step import METHODS, heun_step, sampler_step
+from .step import METHODS, heun_step, noise_variance_cap, sampler_step, shares_memory
 
 SAMPLE_METHODS = METHODS + ("heun",)
 
@@ -23,7 +23,8 @@ def _trajectory(timesteps, num_steps):
 
 @torch.no_grad()
 def sample(model, shape, schedule, timesteps, method, *, eta=0.0, prediction="eps", gamma=None, clip_denoised=None,
-           x_T=None, generator=None, device=None, dtype=torch.float32, progress=True):
+           clip_pixel=None, clip_sigma_steps=None, x_T=None, generator=None, device=None, dtype=torch.float32,
+           progress=True):
     """Draw samples by running the reverse process from t = tau_K down to 0, one fused step per node.
 
     Args:
@@ -37,6 +38,11 @@ def sample(model, shape, schedule, timesteps, method, *, eta=0.0, prediction="ep
         method: a sampler_step method ('ddpm', 'ddpm-large', 'ddim', 'analytic-ddpm', 'analytic-ddim',
             'ode-euler') or 'heun' (second-order probability-flow ODE, two model calls per step).
         eta, prediction, gamma, clip_denoised: as in sampler_step.
+        clip_pixel: None (off) or y > 0: Analytic-DPM's sampling-time noise clip (sampler_step's
+            clip_pixel: noise std <= y (2/255) sqrt(pi/2)) on the last `clip_sigma_steps` noisy
+            steps, those into tau_1, ..., tau_k (default k = 1: the step into tau_1, as the paper's
+            clip_sigma_idx = 1 for all its FID results; y = 2 for Analytic-DDPM on CIFAR10-LS and
+            CelebA, 1 otherwise). Not for the ODE methods (no noise).
         x_T: the starting noise (default: standard normal from `generator`).
         generator: a CPU torch.Generator seeding x_T and every step's noise (reproducible).
         progress: show a tqdm progress bar when tqdm is installed.
@@ -48,6 +54,14 @@ def sample(model, shape, schedule, timesteps, method, *, eta=0.0, prediction="ep
     if method not in SAMPLE_METHODS:
         raise ValueError(f"sample: method must be one of {SAMPLE_METHODS}, got {method!r}")
     steps = _trajectory(timesteps, schedule.num_steps)
+    if clip_sigma_steps is not None and clip_pixel is None:
+        raise ValueError("sample: clip_sigma_steps chooses the steps clip_pixel applies to; give clip_pixel too")
+    noise_variance_cap(clip_pixel, method, op="sample")  # checks clip_pixel before any model call
+    clip_steps = 1 if clip_sigma_steps is None else clip_sigma_steps
+    if isinstance(clip_steps, bool) or not isinstance(clip_steps, int) or clip_steps < 1:
+        raise ValueError(f"sample: clip_sigma_steps must be an int >= 1, got {clip_sigma_steps!r}")
+    # the paper's rule: clip where the target s is one of tau_1..tau_k (s = 0 adds no noise anyway)
+    last_clipped = steps[min(clip_steps, len(steps)) - 1]
     if x_T is None:
         x = torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     else:
@@ -63,6 +77,8 @@ def sample(model, shape, schedule, timesteps, method, *, eta=0.0, prediction="ep
             x = heun_step(model, x, t, s, schedule, prediction=prediction)
         else:
             t_batch = torch.full((batch,), t, dtype=torch.int64, device=x.device)
-            x = sampler_step(x, model(x, t_batch), t, s, schedule, method=method, eta=eta, prediction=prediction,
-                             gamma=gamma, clip_denoised=clip_denoised, generator=generator, out=x)
+            output = model(x, t_batch)
+            x = sampler_step(x, output, t, s, schedule, method=method, eta=eta, prediction=prediction, gamma=gamma,
+                             clip_denoised=clip_denoised, clip_pixel=clip_pixel if 0 < s <= last_clipped else None,
+                             generator=generator, out=None if shares_memory(output, x) else x)
     return x

@@ -89,6 +89,19 @@ def _clip_range(clip_denoised, method):
     return lo, hi
 
 
+def noise_variance_cap(clip_pixel, method, op=_OP):
+    """Analytic-DPM's sampling-time clip (specs/diffusion.md 4.5): sigma <= y (2/255) sqrt(pi/2),
+    so that E|sigma z| <= 2y/255 = y levels of 8-bit data scaled to [-1, 1]. inf when off."""
+    if clip_pixel is None:
+        return math.inf
+    if isinstance(clip_pixel, bool) or not isinstance(clip_pixel, numbers.Real) or not (
+            math.isfinite(clip_pixel) and clip_pixel > 0):
+        raise ValueError(f"{op}: clip_pixel must be None or a finite number > 0 (pixel levels), got {clip_pixel!r}")
+    if method in ("ode-euler", "heun"):  # heun: sample's second-order ODE method
+        raise ValueError(f"{op}: clip_pixel bounds the noise a step adds; {method!r} adds none")
+    return (float(clip_pixel) * 2 / 255 * math.sqrt(math.pi / 2)) ** 2
+
+
 def _gamma_table(gamma, schedule, method):
     """G_t for t = 0..N as a float64 numpy array, or None."""
     if not method.startswith("analytic"):
@@ -138,14 +151,42 @@ def _check_arguments(x_t, model_output, schedule, method, eta, prediction, noise
         if out.shape != x_t.shape or not out.is_contiguous():
             raise ValueError(f"{_OP}: out must be a contiguous tensor of the shape of x_t {tuple(x_t.shape)}")
     _checks.check_same_device(_OP, "x_t", x_t, model_output=model_output, noise=noise, out=out)
+    if out is not None:
+        _check_out_aliasing(out, x_t, model_output, noise)
+
+
+def _memory_span(tensor):
+    """[first, end) byte addresses of a tensor's elements (the whole strided extent: conservative
+    for a view with gaps), or None when it has no elements."""
+    if tensor.numel() == 0:
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.data_ptr()
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def shares_memory(a, b):
+    """Whether two tensors on one device may have elements at the same address."""
+    span_a, span_b = _memory_span(a), _memory_span(b)
+    return span_a is not None and span_b is not None and span_a[0] < span_b[1] and span_b[0] < span_a[1]
+
+
+def _check_out_aliasing(out, x_t, model_output, noise):
+    """out may be x_t itself (each kernel reads an element before writing the same index); any
+    other overlap with an input would let a kernel read values it has already overwritten."""
+    in_place = x_t.is_contiguous() and out.data_ptr() == x_t.data_ptr()
+    for name, value in (("x_t", x_t), ("model_output", model_output), ("noise", noise)):
+        if value is not None and not (name == "x_t" and in_place) and shares_memory(out, value):
+            raise ValueError(f"{_OP}: out overlaps {name} in memory; out may be x_t itself (an in-place step) "
+                             "but must not share memory with model_output or noise, nor partly with x_t")
 
 
 # ---- the per-sample prologue ------------------------------------------------------------------------
 
 
-def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_range):
-    """float64 [B, 8]: (A, M, C, px, pm, S, 0, 0) with x_s = A x + M m + C clamp(px x + pm m) + S z.
-    Rows with an invalid (t, s) are NaN. Takes numpy arrays (the host prologue for CPU tensors: tiny
+def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_range, sigma2_max=math.inf):
+    """float64 [B, 8]: (A, M, C, px, pm, S, 0, 0) with x_s = A x + M m + C clamp(px x + pm m) + S z,
+    S^2 = min(sigma2, sigma2_max). Rows with an invalid (t, s) are NaN. Takes numpy arrays (the host prologue for CPU tensors: tiny
     torch ops cost microseconds each) or torch tensors on the device (no host sync); the same code
     serves both."""
     xp = np if isinstance(logab, np.ndarray) else torch
@@ -181,7 +222,7 @@ def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_ran
             sigma2 = lam2 + gam * gam * cov
         else:
             sigma2 = lam2
-        sigma2 = xp.where(s == 0, zero, sigma2)
+        sigma2 = xp.where(s == 0, zero, sigma2.clip(max=sigma2_max))
     if clip_range is not None and method != "ode-euler":
         a, m, c = cx + ce * qx, ce * qm, cx0
     else:
@@ -196,7 +237,7 @@ def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_ran
 @_dispatch.eager_op
 @torch.no_grad()
 def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, prediction="eps", gamma=None,
-                 clip_denoised=None, noise=None, generator=None, out=None):
+                 clip_denoised=None, clip_pixel=None, noise=None, generator=None, out=None):
     """One reverse diffusion step x_t -> x_s (s < t) for a batch, in one fused pass.
 
     Args:
@@ -217,11 +258,18 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
         clip_denoised: clamp x0_hat: None (the default: [-1, 1] for the analytic methods, as the
             Analytic-DPM code; off otherwise), True ([-1, 1]), False, or (low, high). With clipping,
             the DDIM-form mean uses the clipped x0_hat and the unclipped eps_hat (reference behaviour).
+        clip_pixel: None (off) or y > 0: cap the standard deviation of the noise this step adds at
+            y (2/255) sqrt(pi/2), so that E|sigma z| <= y pixel levels of 8-bit data in [-1, 1]:
+            Analytic-DPM's sampling-time clip (its clip_pixel), which its results apply on the last
+            noisy step only (the step into tau_1: `sample(..., clip_pixel=y)` does that), with
+            y = 2 for Analytic-DDPM on CIFAR10 (linear schedule) and CelebA, y = 1 otherwise.
+            Applies to every sample of the call (not ode-euler: it adds no noise).
         noise: standard normal noise like x_t; if None it is drawn inside the kernel from a
             counter-based generator seeded from `generator` (a CPU torch.Generator) or from torch's
             default generator. Same seed -> same result on a backend; the numba, triton and reference
             backends draw the same integer stream and agree to float32 rounding, but do not promise it.
-        out: optional contiguous output buffer like x_t (may be x_t itself: the step runs in place).
+        out: optional contiguous output buffer like x_t. It may be x_t itself (the step runs in
+            place); any other overlap with x_t, model_output or noise raises a ValueError.
 
     Returns x_s like x_t. Inference only: runs under no_grad, no autograd graph.
     """
@@ -239,6 +287,7 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     if method == "ode-euler" and clip_range is not None:
         raise ValueError(f"{_OP}: ode-euler does not use x0_hat; leave clip_denoised at None/False")
     table = _gamma_table(gamma, schedule, method)
+    sigma2_max = noise_variance_cap(clip_pixel, method)
     if on_host:
         logab = schedule.log_alphas_cumprod.numpy()
         gamma_t = None if table is None else table[t_idx]
@@ -258,14 +307,15 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
         result = reference.sampler_step(x_t, model_output, as_tensor(t_idx), as_tensor(s_idx), as_tensor(logab),
                                         method=method, eta=float(eta), prediction=prediction,
                                         gamma=None if gamma_t is None else as_tensor(gamma_t),
-                                        clip_range=clip_range, noise=noise if stochastic else None)
+                                        clip_range=clip_range, noise=noise if stochastic else None,
+                                        sigma2_max=sigma2_max)
         if out is None:
             return result
         return out.copy_(result)
 
     kernels = importlib.import_module(_KERNELS[backend])
     coef = step_coefficients(logab, t_idx, s_idx, method=method, eta=float(eta), prediction=prediction,
-                             gamma_t=gamma_t, clip_range=clip_range)
+                             gamma_t=gamma_t, clip_range=clip_range, sigma2_max=sigma2_max)
     if on_host and device.type == "cpu":
         coef = torch.from_numpy(coef)
     elif on_host:  # the GPU kernels read float32 coefficients: one small asynchronous upload

@@ -13,10 +13,11 @@ _MASK32 = 0xFFFFFFFF
 _BLOCK = 2048  # elements per noise block (the kernels tile by the same blocks)
 
 
-def step_scalars(logab, t, s, *, method, eta=0.0, gamma=None, cov_max=math.inf):
+def step_scalars(logab, t, s, *, method, eta=0.0, gamma=None, cov_max=math.inf, sigma2_max=math.inf):
     """Per-sample float64 quantities [B] for the step t -> s: a dict with a_t, sg_t, a_s, sg_s,
     be_ts, bt_ts, lam2, sigma2, and for ode-euler beta_t (the per-index rate -d log ab / dt).
-    `gamma` is a float64 tensor [B] of G_t (analytic methods only)."""
+    `gamma` is a float64 tensor [B] of G_t (analytic methods only). sigma2_max caps sigma2 (the
+    Analytic-DPM sampling-time noise clip, specs/diffusion.md 4.5)."""
     lt = logab[t]
     ls = logab[s]
     ab_t, ab_s = torch.exp(lt), torch.exp(ls)
@@ -45,24 +46,26 @@ def step_scalars(logab, t, s, *, method, eta=0.0, gamma=None, cov_max=math.inf):
         out["beta_t"] = logab[t - 1] - lt
     else:
         sigma2 = lam2.clone()
+    sigma2 = torch.clamp(sigma2, max=sigma2_max)
     out["sigma2"] = torch.where(s == 0, torch.zeros_like(sigma2), sigma2)
     return out
 
 
 def sampler_step(x_t, model_output, t, s, logab, *, method, eta=0.0, prediction="eps", gamma=None,
-                 clip_range=None, noise=None):
+                 clip_range=None, noise=None, sigma2_max=math.inf):
     """One reverse step x_t -> x_s for a batch [B, ...] in the dtype of x_t.
 
     t, s: int64 [B] on x_t's device (0 <= s < t <= N); logab: float64 [N + 1] log(alphas_cumprod);
     gamma: float64 [B] G_t values or None; clip_range: None or (lo, hi) for x0_hat;
-    noise: a tensor like x_t or None (deterministic: the mean only).
+    noise: a tensor like x_t or None (deterministic: the mean only); sigma2_max: a float cap on
+    the variance of that noise.
     Quirk kept from the Analytic-DPM reference code: with clipping, the DDIM-form mean uses the
     clipped x0_hat and the unclipped eps_hat.
     """
     dtype = x_t.dtype
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     cov_max = math.inf if clip_range is None else ((clip_range[1] - clip_range[0]) / 2) ** 2
-    sc = step_scalars(logab, t, s, method=method, eta=eta, gamma=gamma, cov_max=cov_max)
+    sc = step_scalars(logab, t, s, method=method, eta=eta, gamma=gamma, cov_max=cov_max, sigma2_max=sigma2_max)
     c = {k: v.to(dtype).reshape(shape) for k, v in sc.items()}
     x, m = x_t, model_output.to(dtype)
     if prediction == "eps":
