@@ -5,6 +5,7 @@ import math
 import torch
 
 from . import _checks, _dispatch, reference
+from ._autograd import once_differentiable
 
 _OP = "multilabel_ce"
 _KERNELS = {"numba": "fastnotes.kernels.numba.zlpr", "triton": "fastnotes.kernels.triton.zlpr"}
@@ -24,6 +25,7 @@ class _MultilabelCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable(_OP)
     def backward(ctx, grad_loss):
         logits, targets, mask, lse = ctx.saved_tensors
         grad_logits, grad_targets = ctx.kernels.zlpr_backward(
@@ -166,6 +168,7 @@ class _SparseMultilabelCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable(_SPARSE_OP)
     def backward(ctx, grad_loss):
         logits, pos_index, lse = ctx.saved_tensors
         return ctx.kernels.sparse_backward(logits, pos_index, lse, grad_loss), None, None
@@ -296,6 +299,7 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
         return loss.sum() if reduction == "sum" else loss.mean()
 
     @staticmethod
+    @once_differentiable(_FUSED_OP)
     def backward(ctx, grad_loss):
         hidden, weight, bias, targets, pos_index = ctx.saved_tensors
         if ctx.eager_grads is not None:
@@ -311,6 +315,16 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device_type):
+    """The dtype autocast would run a GEMM on `device_type` in, or None outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, chunk_size):
@@ -335,6 +349,9 @@ def _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, 
         expected = tuple(hidden.shape[:-1]) + (weight.shape[0],)
         if tuple(targets.shape) != expected:
             raise ValueError(f"{op}: targets must have shape {expected}, got {tuple(targets.shape)}")
+        if targets.requires_grad:
+            raise ValueError(f"{op}: no gradient for targets (use multilabel_ce on materialised logits for "
+                             "learned soft targets); pass targets.detach()")
     _checks.check_same_device(op, "hidden", hidden, weight=weight, bias=bias, targets=targets)
     _checks.check_reduction(op, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -363,7 +380,18 @@ def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, 
         bias: optional [C], hidden's dtype.
         reduction: 'mean' | 'sum' over rows, or 'none' for a [...] tensor.
         chunk_size: rows of hidden per chunk; default: about FUSED_CHUNK_BYTES of float32 logits.
+
+    Under torch.autocast the GEMMs run in autocast's dtype, as F.linear would (the loss then has that
+    dtype, as the composite's has). Targets get no gradient: targets that require grad raise.
     """
+    autocast_dtype = _autocast_dtype(hidden.device.type)
+    if autocast_dtype is not None:
+        # as autocast runs F.linear: the GEMMs in its dtype (the epilogue accumulates in float32)
+        hidden, weight, bias = (None if x is None or x.dtype not in _AUTOCAST_CASTS else x.to(autocast_dtype)
+                                for x in (hidden, weight, bias))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_multilabel_ce(hidden, weight, targets, pos_index=pos_index, bias=bias,
+                                              reduction=reduction, chunk_size=chunk_size)
     _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, chunk_size)
     lead = hidden.shape[:-1]
     n_rows, n_classes = math.prod(lead), weight.shape[0]
@@ -440,6 +468,7 @@ class _NMClassCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable(_NM_OP)
     def backward(ctx, grad_loss):
         logits, targets, lse, log_a = ctx.saved_tensors
         return ctx.kernels.nm_class_backward(logits, targets, lse, log_a, grad_loss), None, None
@@ -465,6 +494,9 @@ def nm_class_ce(logits, targets, *, reduction="mean"):
     grows like the log of how many tasks have it (balancing frequent classes). With hard labels where
     each class is the target of at most one task it equals the summed cross-entropy exactly; with
     shared targets it is smaller. Predict with argmax over m, as for cross-entropy.
+
+    A +inf logit raises ValueError on CPU; on CUDA (no host sync) its sample's loss or gradient is
+    not finite. -inf logits are allowed (a class a task cannot take).
 
     Known limitation: for soft labels the minimiser is not t (no closed form; the loss is not
     calibrated, spec oracle N6). Use it for hard labels.
@@ -493,6 +525,8 @@ def nm_class_ce(logits, targets, *, reduction="mean"):
     if targets.requires_grad:
         raise ValueError(f"{_NM_OP}: no gradient for targets; pass targets.detach()")
     if logits.device.type == "cpu":  # on CUDA this would need a host sync
+        if bool(torch.isposinf(logits).any()):
+            raise ValueError(f"{_NM_OP}: logits must not be +inf (the loss has no finite gradient there)")
         if soft and bool(((targets < 0) | (targets > 1) | targets.isnan()).any()):
             raise ValueError(f"{_NM_OP}: soft targets must lie in [0, 1]")
         if not soft and bool((targets >= n_classes).any()):

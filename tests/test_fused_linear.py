@@ -287,3 +287,41 @@ def test_bad_arguments(case):
     for backend in CPU_BACKENDS:
         with fastnotes.use_backend(backend), pytest.raises(error, match=match):
             fastnotes.fused_linear_multilabel_ce(hidden, weight, **args)
+
+
+def test_targets_requiring_grad_raise(rng):
+    hidden, weight, bias, targets, _ = make_case(4, 8, 10, rng, torch.float32, kind="soft")
+    with pytest.raises(ValueError, match="no gradient for targets"):
+        fastnotes.fused_linear_multilabel_ce(hidden, weight, targets.requires_grad_(), bias=bias)
+
+
+def test_double_backward_raises(backend, rng):
+    hidden, weight, bias, _, pos_index = make_case(6, 8, 10, rng, backend_dtype(backend))
+    h = hidden.to(DEVICE).requires_grad_()
+    loss = fastnotes.fused_linear_multilabel_ce(h, weight.to(DEVICE), pos_index=pos_index.to(DEVICE))
+    (g,) = torch.autograd.grad(loss, h, create_graph=True)
+    if backend == "reference":  # plain torch: differentiable twice
+        torch.autograd.grad(g.square().sum() + h.sum(), h)
+        return
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(g.square().sum() + h.sum(), h)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "hard"])
+def test_autocast_cpu(kind, rng):
+    """Under CPU autocast the op runs its GEMMs in bfloat16 as F.linear would: the same loss dtype
+    and values as the composite under autocast, float32 gradients for float32 parameters."""
+    hidden, weight, bias, targets, pos_index = make_case(12, 16, 40, rng, torch.float32, kind=kind)
+    results = []
+    for fn in (fastnotes.fused_linear_multilabel_ce, composite):
+        h, w, b = (x.detach().clone().requires_grad_() for x in (hidden, weight, bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w, targets, pos_index=pos_index, bias=b, reduction="mean")
+        loss.backward()
+        results.append((loss, h.grad, w.grad, b.grad))
+    (loss, *grads), (expected, *expected_grads) = results
+    assert loss.dtype == expected.dtype == torch.bfloat16
+    assert abs(loss.float().item() - expected.float().item()) <= 2e-2 * max(1.0, abs(expected.float().item()))
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 2e-2 * max(1.0, want.abs().max().item())

@@ -200,3 +200,45 @@ def test_bad_arguments(case):
     for backend in CPU_BACKENDS:
         with fastnotes.use_backend(backend), pytest.raises(error, match=match):
             fastnotes.nm_class_ce(logits, targets, **kwargs)
+
+
+def test_plus_inf_logits_raise_on_cpu(rng):
+    logits = torch.randn(2, 3, 4, generator=rng)
+    logits[1, 2, 0] = float("inf")
+    for name in available_backends("cpu"):
+        with fastnotes.use_backend(name), pytest.raises(ValueError, match=r"logits must not be \+inf"):
+            fastnotes.nm_class_ce(logits, torch.tensor([[0, 1, 2], [3, 0, 1]]))
+
+
+def test_minus_inf_logits(backend, rng):
+    """-inf on classes a task does not take: p = 0 there, the loss as the reference's."""
+    logits = (torch.randn(3, 4, 6, generator=rng, dtype=torch.float64) * 2).to(backend_dtype(backend))
+    targets = torch.randint(0, 6, (3, 4), generator=rng)
+    blocked = torch.rand(3, 4, 6, generator=rng) < 0.3
+    blocked.scatter_(-1, targets.unsqueeze(-1), False)
+    check(logits.masked_fill(blocked, float("-inf")), targets, rng)
+
+
+def test_double_backward_raises(backend, rng):
+    x = torch.randn(2, 3, 5, generator=rng, dtype=backend_dtype(backend), device=DEVICE, requires_grad=True)
+    loss = fastnotes.nm_class_ce(x, torch.randint(0, 5, (2, 3), generator=rng).to(DEVICE))
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    if backend == "reference":  # plain torch: differentiable twice
+        torch.autograd.grad(g.square().sum() + x.sum(), x)
+        return
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(g.square().sum() + x.sum(), x)
+
+
+def test_autocast_cpu(rng):
+    """Under CPU autocast (bf16 logits from a linear layer) the loss runs and matches the reference."""
+    hidden = torch.randn(2, 3, 8, generator=rng)
+    weight = torch.randn(5, 8, generator=rng, requires_grad=True)
+    targets = torch.randint(0, 5, (2, 3), generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, weight)
+        loss = fastnotes.nm_class_ce(logits, targets)
+        expected = reference.nm_class_ce(logits.detach().double(), targets)
+    loss.backward()
+    assert logits.dtype == loss.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    assert abs(loss.double().item() - expected.item()) <= 2e-2 * max(1.0, expected.abs().item())

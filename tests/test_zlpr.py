@@ -380,3 +380,32 @@ def test_infinite_logits_follow_the_math(backend, rng):
     assert torch.allclose(loss.cpu()[finite].double(), exact_loss[finite], rtol=tol, atol=tol)
     known = ~exact_grad.isnan()
     assert torch.allclose(grad.cpu()[known].double(), exact_grad[known], rtol=1e-5, atol=tol)
+
+
+def test_double_backward_raises(backend, rng):
+    """The kernels' backward is not differentiable: a gradient penalty must fail loudly, never
+    silently add nothing (the reference backend is plain torch and differentiates twice)."""
+    logits, targets = make_inputs((3, 20), "soft", rng, dtype=backend_dtype(backend))
+    x = logits.to(DEVICE).requires_grad_()
+    (g,) = torch.autograd.grad(fastnotes.multilabel_ce(x, targets.to(DEVICE)), x, create_graph=True)
+    if backend == "reference":
+        torch.autograd.grad(g.square().sum() + x.sum(), x)
+        return
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(g.square().sum() + x.sum(), x)
+
+
+def test_autocast_cpu(rng):
+    """Logits from a linear layer under CPU autocast are bfloat16: the loss takes them as they come
+    (bfloat16 result, float32 accumulation) and matches the float64 reference."""
+    hidden = torch.randn(6, 16, generator=rng)
+    weight = torch.randn(30, 16, generator=rng, requires_grad=True)
+    targets = torch.rand(6, 30, generator=rng) < 0.3
+    for name in [b for b in available_backends("cpu") if b != "triton"]:  # the interpreter has no bfloat16
+        with fastnotes.use_backend(name), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = torch.nn.functional.linear(hidden, weight)
+            loss = fastnotes.multilabel_ce(logits, targets)
+        (grad,) = torch.autograd.grad(loss, weight)
+        expected = oracle(logits.detach(), targets, reduction="mean")
+        assert logits.dtype == loss.dtype == torch.bfloat16 and grad.dtype == torch.float32, name
+        assert abs(loss.double().item() - expected.item()) <= 2e-2 * max(1.0, expected.item()), name

@@ -197,3 +197,14 @@ def test_plus_inf_logits_follow_the_reference(backend, rng):
     assert torch.equal(x.grad.cpu().isnan(), xr.grad.isnan()) and x.grad[0].isnan().sum() == 1
     known = ~xr.grad.isnan()
     assert torch.allclose(x.grad.cpu()[known].double(), xr.grad[known], rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_raises(backend, rng):
+    x = (torch.randn(3, 20, generator=rng, dtype=torch.float64)).to(backend_dtype(backend)).to(DEVICE).requires_grad_()
+    (g,) = torch.autograd.grad(fastnotes.sparse_multilabel_ce(x, random_positives((3,), 20, 3, rng).to(DEVICE)), x,
+                               create_graph=True)
+    if backend == "reference":
+        torch.autograd.grad(g.square().sum() + x.sum(), x)
+        return
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad(g.square().sum() + x.sum(), x)
