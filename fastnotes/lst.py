@@ -4,6 +4,7 @@ A frozen backbone runs without an autograd graph; a narrow side network (width D
 hidden states through ladders, o = mu s + (1 - mu) (h W^T + b) with mu = sigmoid(alpha / T), and only
 the side network trains. ladder_merge is that merge as one fused op with the closed-form backward.
 """
+import contextlib
 import importlib
 import math
 
@@ -13,6 +14,24 @@ from . import _checks, _dispatch, reference
 
 _OP = "ladder_merge"
 _KERNELS = {"numba": "fastnotes.kernels.numba.lst", "triton": "fastnotes.kernels.triton.lst"}
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
+
+
+def _autocast_dtype(device):
+    """autocast's lower-precision dtype when autocast is on for `device`'s type, else None."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _autocast_off(device):
+    """A context with autocast off for `device`'s type (a no-op where it is off already)."""
+    if _autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 class _LadderMergeFunction(torch.autograd.Function):
@@ -26,14 +45,16 @@ class _LadderMergeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises instead of failing in numpy
     def backward(ctx, grad_out):
         s, h, weight, bias, alpha = ctx.saved_tensors
-        grad_s, grad_w, grad_b, grad_alpha = ctx.kernels.ladder_merge_backward(
-            grad_out.contiguous(), s, h, weight, bias, alpha, ctx.temperature)
-        grad_h = None
-        if ctx.needs_input_grad[1]:  # a trainable input (not LST's frozen backbone): dh = c g W
-            c = 1.0 if alpha is None else 1 - torch.sigmoid(alpha / ctx.temperature)
-            grad_h = (grad_out @ weight) * c
+        with _autocast_off(s.device):  # a backward called inside autocast: the launchers' GEMMs as in forward
+            grad_s, grad_w, grad_b, grad_alpha = ctx.kernels.ladder_merge_backward(
+                grad_out.contiguous(), s, h, weight, bias, alpha, ctx.temperature)
+            grad_h = None
+            if ctx.needs_input_grad[1]:  # a trainable input (not LST's frozen backbone): dh = c g W
+                c = 1.0 if alpha is None else 1 - torch.sigmoid(alpha / ctx.temperature)
+                grad_h = (grad_out @ weight) * c
         return grad_s, grad_h, grad_w, grad_b, grad_alpha, None, None
 
 
@@ -76,18 +97,21 @@ def ladder_merge(s, h, weight, bias=None, alpha=None, *, temperature=0.1):
             o = s + h W^T + b.
         temperature: T of the gate (0.1 in the paper's code: a sharp gate).
     Gradients for s, weight, bias and alpha come from the closed form of specs/lst.md 5.2; z is never
-    stored and dalpha is reduced deterministically.
+    stored and dalpha is reduced deterministically. Under autocast, s, h, weight and bias are first
+    cast to autocast's dtype (as for nn.Linear; float64 stays, alpha keeps its dtype), so the output
+    is in that dtype; the kernels accumulate in float32.
     """
+    lower = _autocast_dtype(s.device) if isinstance(s, torch.Tensor) else None
+    if lower is not None:
+        s, h, weight, bias = (x.to(lower) if isinstance(x, torch.Tensor) and x.dtype in _AUTOCAST_CASTS else x
+                              for x in (s, h, weight, bias))
+        with _autocast_off(s.device):
+            return ladder_merge(s, h, weight, bias, alpha, temperature=temperature)
     _check_arguments(s, h, weight, bias, alpha, temperature)
     if h.dtype != s.dtype:
         h = h.to(s.dtype)  # the same cast serves forward and backward (dW uses the saved h)
 
-    def why_not(backend):
-        if backend == "numba" and s.dtype not in (torch.float32, torch.float64):
-            return "numba takes float32/float64"
-        return _dispatch.float_kernel_reason(backend, s, "s")
-
-    backend = _dispatch.select(_OP, s.device.type, why_not)
+    backend = _dispatch.select(_OP, s.device.type, lambda b: _dispatch.float_kernel_reason(b, s, "s"))
     alpha0 = None if alpha is None else alpha.reshape(())
     if backend == "reference":
         return reference.lst.ladder_merge(s, h, weight, bias, alpha0, temperature)

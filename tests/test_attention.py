@@ -1,6 +1,7 @@
 """relpos_attention on every backend against the float64 reference, the spec oracles
 (specs/attention.md section 12), gradcheck, determinism, masking edge cases, bad input, modules."""
 import math
+import threading
 
 import pytest
 import torch
@@ -378,3 +379,112 @@ def test_forced_backend_reasons():
         fastnotes.relpos_attention(q, q, q)
     with fastnotes.use_backend("numba"), pytest.raises(fastnotes.BackendUnsupportedError, match="CPU"):
         fastnotes.relpos_attention(q.to("meta"), q.to("meta"), q.to("meta"))
+
+
+# ---- double backward, autocast, concurrent calls ----------------------------------------------------
+
+def test_double_backward(backend):
+    """The fused backward is not differentiable: a gradient taken with create_graph=True must raise
+    when differentiated again, never act as a constant. The reference path is a torch composite
+    whose second derivative is exact: gradgradcheck."""
+    gen = torch.Generator().manual_seed(11)
+    tensors, kwargs = make_case(gen, 1, 2, 1, 4, 6, 3, 2)
+    dtype = backend_dtype(backend)
+    leaves = [t.to(dtype=dtype, device=DEVICE).requires_grad_() for t in tensors.values()]
+
+    def fn(*args):
+        return op(**dict(zip(tensors, args)), **kwargs)
+
+    if backend == "reference":
+        assert torch.autograd.gradgradcheck(fn, leaves)
+        return
+    g = torch.autograd.grad(fn(*leaves).square().sum(), leaves[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+
+
+def _autocast_run(fn, tensors, kwargs, upstream):
+    """fn under CPU autocast (bfloat16) on float32 leaves; backward outside autocast, as in training."""
+    leaves = {name: t.float().requires_grad_() for name, t in tensors.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(**leaves, **kwargs)
+    out.backward(upstream.to(out.dtype))
+    return {"out": out.detach(), **{f"d{name}": t.grad for name, t in leaves.items()}}
+
+
+@pytest.mark.parametrize("backend_name", [b for b in available_backends("cpu") if b != "triton"])
+def test_cpu_autocast_bfloat16(backend_name, rng):
+    """Under autocast the op runs in bfloat16 (as a matmul composite would: output bfloat16) with
+    float32 accumulation; the gradients keep the leaves' dtype; values within bfloat16 rounding of
+    the float64 oracle (at most 2x the autocast composite's error plus 2^-7 of the largest value).
+    The Triton interpreter runs float32 only."""
+    tensors, kwargs = make_case(rng, 2, 4, 2, 20, 33, 8, 8)
+    kwargs["causal"] = True
+    upstream = torch.randn(2, 4, 20, 8, generator=rng, dtype=F64)
+    exact = run_with_grads(reference_fn, tensors, kwargs, upstream, F64, "cpu")
+    composite = _autocast_run(reference_fn, tensors, kwargs, upstream)
+    with fastnotes.use_backend(backend_name):
+        got = _autocast_run(op_fn, tensors, kwargs, upstream)
+    assert got["out"].dtype == torch.bfloat16
+    for name in exact:
+        if name != "out":
+            assert got[name].dtype == torch.float32, name
+        assert_close_to_oracle(got[name], exact[name], composite[name], 2 ** -7, f"autocast {name}")
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+    return sorted((info["filepath"], info["num_threads"]) for info in threadpool_info() if info["user_api"] == "blas")
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="the numba kernels limit BLAS threads")
+def test_concurrent_calls_restore_blas_threads():
+    """The numba kernels limit BLAS to one thread while they run; calls from several Python threads
+    at once must leave every BLAS library at its thread count afterwards (they once left it at 1,
+    in most runs of this test; test_blas_limit_overlapping_out_of_order is the deterministic form)."""
+    from threadpoolctl import ThreadpoolController
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 40, 8, generator=gen)
+    start = threading.Barrier(4)
+
+    def work():
+        with fastnotes.use_backend("numba"):
+            start.wait()
+            for _ in range(40):
+                x = q.clone().requires_grad_()
+                op(x, x, x).sum().backward()
+
+    with fastnotes.use_backend("numba"):
+        op(q, q, q)  # loads the kernels, and with them scipy's BLAS, before the counts are taken
+    blas = ThreadpoolController().select(user_api="blas")
+    raised = blas.limit(limits=2) if all(n == 1 for _, n in _blas_threads()) else None  # else it cannot fail
+    try:
+        before = _blas_threads()
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _blas_threads() == before
+    finally:
+        if raised is not None:
+            raised.restore_original_limits()
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="the numba kernels limit BLAS threads")
+def test_blas_limit_overlapping_out_of_order():
+    """The interleaving that lost the thread count, made deterministic: a second launch starts
+    while the first runs, and the first finishes first. BLAS stays at one thread until the last
+    launch ends, then gets its count back."""
+    from threadpoolctl import threadpool_limits
+
+    from fastnotes.kernels.numba import attention as kernels
+    with threadpool_limits(limits=3, user_api="blas"):
+        before = _blas_threads()
+        first, second = kernels.single_threaded_blas(), kernels.single_threaded_blas()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert all(n == 1 for _, n in _blas_threads())
+        second.__exit__(None, None, None)
+        assert _blas_threads() == before

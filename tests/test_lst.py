@@ -339,3 +339,59 @@ def test_init_from_backbone_follows_the_given_importance():
 def test_ladder_merge_module_starts_at_half_gate():
     merge = LadderMerge(8, 2)
     assert torch.sigmoid(merge.alpha / merge.temperature).item() == 0.5
+
+
+# ---- double backward, autocast -----------------------------------------------------------------------
+
+def test_double_backward(backend):
+    """The fused backward is not differentiable: a gradient taken with create_graph=True must raise
+    when differentiated again (it once failed inside numpy, or acted as a constant). The reference
+    path is a torch composite with an exact second derivative: gradgradcheck."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    gen = torch.Generator().manual_seed(4)
+    s, w = (torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_() for shape in ((5, 3), (3, 4)))
+    h = torch.randn(5, 4, generator=gen, dtype=dtype)
+    b, alpha = torch.randn(3, generator=gen, dtype=dtype).requires_grad_(), torch.tensor(0.1, dtype=dtype).requires_grad_()
+    if backend == "reference":
+        assert torch.autograd.gradgradcheck(lambda *x: ladder_merge(x[0], h, *x[1:], temperature=T), (s, w, b, alpha))
+        return
+    for wrt in (s, w, alpha):
+        g = torch.autograd.grad(ladder_merge(s, h, w, b, alpha, temperature=T).square().sum(), wrt, create_graph=True)[0]
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.square().sum().backward()
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("backend_name", ["numba", "reference"])  # the Triton interpreter runs float32 only
+def test_cpu_autocast_bfloat16(backend_name, rng, gated):
+    """Under autocast the merge runs in bfloat16 as the nn.Linear composite would (output bfloat16),
+    with float32 accumulation; gradients keep the parameters' dtypes (alpha stays float32); values
+    within bfloat16 rounding of the float64 oracle: at most 2x the error of the composite under
+    autocast plus 2^-7 of the largest value (s and the output are rounded to bfloat16 here)."""
+    n, d, big_d = 70, 12, 40
+    s, h, w, b, g = (torch.randn(*shape, generator=rng, dtype=torch.float64)
+                     for shape in ((n, d), (n, big_d), (d, big_d), (d,), (n, d)))
+    w = w / big_d ** 0.5
+    alpha = torch.tensor(0.07, dtype=torch.float64) if gated else None
+    exact_out, exact_grads = _reference_with_grads(s, h, w, b, alpha, g)
+
+    def under_autocast(fn):
+        leaves = [x.float().requires_grad_() if x is not None else None for x in (s, w, b, alpha)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(leaves[0], h.float(), *leaves[1:])
+        grads = torch.autograd.grad(out, [x for x in leaves if x is not None], g.to(out.dtype))
+        return out, grads
+
+    def composite(s_, h_, w_, b_, a_):
+        z = torch.nn.functional.linear(h_, w_, b_)  # bfloat16 under autocast
+        mu = torch.sigmoid(a_ / T) if a_ is not None else None
+        return s_ + z if mu is None else mu * s_ + (1 - mu) * z
+
+    comp_out, comp_grads = under_autocast(composite)
+    with fastnotes.use_backend(backend_name):
+        out, grads = under_autocast(lambda *x: ladder_merge(*x, temperature=T))
+    assert out.dtype == torch.bfloat16
+    assert all(x.dtype == torch.float32 for x in grads)
+    _assert_close(out, exact_out, comp_out, 2 ** -7, "out")
+    for name, got, exact, comp in zip(("ds", "dW", "db", "dalpha"), grads, exact_grads, comp_grads):
+        _assert_close(got, exact, comp, 2 ** -7, name)

@@ -18,8 +18,10 @@ dK, dV of a key tile accumulate in the task, dQ in the head's own rows, and the 
 of bias_diag / post_diag in a private row per task that the launcher sums in a fixed order. No
 atomics and no shared writes: results are deterministic.
 """
+import contextlib
 import functools
 import math
+import threading
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls scipy's BLAS; load it before limiting it)
@@ -201,15 +203,36 @@ def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal
 # ---- launch functions ---------------------------------------------------------------------------
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0  # launches running under the limit, in any Python thread
+_blas_limiter = None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """The tile products run inside numba's parallel loop: a threaded BLAS under it would
+    oversubscribe the cores (OpenBLAS also warns about the OpenMP loop), so BLAS runs on one thread
+    while any launch runs. One process-wide limit, counted: the first launch sets it, the last one
+    to finish restores the counts (per-call limits nested across threads restored out of order and
+    left BLAS at one thread)."""
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
 @functools.lru_cache(maxsize=None)
 def _blas_controller():
     return ThreadpoolController()
-
-
-def _single_threaded_blas():
-    """The tile products run inside numba's parallel loop: a threaded BLAS under it would
-    oversubscribe the cores (OpenBLAS also warns about the OpenMP loop), so limit it per launch."""
-    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _arrays(*tensors):
@@ -224,7 +247,7 @@ def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer
     batch, heads, lq, _ = q.shape
     out = torch.empty(batch, heads, lq, v.shape[3], dtype=work[0].dtype)
     stat = torch.empty(batch, heads, lq, dtype=work[0].dtype)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _forward(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer], bool(causal), *FORWARD_TILES,
                  out.numpy(), stat.numpy())
     return out.to(q.dtype), stat
@@ -243,7 +266,7 @@ def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalize
     grad_bias = torch.empty(batch, heads, lq + lk - 1, dtype=dtype)
     grad_post = torch.empty(batch, heads, lq + lk - 1, dtype=dtype)
     arrays = _arrays(*work)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _backward(*arrays[:6], float(scale), NORMALIZER_CODES[normalizer], bool(causal), *BACKWARD_TILES,
                   *arrays[6:], grad_q.numpy(), grad_k.numpy(), grad_v.numpy(),
                   grad_bias.numpy().reshape(batch * heads, -1), grad_post.numpy().reshape(batch * heads, -1))

@@ -1,5 +1,6 @@
 """Ladder Side-Tuning's gated merge on the CPU (specs/lst.md section 5).
 
+Inputs in float16/bfloat16 are computed in float32 (outputs rounded to the input dtype).
 forward:  o = a s + c (h W^T + b). The GEMM runs on torch's threaded BLAS straight into the output
           buffer (BLAS called from inside numba's parallel loops runs single-threaded and warns),
           then one parallel pass blends it in place: no [N, d] intermediate besides the output.
@@ -13,6 +14,7 @@ import torch
 from numba import njit, prange
 
 from ._math import JIT_OPTIONS
+from ._tensors import compute_view
 
 TILE = 64
 _JIT = dict(JIT_OPTIONS, cache=True)
@@ -65,19 +67,23 @@ def _coefficients(alpha, temperature):
 
 
 def ladder_merge_forward(s, h, weight, bias, alpha, temperature):
-    """s [N, d], h [N, D], weight [d, D], bias [d] contiguous CPU tensors of one dtype (float32 or
-    float64); alpha a 0-d tensor or None (ungated). Returns o [N, d]."""
+    """s [N, d], h [N, D], weight [d, D], bias [d] contiguous CPU tensors of one dtype (float16 and
+    bfloat16 computed in float32); alpha a 0-d tensor or None (ungated). Returns o [N, d] in s's
+    dtype."""
     a, c, _ = _coefficients(alpha, temperature)
+    work_s, h, weight, bias = (compute_view(x) for x in (s, h, weight, bias))
     out = h @ weight.t()  # the GEMM on torch's threaded BLAS, straight into the output buffer
     if s.shape[0] and s.shape[1]:
         blend = _blend_parallel if s.numel() >= PARALLEL_MIN_ELEMENTS else _blend_serial
-        blend(out.numpy(), s.numpy(), bias.numpy(), _dtype(s)(a), _dtype(s)(c))
-    return out
+        blend(out.numpy(), work_s.numpy(), bias.numpy(), _dtype(out)(a), _dtype(out)(c))
+    return out.to(s.dtype)
 
 
 def ladder_merge_backward(g, s, h, weight, bias, alpha, temperature):
-    """(ds, dW, db, dalpha) of the merge above for the upstream gradient g [N, d]; dalpha is None
-    without a gate."""
+    """(ds, dW, db, dalpha) of the merge above for the upstream gradient g [N, d], in the inputs'
+    dtypes; dalpha is None without a gate."""
+    dtype = s.dtype
+    g, s, h, weight, bias = (compute_view(x) for x in (g, s, h, weight, bias))
     a, c, mu = _coefficients(alpha, temperature)
     n, d = g.shape
     n_tiles = max(1, -(-n // TILE))
@@ -94,4 +100,4 @@ def ladder_merge_backward(g, s, h, weight, bias, alpha, temperature):
         # sum(g (s - z)) without z: sum(g z) = <W, G> + <b, sum(g)>
         gate_sum = float(gs_sums.sum()) - float((weight * gram).sum()) - float((bias * sum_g).sum())
         grad_alpha = torch.tensor(mu * (1 - mu) / temperature * gate_sum, dtype=alpha.dtype)
-    return grad_s, gram * c, sum_g * c, grad_alpha
+    return grad_s.to(dtype), (gram * c).to(dtype), (sum_g * c).to(dtype), grad_alpha
