@@ -3,9 +3,11 @@ oracles of specs/amos.md section 9."""
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import fastnotes
 from fastnotes.optim import Amos, schedules
 from fastnotes.reference.amos import amos_update, reduced_axes
 
@@ -344,7 +346,7 @@ def test_factored_state_memory_is_rows_plus_cols():
     ({"lr": 0.1, "beta": 1.0}, "beta"), ({"lr": 0.1, "beta": -0.1}, "beta"), ({"lr": 0.1, "momentum": 1.0}, "momentum"),
     ({"lr": 0.1, "clip_value": 0.0}, "clip_value"), ({"lr": 0.1, "eta": -1.0}, "eta"), ({"lr": 0.1, "eta": 0.0}, "eta"),
     ({"lr": 0.1, "extra_l2": -1e-3}, "extra_l2"), ({"lr": 0.1, "c_coef": -1}, "c_coef"), ({"lr": 0.1, "d_coef": float("inf")}, "d_coef"),
-    ({"lr": 0.1, "epsilon": 0.0}, "epsilon"), ({"lr": 0.1, "slot": "diagonal"}, "slot"),
+    ({"lr": 0.1, "epsilon": 0.0}, "epsilon"), ({"lr": 0.1, "epsilon": 1e-40}, "epsilon"), ({"lr": 0.1, "slot": "diagonal"}, "slot"),
     ({"lr": 0.1, "slot": lambda p: (2, 3)}, "slot"), ({"lr": 0.1, "eta": lambda p: float("nan")}, "eta"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
@@ -493,3 +495,331 @@ def test_mlp_trains_at_least_as_well_as_adamw_defaults(seed):
     finally:
         torch.set_num_threads(threads)
     assert amos <= adamw, f"Amos final loss {amos:.4g} > AdamW {adamw:.4g}"
+
+
+# ---- an independent oracle: the spec's section 3 transcribed in numpy long double --------------------
+# Long double (x86-64: 80-bit, aarch64 Linux: quad) holds the squares of 1e200 where float64 overflows,
+# so it needs none of the guards the package's code has: it checks them, and the reference itself.
+
+WIDE_RANGE = np.finfo(np.longdouble).maxexp > 2048
+SPEC_DEFAULTS = {"beta": 0.999, "c_coef": 0.25, "d_coef": 0.25, "extra_l2": 0.0, "epsilon": 2.0 ** -125,
+                 "clip_value": None, "momentum": None}
+
+
+def wide_run(theta0, grads, slot_shape, state=None, v_max=None, **hyper):
+    """Trajectory (float64 thetas, clipped to the float64 range) and the final long double (v, b) of
+    Amos from `state` = (v, b, m, count) or zeros; every hyper-parameter must be given. With v_max,
+    v is stored saturated at v_max after each step (a step itself uses its exact v), as the package
+    does at the largest finite value of the state dtype."""
+    w = np.longdouble
+    theta = theta0.double().numpy().astype(w)
+    shape = theta.shape
+    axes = tuple(range(len(shape))) if slot_shape == () else tuple(
+        a for a in range(len(shape)) if slot_shape[a] == 1 and shape[a] != 1)
+    if state is None:
+        state = (torch.zeros(slot_shape), torch.zeros(slot_shape), torch.zeros(shape), 0)
+    v, b, m = (s.double().numpy().astype(w) for s in state[:3])
+    lr, eta, beta = w(hyper["lr"]), w(hyper["eta"]), w(hyper["beta"])
+    path = []
+    for i, g in enumerate(grads):
+        t = state[3] + i + 1
+        g = g.double().numpy().astype(w)
+        if hyper["clip_value"] is not None:
+            g = np.clip(g, -w(hyper["clip_value"]), w(hyper["clip_value"]))
+        g2 = (g * g).mean(axis=axes, keepdims=True).reshape(slot_shape) if axes else g * g
+        v = beta * v + (1 - beta) * g2
+        r = (1 - beta ** t) / np.maximum(v, w(hyper["epsilon"]))
+        gamma = lr * lr * r * g2 / np.sqrt(1 + w(hyper["c_coef"]) * np.sqrt(lr) * b)
+        delta = 1 / (1 + w(hyper["d_coef"]) * np.sqrt(lr * eta) * b)
+        update = delta * (-(gamma / 2 + w(hyper["extra_l2"])) * theta - lr * eta * np.sqrt(r) * g)
+        b = b + gamma * (1 + b)
+        if v_max is not None:
+            v = np.minimum(v, w(v_max))
+        if hyper["momentum"] is not None:
+            m = w(hyper["momentum"]) * m + (1 - w(hyper["momentum"])) * update
+            update = m
+        theta = theta + update
+        path.append(torch.from_numpy(np.asarray(np.clip(theta, -1e308, 1e308), dtype=np.float64)))
+    return path, v, b
+
+
+def as_float64(wide, dtype=torch.float64):
+    """A long double array as float64, saturated at the largest finite value of `dtype`."""
+    return torch.from_numpy(np.asarray(np.minimum(wide, np.longdouble(torch.finfo(dtype).max)), dtype=np.float64))
+
+
+def slot_shape_of(rule, shape):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    return tuple(Amos([p], lr=0.1, slot=rule).state[p]["v"].shape)
+
+
+def seeded_state(rng, shape, slot_shape, small_slot=True):
+    """A mid-run state (v, b, m, count) and per-slot gradient scales: b of order 1-10 so that c_coef and
+    d_coef matter, and (small_slot) one slot with tiny v and gradients so that epsilon is active."""
+    v = torch.rand(slot_shape, generator=rng, dtype=torch.float64) * 0.05 + 0.01
+    b = torch.rand(slot_shape, generator=rng, dtype=torch.float64) * 9 + 1
+    m = torch.randn(shape, generator=rng, dtype=torch.float64) * 0.01
+    scales = torch.ones(slot_shape, dtype=torch.float64)
+    if small_slot:
+        scales.view(-1)[0] = 0.02
+        v.view(-1)[0] = 2e-4
+    return (v, b, m, 6), scales
+
+
+def seed_optimizer_state(opt, p, state):
+    v, b, m, count = state
+    s = opt.state[p]
+    s["v"].copy_(v)
+    s["b"].copy_(b)
+    s["step"].fill_(count)
+    if "m" in s:
+        s["m"].copy_(m)
+
+
+def assert_path_close(got, exact, composite, what):
+    """The package rule along a trajectory: |got - exact| <= 2 |composite - exact| + a floor of a few
+    float32 roundoffs of the parameter's size per step taken."""
+    for t, (a, e, c) in enumerate(zip(got, exact, composite)):
+        scale = max(1.0, e.abs().max().item() if e.numel() else 1.0)
+        err = (a.double() - e).abs().max().item() if e.numel() else 0.0
+        composite_err = (c.double() - e).abs().max().item() if e.numel() else 0.0
+        floor = 4 * torch.finfo(torch.float32).eps * (t + 1) * scale if a.dtype != torch.float64 else 1e-13 * scale
+        assert torch.isfinite(a).all(), f"{what}: step {t + 1}: non-finite parameter"
+        assert err <= 2 * composite_err + floor, (
+            f"{what}: step {t + 1}: error {err:.3g} > 2 x composite {composite_err:.3g} + {floor:.3g}")
+
+
+def run_amos(theta0, grads, rule, dtype=torch.float32, state=None, **hyper):
+    """Amos on one parameter (the active backend): thetas along the path, and the final state."""
+    p = torch.nn.Parameter(theta0.to(dtype).clone())
+    opt = Amos([p], slot=rule, **hyper)
+    if state is not None:
+        seed_optimizer_state(opt, p, state)
+    path = []
+    for g in grads:
+        p.grad = g.to(dtype)
+        opt.step()
+        path.append(p.detach().clone())
+    return path, opt.state[p]
+
+
+DISTINCT = {"lr": 0.3, "eta": 0.7, "beta": 0.8, "c_coef": 0.6, "d_coef": 0.05, "momentum": 0.7,
+            "clip_value": 0.8, "extra_l2": 0.02, "epsilon": 1e-3}
+# a second group's settings, each different from DISTINCT's and from the defaults
+DISTINCT_2 = {"lr": 0.15, "eta": 0.4, "beta": 0.6, "c_coef": 0.1, "d_coef": 0.9, "momentum": None,
+              "clip_value": None, "extra_l2": 0.05, "epsilon": 1e-6}
+RULE_CASES = [("row", (5, 7)), ("column", (6, 9)), ("scalar", (11,)), ("full", (3, 4)),
+              (lambda p: (p.shape[0], 1, p.shape[2]), (3, 4, 5))]
+RULE_IDS = ["row", "column", "scalar", "full", "callable"]
+
+
+@pytest.mark.parametrize("rule, shape", RULE_CASES, ids=RULE_IDS)
+def test_reference_matches_wide_oracle_with_distinct_hyperparameters(rng, rule, shape):
+    """The float64 reference against the long double transcription, from a mid-run state with every
+    hyper-parameter distinct and away from its default, and with the reference's own defaults."""
+    theta0 = torch.randn(shape, generator=rng, dtype=torch.float64)
+    slot_shape = slot_shape_of(rule, shape)
+    state, scales = seeded_state(rng, shape, slot_shape)
+    grads = [torch.randn(shape, generator=rng, dtype=torch.float64) * 0.5 * scales for _ in range(3)]
+    for hyper, given in ((DISTINCT, DISTINCT), (dict(SPEC_DEFAULTS, lr=0.3, eta=0.7), {"lr": 0.3, "eta": 0.7})):
+        exact, v_exact, b_exact = wide_run(theta0, grads, slot_shape, state=state, **hyper)
+        v, b, m = state[0], state[1], state[2]
+        theta = theta0
+        for i, g in enumerate(grads):
+            theta, v, b, m = amos_update(theta, g, v, b, state[3] + i + 1, m=m, **given)
+            torch.testing.assert_close(theta, exact[i], rtol=0, atol=1e-13)
+        torch.testing.assert_close(v, as_float64(v_exact), rtol=1e-13, atol=0)
+        torch.testing.assert_close(b, as_float64(b_exact), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("rule, shape", RULE_CASES, ids=RULE_IDS)
+def test_distinct_hyperparameters_in_two_groups_from_mid_run_state(backend, rng, rule, shape):
+    """Two parameter groups with every hyper-parameter distinct (from each other and from the
+    defaults), each tensor starting from a seeded mid-run state (count 6, b of order 1-10 so that
+    c_coef and d_coef change the step by tens of percent, one slot with v below epsilon): a swap of
+    two coefficients, a wrong default or one group's settings used for the other shows."""
+    dtype = torch.float32
+    thetas = [torch.randn(shape, generator=rng, dtype=torch.float64) for _ in range(2)]
+    params = [torch.nn.Parameter(t.to(dtype)) for t in thetas]
+    opt = Amos([{"params": [params[0]], **DISTINCT}, {"params": [params[1]], **DISTINCT_2}], lr=0.01, slot=rule)
+    slot_shape = tuple(opt.state[params[0]]["v"].shape)
+    n_steps = 2
+    setups = []
+    for p, hyper in zip(params, (DISTINCT, DISTINCT_2)):
+        state, scales = seeded_state(rng, shape, slot_shape)
+        seed_optimizer_state(opt, p, state)
+        grads = [torch.randn(shape, generator=rng, dtype=torch.float64) * 0.5 * scales for _ in range(n_steps)]
+        setups.append((state, grads, hyper))
+    paths = [[], []]
+    for t in range(n_steps):
+        for p, (_, grads, _) in zip(params, setups):
+            p.grad = grads[t].to(dtype)
+        opt.step()
+        for path, p in zip(paths, params):
+            path.append(p.detach().clone())
+    for i, (state, grads, hyper) in enumerate(setups):
+        exact, v_exact, b_exact = wide_run(thetas[i], grads, slot_shape, state=state, **hyper)
+        composite, _ = _reference_path(thetas[i], grads, slot_shape, dtype, state, hyper)
+        assert_path_close(paths[i], exact, composite, f"group {i}")
+        torch.testing.assert_close(opt.state[params[i]]["v"].double(), as_float64(v_exact), rtol=1e-5, atol=0)
+        torch.testing.assert_close(opt.state[params[i]]["b"].double(), as_float64(b_exact), rtol=1e-5, atol=0)
+
+
+def _reference_path(theta0, grads, slot_shape, dtype, state=None, hyper=None):
+    """The plain-torch reference run in `dtype` (the same-dtype composite of the package rule)."""
+    hyper = dict(SPEC_DEFAULTS, **hyper)
+    if state is None:
+        state = (torch.zeros(slot_shape), torch.zeros(slot_shape), torch.zeros(theta0.shape), 0)
+    v, b, m = (s.to(dtype) for s in state[:3])
+    theta = theta0.to(dtype)
+    path = []
+    for i, g in enumerate(grads):
+        theta, v, b, m = amos_update(theta, g.to(dtype), v, b, state[3] + i + 1, m=m, **hyper)
+        path.append(theta)
+    return path, v
+
+
+@pytest.mark.parametrize("big", [1e20, 1e30])
+@pytest.mark.parametrize("rule, shape", RULE_CASES, ids=RULE_IDS)
+def test_one_huge_gradient_does_not_poison_float32(backend, rng, rule, shape, big):
+    """Issue 18 (6): one finite gradient entry whose square overflows float32 (above ~1.8e19). The
+    step and the ones after it stay finite and follow the exact (long double) trajectory; v holds
+    the exact value, saturated at the largest float32 where that overflows (it decays from there)."""
+    hyper = {"lr": 0.05, "eta": 0.3, "beta": 0.9, "momentum": 0.5}
+    theta0 = torch.randn(shape, generator=rng, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=rng, dtype=torch.float64) * 0.1 for _ in range(3)]
+    grads[1].view(-1)[0] = big
+    path, state = run_amos(theta0, grads, rule, **hyper)
+    slot_shape = tuple(state["v"].shape)
+    full = dict(SPEC_DEFAULTS, **hyper)
+    exact, v_exact, b_exact = wide_run(theta0, grads, slot_shape, v_max=torch.finfo(torch.float32).max, **full)
+    composite, _ = _reference_path(theta0, grads, slot_shape, torch.float32, hyper=hyper)
+    assert_path_close(path, exact, composite, f"|g| = {big:g}")
+    assert torch.isfinite(state["v"]).all() and torch.isfinite(state["m"]).all()
+    torch.testing.assert_close(state["v"].double(), as_float64(v_exact, torch.float32), rtol=1e-5, atol=0)
+    torch.testing.assert_close(state["b"].double(), as_float64(b_exact), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not WIDE_RANGE, reason="numpy long double has no wider exponent range than float64 here")
+@pytest.mark.parametrize("big", [1e200, 1e300])
+@pytest.mark.parametrize("rule, shape", RULE_CASES, ids=RULE_IDS)
+@pytest.mark.parametrize("backend_name", ["numba", "reference"])
+def test_one_huge_gradient_does_not_poison_float64(backend_name, rng, rule, shape, big):
+    """The same in float64, whose squares overflow above ~1.3e154: the kernels and the reference
+    follow the long double trajectory, v saturated at the largest float64."""
+    hyper = {"lr": 0.05, "eta": 0.3, "beta": 0.9, "momentum": 0.5}
+    theta0 = torch.randn(shape, generator=rng, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=rng, dtype=torch.float64) * 0.1 for _ in range(3)]
+    grads[1].view(-1)[-1] = -big
+    with fastnotes.use_backend(backend_name):
+        path, state = run_amos(theta0, grads, rule, dtype=torch.float64, **hyper)
+    slot_shape = tuple(state["v"].shape)
+    exact, v_exact, b_exact = wide_run(theta0, grads, slot_shape, v_max=torch.finfo(torch.float64).max,
+                                       **dict(SPEC_DEFAULTS, **hyper))
+    for t, (got, want) in enumerate(zip(path, exact)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13, msg=lambda m: f"step {t + 1}: {m}")
+    torch.testing.assert_close(state["v"], as_float64(v_exact), rtol=1e-13, atol=0)
+    torch.testing.assert_close(state["b"], as_float64(b_exact), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("shape, rule", [((0, 5), "row"), ((5, 0), "row"), ((5, 0), "column"), ((0,), "row"),
+                                         ((0, 3, 4), "full"), ((2, 0, 3), "scalar")], ids=str)
+def test_empty_parameters_step_as_no_ops(backend, rng, shape, rule):
+    """Issue 18 (11): an empty tensor (alone, or in a group with others) constructs, steps as a
+    no-op and keeps a finite state; its neighbour steps as it would alone."""
+    empty = torch.nn.Parameter(torch.empty(shape))
+    other = torch.nn.Parameter(torch.randn(4, 6, generator=rng))
+    theta0 = other.detach().double().clone()
+    opt = Amos([empty, other], lr=0.05, slot=rule, momentum=0.9)
+    assert math.isfinite(opt.state[empty]["eta"]) and opt.state[empty]["eta"] > 0
+    grads = [torch.randn(4, 6, generator=rng, dtype=torch.float64) for _ in range(2)]
+    for g in grads:
+        empty.grad = torch.empty(shape)
+        other.grad = g.float()
+        opt.step()
+    assert empty.shape == shape
+    for key in ("v", "b", "m"):
+        assert torch.isfinite(opt.state[empty][key]).all() and (opt.state[empty][key] == 0).all()
+    eta = opt.state[other]["eta"]
+    exact, _, _ = wide_run(theta0, grads, tuple(opt.state[other]["v"].shape),
+                           **dict(SPEC_DEFAULTS, lr=0.05, eta=eta, momentum=0.9))
+    torch.testing.assert_close(other.detach().double(), exact[-1], rtol=0, atol=1e-6)
+    alone = torch.nn.Parameter(torch.empty(shape))
+    Amos([alone], lr=0.1)  # no neighbour to take the default eta from either
+
+
+@pytest.mark.parametrize("shape, rule", [((300, 300), "row"), ((300, 300), "column"), ((300, 300), "scalar"),
+                                         ((300, 300), "full"), ((2, 70000), "row")], ids=str)
+def test_numba_parallel_and_split_paths(rng, shape, rule):
+    """The numba kernels' paths for tensors of 2^16 entries or more (threads; a few long rows split in
+    chunks of 65536 and reduced across them), with a gradient entry that overflows float32 in a later
+    chunk, against the long double oracle."""
+    hyper = {"lr": 0.05, "eta": 0.3, "beta": 0.9, "clip_value": 1e25}
+    theta0 = torch.randn(shape, generator=rng, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=rng, dtype=torch.float64) * 0.1 for _ in range(2)]
+    grads[0][-1, -3] = 1e24
+    grads[1][0, -1] = -1e30  # clipped to 1e25
+    with fastnotes.use_backend("numba"):
+        path, state = run_amos(theta0, grads, rule, **hyper)
+    slot_shape = tuple(state["v"].shape)
+    exact, v_exact, _ = wide_run(theta0, grads, slot_shape, v_max=torch.finfo(torch.float32).max,
+                                 **dict(SPEC_DEFAULTS, **hyper))
+    composite, _ = _reference_path(theta0, grads, slot_shape, torch.float32, hyper=hyper)
+    assert_path_close(path, exact, composite, rule)
+    torch.testing.assert_close(state["v"].double(), as_float64(v_exact, torch.float32), rtol=1e-4, atol=0)
+
+
+def test_long_reductions_and_tails_in_one_group(backend, rng):
+    """One multi-tensor group whose slots reduce over more entries than one tile (Triton: a scalar
+    slot over 2100 entries in 1024-row tiles, a column slot over 70 rows in 32-row tiles), with the
+    overflowing gradient in the last, partial tile."""
+    shapes = [(2100,), (70, 40), (5, 3)]
+    hyper = {"lr": 0.05, "eta": 0.3, "beta": 0.9}
+    thetas = [torch.randn(s, generator=rng, dtype=torch.float64) for s in shapes]
+    params = [torch.nn.Parameter(t.float()) for t in thetas]
+    opt = Amos(params, slot=lambda p: () if p.dim() == 1 else (1, p.shape[1]), **hyper)
+    grads = [[torch.randn(s, generator=rng, dtype=torch.float64) * 0.1 for s in shapes] for _ in range(2)]
+    grads[0][0][2050] = 3e19
+    grads[1][1][65, 33] = -1e30
+    paths = [[] for _ in shapes]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.float()
+        opt.step()
+        for path, p in zip(paths, params):
+            path.append(p.detach().clone())
+    for i, p in enumerate(params):
+        slot_shape = tuple(opt.state[p]["v"].shape)
+        own = [g[i] for g in grads]
+        exact, v_exact, _ = wide_run(thetas[i], own, slot_shape, v_max=torch.finfo(torch.float32).max,
+                                     **dict(SPEC_DEFAULTS, **hyper))
+        composite, _ = _reference_path(thetas[i], own, slot_shape, torch.float32, hyper=hyper)
+        assert_path_close(paths[i], exact, composite, str(shapes[i]))
+        torch.testing.assert_close(opt.state[p]["v"].double(), as_float64(v_exact, torch.float32), rtol=1e-5, atol=0)
+
+
+def test_state_dict_round_trip_mid_run_every_backend(backend, rng):
+    """Save after 2 steps, load into a fresh optimiser over a copy, take 2 more steps on both: the
+    same state and parameters (the same backend on the same inputs, so exactly)."""
+    shape = (5, 7)
+    theta0 = torch.randn(shape, generator=rng)
+    grads = [torch.randn(shape, generator=rng) for _ in range(4)]
+    p = torch.nn.Parameter(theta0.clone())
+    opt = Amos([p], **DISTINCT)
+    for g in grads[:2]:
+        p.grad = g.clone()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    q = torch.nn.Parameter(p.detach().clone())
+    buffer.seek(0)
+    opt2 = Amos([q], lr=0.01)  # the hyper-parameters come from the checkpoint
+    opt2.load_state_dict(torch.load(buffer))
+    assert opt2.param_groups[0]["c_coef"] == DISTINCT["c_coef"]
+    for g in grads[2:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q)
+    for key in ("step", "v", "b", "m"):
+        assert torch.equal(opt.state[p][key], opt2.state[q][key])

@@ -17,6 +17,7 @@ from .. import _dispatch, reference
 _OP = "Amos"
 _KERNELS = {"numba": "fastnotes.kernels.numba.amos", "triton": "fastnotes.kernels.triton.amos"}
 SLOT_RULES = ("row", "column", "scalar", "full")
+_FLOAT32_TINY = 2.0 ** -126
 
 
 def _slot_shape(rule, param):
@@ -62,8 +63,8 @@ def default_eta(param):
     scalars (zero-init biases, LayerNorm gains that start at 1)."""
     if param.dim() < 2:
         return 0.5
-    rms = float(param.detach().double().pow(2).mean().sqrt())
-    return rms if rms > 0 else math.sqrt(param.shape[0] / param.numel())
+    rms = float(param.detach().double().pow(2).mean().sqrt()) if param.numel() else 0.0
+    return rms if rms > 0 else math.sqrt(1 / max(1, math.prod(param.shape[1:])))
 
 
 def _check_number(name, value, low=None, high=None, low_open=False, high_open=False, none_ok=False):
@@ -85,7 +86,8 @@ def _check_group(group):
     _check_number("extra_l2", group["extra_l2"], 0.0)
     _check_number("c_coef", group["c_coef"], 0.0)
     _check_number("d_coef", group["d_coef"], 0.0)
-    _check_number("epsilon", group["epsilon"], 0.0, low_open=True)
+    # float32 state holds epsilon as a normal number (below it, a zero v divides by zero)
+    _check_number("epsilon", group["epsilon"], _FLOAT32_TINY)
     eta = group["eta"]
     if eta is not None and not callable(eta):
         _check_number("eta", eta, 0.0, low_open=True)
@@ -111,10 +113,14 @@ class Amos(torch.optim.Optimizer):
         beta: EMA rate of the squared gradient (0.999). c_coef, d_coef: decay coefficients (0.25).
         momentum: EMA of the update (not debiased; None = no momentum slot).
         clip_value: clip the gradient to [-clip_value, clip_value] first (None = no clip).
-        extra_l2: extra L2 decay (0). epsilon: guard on v (2^-125).
+        extra_l2: extra L2 decay (0). epsilon: guard on v (2^-125; at least 2^-126, the smallest
+            normal float32).
 
     State per tensor (fp32; fp64 for fp64 tensors): step (count), v and b of the slot shape, m
     with momentum, and eta. With GradScaler, scaler.step(opt) skips the step on inf/NaN gradients.
+    Any finite gradient gives a finite step, however large (squares that would overflow are taken
+    scaled by the slot's largest |g|); v saturates at the state dtype's largest value. Empty tensors
+    step as no-ops.
     """
 
     def __init__(self, params, lr, *, eta=None, slot="row", beta=0.999, momentum=None, clip_value=None,
@@ -172,6 +178,8 @@ class Amos(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 backend, item = self._prepare(p, group)
+                if p.numel() == 0:  # counted, nothing to update
+                    continue
                 if backend == "reference":
                     _reference_step(p, self.state[p], group)
                 else:

@@ -43,20 +43,32 @@ def amos_update(param, grad, v, b, step, *, lr, eta, beta=0.999, c_coef=0.25, d_
     param, grad: tensors of one shape; v, b: slots of the reduced shape (broadcastable to param);
     step: the incremented count t >= 1; m: the momentum slot when momentum is set.
     Returns new tensors (param, v, b, m); m is None without momentum. Nothing is written in place.
+    Any finite gradient gives a finite step: the squares are scaled where they would overflow, and
+    v is returned saturated at the dtype's largest value (the step uses its exact value). An empty
+    tensor's step changes nothing.
     """
     dtype = param.dtype
+    if param.numel() == 0:  # nothing to average or update
+        return (param.clone(), v.to(dtype, copy=True), b.to(dtype, copy=True),
+                None if momentum is None else m.to(dtype, copy=True))
     g = grad.to(dtype)
     if clip_value is not None:
         g = g.clamp(-clip_value, clip_value)
     axes = reduced_axes(param.shape, v.shape)
-    g2 = (g * g).mean(dim=axes, keepdim=True) if axes else g * g
-    g2 = g2.reshape(v.shape)
-    v_new = beta * v.to(dtype) + (1 - beta) * g2
-    r = (1 - beta ** step) / v_new.clamp_min(epsilon)
+    # g^2 overflows above sqrt(max) (1.8e19 in float32): square g / unit instead, unit a power of two
+    # at the slot's largest |g| (exact scaling), and carry v and the epsilon guard in units of unit^2.
+    big = g.abs().amax(dim=axes, keepdim=True) if axes else g.abs()
+    unit = torch.pow(2.0, (torch.frexp(big).exponent - 1).clamp_min(0).to(dtype)).reshape(v.shape)
+    gs = g / unit
+    g2 = (gs * gs).mean(dim=axes, keepdim=True).reshape(v.shape) if axes else gs * gs  # mean g^2 / unit^2
+    u = beta * (v.to(dtype) / unit / unit) + (1 - beta) * g2                          # new v / unit^2
+    v_new = (u * unit * unit).clamp_max(torch.finfo(dtype).max)  # stored saturated, never inf
+    guarded = torch.maximum(u, epsilon / unit / unit)            # max(v, epsilon) / unit^2
+    bias = 1 - beta ** step                                      # r = bias / (guarded unit^2)
     b_old = b.to(dtype)
-    gamma = lr * lr * r * g2 / torch.sqrt(1 + c_coef * math.sqrt(lr) * b_old)
+    gamma = lr * lr * (bias * g2 / guarded) / torch.sqrt(1 + c_coef * math.sqrt(lr) * b_old)
     delta = 1 / (1 + d_coef * math.sqrt(lr * eta) * b_old)
-    update = delta * (-(gamma / 2 + extra_l2) * param - lr * eta * torch.sqrt(r) * g)
+    update = delta * (-(gamma / 2 + extra_l2) * param - lr * eta * torch.sqrt(bias / guarded) * gs)
     b_new = b_old + gamma * (1 + b_old)
     m_new = None
     if momentum is not None:

@@ -15,6 +15,11 @@ theta <- theta - decay theta - scale g (through the momentum EMA when there is o
 
 Math in the array dtype (float32, or float64 for the accuracy path); hp holds the hyper-parameters
 in that dtype (see HP_FIELDS). No temporaries the size of a tensor.
+
+Large gradients: a square overflows above ~1.8e19 in float32 (1.3e154 in float64). A slot whose plain
+sum of squares comes out inf is summed again as (g / unit)^2 with unit its largest |g|, and its v
+and epsilon guard are carried in units of unit^2 (_slot_update); v is stored saturated at the
+dtype's largest value. The common path is unchanged: one comparison per slot.
 """
 import numba
 import numpy as np
@@ -25,8 +30,9 @@ from ._math import JIT_OPTIONS, like
 
 _JIT = dict(JIT_OPTIONS, cache=True)
 HP_FIELDS = ("lr", "lr_eta", "sqrt_lr", "sqrt_lr_eta", "beta", "bias_correction", "c_coef", "d_coef",
-             "extra_l2", "epsilon", "clip", "momentum")
-(_LR, _LR_ETA, _SQRT_LR, _SQRT_LR_ETA, _BETA, _BIAS, _C, _D, _L2, _EPS, _CLIP, _MU) = range(len(HP_FIELDS))
+             "extra_l2", "epsilon", "clip", "momentum", "max")
+(_LR, _LR_ETA, _SQRT_LR, _SQRT_LR_ETA, _BETA, _BIAS, _C, _D, _L2, _EPS, _CLIP, _MU,
+ _MAX) = range(len(HP_FIELDS))
 SPLIT_CHUNK = 65536         # chunk of a long row when there are too few rows to share out
 COL_STRIP = 64              # columns per parallel task in the cols kernel
 
@@ -36,18 +42,36 @@ def _clipped(x, clip):
     return min(max(x, -clip), clip)
 
 
+# Without fast-math: reassociated, x * unit * unit would form unit^2, which overflows. Not inlined by
+# numba, so LLVM keeps these instructions exact; a unit of 1 still folds away.
+_EXACT = dict(_JIT, fastmath=False)
+
+
+@njit(**_EXACT)
+def _to_units(x, unit):
+    return x / unit / unit
+
+
+@njit(**_EXACT)
+def _from_units(x, unit):
+    return x * unit * unit
+
+
 @njit(inline="always", **_JIT)
-def _slot_update(sum_sq, count, v, b, hp):
-    """(new v, new b, decay, scale) of one slot from its sum of clipped g^2 over `count` entries."""
+def _slot_update(sum_sq, count, unit, v, b, hp):
+    """(new v, new b, decay, scale) of one slot from the sum of (clipped g / unit)^2 over `count`
+    entries: unit is 1, or the slot's largest |g| where the plain squares overflow."""
     one = like(hp, 1.0)
-    g2 = sum_sq / like(hp, count)
-    v_new = hp[_BETA] * v + (one - hp[_BETA]) * g2
-    r = hp[_BIAS] / max(v_new, hp[_EPS])
-    gamma = hp[_LR] * hp[_LR] * r * g2 / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
+    g2 = sum_sq / like(hp, count)                                # mean g^2 / unit^2
+    u = hp[_BETA] * _to_units(v, unit) + (one - hp[_BETA]) * g2   # new v / unit^2
+    guarded = max(u, _to_units(hp[_EPS], unit))                   # max(new v, epsilon) / unit^2
+    # r = bias / (guarded unit^2): gamma takes r g^2, the step sqrt(r) g
+    gamma = hp[_LR] * hp[_LR] * (hp[_BIAS] * g2 / guarded) / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
     delta = one / (one + hp[_D] * hp[_SQRT_LR_ETA] * b)
     decay = delta * (gamma * like(hp, 0.5) + hp[_L2])
-    scale = delta * hp[_LR_ETA] * np.sqrt(r)
-    return v_new, b + gamma * (one + b), decay, scale
+    scale = delta * hp[_LR_ETA] * np.sqrt(hp[_BIAS] / guarded) / unit
+    v_new = _from_units(u, unit)
+    return hp[_MAX] if v_new > hp[_MAX] else v_new, b + gamma * (one + b), decay, scale
 
 
 @njit(inline="always", **_JIT)
@@ -77,6 +101,29 @@ def _sum_sq(g, clip):
     return acc
 
 
+@njit(**_JIT)
+def _rescaled_sum_sq(g, clip):
+    """(sum of (clipped g / unit)^2, unit) with unit the largest |clipped g|: for a slot whose plain
+    sum of squares overflowed (rare, so not inlined)."""
+    unit = like(g, 0.0)
+    for k in range(g.shape[0]):
+        unit = max(unit, abs(_clipped(g[k], clip)))
+    acc = like(g, 0.0)
+    for k in range(g.shape[0]):
+        x = _clipped(g[k], clip) / unit
+        acc += x * x
+    return acc, unit
+
+
+@njit(inline="always", **_JIT)
+def _slot_sum_sq(g, hp):
+    """(sum, unit) for _slot_update over the entries g of one slot."""
+    acc = _sum_sq(g, hp[_CLIP])
+    if acc > hp[_MAX]:
+        return _rescaled_sum_sq(g, hp[_CLIP])
+    return acc, like(hp, 1.0)
+
+
 @njit(inline="always", **_JIT)
 def _part(array, lo, hi):
     """array[lo:hi], or None for None."""
@@ -91,7 +138,8 @@ def _rows_step(theta, g, m, v, b, n_cols, hp):
         lo = s * n_cols
         hi = lo + n_cols
         gs = g[lo:hi]
-        v[s], b_new, decay, scale = _slot_update(_sum_sq(gs, hp[_CLIP]), n_cols, v[s], b[s], hp)
+        sum_sq, unit = _slot_sum_sq(gs, hp)
+        v[s], b_new, decay, scale = _slot_update(sum_sq, n_cols, unit, v[s], b[s], hp)
         b[s] = b_new
         _apply(theta[lo:hi], gs, _part(m, lo, hi), decay, scale, hp)
 
@@ -100,9 +148,13 @@ def _rows_step(theta, g, m, v, b, n_cols, hp):
 def _full_chunk(theta, g, m, v, b, hp):
     """One slot per entry: the slot update and the apply fused per element (views from 0)."""
     clip = hp[_CLIP]
+    one = like(hp, 1.0)
     for k in range(theta.shape[0]):
         x = _clipped(g[k], clip)
-        v[k], b[k], decay, scale = _slot_update(x * x, 1, v[k], b[k], hp)
+        sq = x * x
+        over = sq > hp[_MAX]  # then (x / |x|)^2 = 1 in units of x^2
+        v[k], b[k], decay, scale = _slot_update(one if over else sq, 1, abs(x) if over else one,
+                                                v[k], b[k], hp)
         t = theta[k]
         d = -decay * t - scale * x
         if m is not None:
@@ -139,10 +191,13 @@ def _split_apply(theta, g, m, n_cols, n_chunks, decay, scale, hp):
 
 
 @njit(**_JIT)
-def _split_slots(partial, n_cols, v, b, hp, decay, scale):
+def _split_slots(g, partial, n_cols, v, b, hp, decay, scale):
     for s in range(v.shape[0]):
         # the chunk sums are added in a fixed order: deterministic
-        v[s], b[s], decay[s], scale[s] = _slot_update(partial[s].sum(), n_cols, v[s], b[s], hp)
+        sum_sq, unit = partial[s].sum(), like(hp, 1.0)
+        if sum_sq > hp[_MAX]:
+            sum_sq, unit = _rescaled_sum_sq(g[s * n_cols:(s + 1) * n_cols], hp[_CLIP])
+        v[s], b[s], decay[s], scale[s] = _slot_update(sum_sq, n_cols, unit, v[s], b[s], hp)
 
 
 @njit(inline="always", **_JIT)
@@ -174,7 +229,10 @@ def _cols_step(theta, g, m, v, b, n_rows, hp):
         decay = np.empty(width, dtype=v.dtype)
         scale = np.empty(width, dtype=v.dtype)
         for j in range(width):
-            v[lo + j], b[lo + j], decay[j], scale[j] = _slot_update(acc[j], n_rows, v[lo + j], b[lo + j], hp)
+            sum_sq, unit = acc[j], like(hp, 1.0)
+            if sum_sq > hp[_MAX]:
+                sum_sq, unit = _rescaled_sum_sq(g[lo + j::n_slots], clip)
+            v[lo + j], b[lo + j], decay[j], scale[j] = _slot_update(sum_sq, n_rows, unit, v[lo + j], b[lo + j], hp)
         for i in range(n_rows):
             start = i * n_slots + lo
             _apply_strip_row(theta[start:start + width], g[start:start + width], _part(m, start, start + width),
@@ -195,7 +253,7 @@ def _split_rows_step(theta, g, m, v, b, n_cols, hp):
     _split_sums(g, v.shape[0], n_cols, n_chunks, hp[_CLIP], partial)
     decay = np.empty_like(v)
     scale = np.empty_like(v)
-    _split_slots(partial, n_cols, v, b, hp, decay, scale)
+    _split_slots(g, partial, n_cols, v, b, hp, decay, scale)
     _split_apply(theta, g, m, n_cols, n_chunks, decay, scale, hp)
 
 
@@ -232,8 +290,8 @@ def amos_step_tensor(param, grad, m, v, b, step, layout, hyper):
     clip = hyper["clip_value"]
     hp = np.array([lr, lr * eta, lr ** 0.5, (lr * eta) ** 0.5, hyper["beta"], 1 - hyper["beta"] ** t,
                    hyper["c_coef"], hyper["d_coef"], hyper["extra_l2"], hyper["epsilon"],
-                   np.inf if clip is None else clip, 0.0 if hyper["momentum"] is None else hyper["momentum"]],
-                  dtype=np.float32 if dtype == torch.float32 else np.float64)
+                   np.inf if clip is None else clip, 0.0 if hyper["momentum"] is None else hyper["momentum"],
+                   torch.finfo(dtype).max], dtype=np.float32 if dtype == torch.float32 else np.float64)
     in_place = param.is_contiguous() and param.dtype == dtype
     work = param.detach() if in_place else param.detach().to(dtype).contiguous()
     grad = grad.to(dtype).contiguous()

@@ -13,6 +13,10 @@ holds every tensor's pointers (as int64), sizes and offset into one shared coeff
             through the momentum EMA when there is one; theta keeps its dtype, the math is fp32.
 Traffic: g twice, theta once each way (plus m), against AdamW's theta, g, m, v read and theta, m, v
 written.
+Large gradients: a square overflows float32 above ~1.8e19. A slot whose sum of squares comes out inf
+is summed again as (g / unit)^2 with unit its largest |g| (two more passes, only in the programs that
+hold such a slot), and its v and epsilon guard are carried in units of unit^2; v is stored saturated
+at the largest float32.
 """
 import math
 
@@ -21,6 +25,7 @@ import triton
 import triton.language as tl
 
 APPLY_BLOCK = 1024
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 NUM_WARPS = 4
 # columns of the int64 tensor table
 _THETA, _G, _M, _V, _B, _STEP, _COEF, _REDUCED, _INNER, _NUMEL = range(10)
@@ -59,20 +64,39 @@ def amos_slots_kernel(tasks_ptr, tensors_ptr, scales_ptr, coef_ptr, g_like,
         g = tl.load(base + rows[:, None] * n_inner + inner[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.minimum(tl.maximum(g, -clip), clip)
         acc += g * g
-    g2 = tl.sum(acc, axis=0) / n_reduced.to(tl.float32)
+    sum_sq = tl.sum(acc, axis=0)
+    unit = tl.full([BLOCK_I], 1.0, tl.float32)
+    if tl.max(sum_sq, axis=0) > FLOAT32_MAX:  # a square overflowed: rescale those slots by their max |g|
+        big = tl.zeros([BLOCK_I], dtype=tl.float32)
+        for r0 in range(0, n_reduced, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            mask = (rows < n_reduced)[:, None] & in_inner[None, :]
+            g = tl.load(base + rows[:, None] * n_inner + inner[None, :], mask=mask, other=0.0).to(tl.float32)
+            big = tl.maximum(big, tl.max(tl.abs(tl.minimum(tl.maximum(g, -clip), clip)), axis=0))
+        unit = tl.where(sum_sq > FLOAT32_MAX, big, 1.0)
+        acc = tl.zeros([BLOCK_R, BLOCK_I], dtype=tl.float32)
+        for r0 in range(0, n_reduced, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            mask = (rows < n_reduced)[:, None] & in_inner[None, :]
+            g = tl.load(base + rows[:, None] * n_inner + inner[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.minimum(tl.maximum(g, -clip), clip) / unit[None, :]
+            acc += g * g
+        sum_sq = tl.sum(acc, axis=0)
+    g2 = sum_sq / n_reduced.to(tl.float32)  # mean g^2 / unit^2
     slot = outer * n_inner + inner
     v = tl.load(v_ptr + slot, mask=in_inner, other=0.0)
     b = tl.load(b_ptr + slot, mask=in_inner, other=0.0)
     t = tl.load(step_ptr)
-    v = beta * v + (1.0 - beta) * g2
-    r = (1.0 - tl.exp2(t * log2_beta)) / tl.maximum(v, epsilon)
-    gamma = lr * lr * r * g2 / tl.sqrt(1.0 + c_coef * sqrt_lr * b)
+    u = beta * (v / unit / unit) + (1.0 - beta) * g2  # new v / unit^2
+    guarded = tl.maximum(u, epsilon / unit / unit)  # max(new v, epsilon) / unit^2
+    bias = 1.0 - tl.exp2(t * log2_beta)  # r = bias / (guarded unit^2): gamma takes r g^2, the step sqrt(r) g
+    gamma = lr * lr * (bias * g2 / guarded) / tl.sqrt(1.0 + c_coef * sqrt_lr * b)
     delta = 1.0 / (1.0 + d_coef * sqrt_lr_eta * b)
-    tl.store(v_ptr + slot, v, mask=in_inner)
+    tl.store(v_ptr + slot, tl.minimum(u * unit * unit, FLOAT32_MAX), mask=in_inner)
     tl.store(b_ptr + slot, b + gamma * (1.0 + b), mask=in_inner)
     coef = coef_ptr + 2 * (coef_base + slot)
     tl.store(coef, delta * (0.5 * gamma + extra_l2), mask=in_inner)
-    tl.store(coef + 1, delta * lr_eta * tl.sqrt(r), mask=in_inner)
+    tl.store(coef + 1, delta * lr_eta * tl.sqrt(bias / guarded) / unit, mask=in_inner)
 
 
 @triton.jit
