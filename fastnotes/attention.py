@@ -13,6 +13,7 @@ import math
 import torch
 
 from . import _checks, _dispatch
+from ._autograd import once_differentiable
 from .reference import attention as reference
 
 _OP = "relpos_attention"
@@ -174,7 +175,7 @@ class _RelPosAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises instead of seeing a constant
+    @once_differentiable(_OP)  # a double backward raises (the kernels' backward has no graph)
     def backward(ctx, grad_out):
         q, k, v, bias_diag, post_diag, key_bias, out, stat = ctx.saved_tensors
         with _autocast_off(q.device):  # a backward called inside autocast: the launchers' torch ops as in forward

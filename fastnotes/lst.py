@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import _checks, _dispatch, reference
+from ._autograd import once_differentiable
 
 _OP = "ladder_merge"
 _KERNELS = {"numba": "fastnotes.kernels.numba.lst", "triton": "fastnotes.kernels.triton.lst"}
@@ -45,7 +46,7 @@ class _LadderMergeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises instead of failing in numpy
+    @once_differentiable(_OP)  # a double backward raises (the kernels' backward has no graph)
     def backward(ctx, grad_out):
         s, h, weight, bias, alpha = ctx.saved_tensors
         with _autocast_off(s.device):  # a backward called inside autocast: the launchers' GEMMs as in forward

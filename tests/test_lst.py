@@ -351,14 +351,18 @@ def test_double_backward(backend):
     gen = torch.Generator().manual_seed(4)
     s, w = (torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_() for shape in ((5, 3), (3, 4)))
     h = torch.randn(5, 4, generator=gen, dtype=dtype)
-    b, alpha = torch.randn(3, generator=gen, dtype=dtype).requires_grad_(), torch.tensor(0.1, dtype=dtype).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=dtype).requires_grad_()
+    alpha = torch.tensor(0.1, dtype=dtype).requires_grad_()
     if backend == "reference":
         assert torch.autograd.gradgradcheck(lambda *x: ladder_merge(x[0], h, *x[1:], temperature=T), (s, w, b, alpha))
         return
-    for wrt in (s, w, alpha):
-        g = torch.autograd.grad(ladder_merge(s, h, w, b, alpha, temperature=T).square().sum(), wrt, create_graph=True)[0]
-        with pytest.raises(RuntimeError, match="differentiate twice"):
-            g.square().sum().backward()
+    # a loss linear in the output hands the backward a gradient with no graph: still tied to the inputs
+    for loss in (lambda o: o.sum(), lambda o: o.square().sum()):
+        for wrt in (s, w, alpha):
+            out = ladder_merge(s, h, w, b, alpha, temperature=T)
+            g = torch.autograd.grad(loss(out), wrt, create_graph=True)[0]
+            with pytest.raises(RuntimeError, match="differentiated again"):
+                g.square().sum().backward()
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
