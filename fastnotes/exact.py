@@ -30,6 +30,59 @@ def _why_not(backend, logits, nodes):
     return _dispatch.float_kernel_reason(backend, logits, "logits")
 
 
+def _autocast_float32(fn):
+    """Under autocast on the logits' device, run `fn` with autocast off and float16/bfloat16 tensor
+    arguments widened to float32: a probability or a loss comes out in float32, as torch's losses
+    do (float64 stays float64)."""
+
+    def widen(value):
+        if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+            return value.float()
+        return value
+
+    @functools.wraps(fn)
+    def wrapper(logits, *args, **kwargs):
+        device_type = logits.device.type if isinstance(logits, torch.Tensor) else "cpu"
+        if not torch.is_autocast_enabled(device_type):
+            return fn(logits, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return fn(widen(logits), *map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+class _RaiseWhenDifferentiated(torch.autograd.Function):
+    """A copy of a first-order gradient whose own derivative raises."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(f"{_OP}: trying to differentiate twice the fused kernel's backward (it is "
+                           "once_differentiable); the 'reference' backend has second derivatives")
+
+
+def _once_differentiable(backward):
+    """torch's once_differentiable makes a second derivative raise only when the incoming gradient
+    requires grad. With a constant upstream (loss = 1 - P) the first derivative would come back as a
+    plain tensor, and a gradient penalty mixed with other terms would silently lose this op's part.
+    So under create_graph the gradients are also tied to an input that requires grad."""
+    backward = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        outputs = backward(ctx, *grads)
+        anchor = next((t for t in ctx.saved_tensors if t.requires_grad), None)
+        if not torch.is_grad_enabled() or anchor is None:
+            return outputs
+        return tuple(g if g is None or g.requires_grad else _RaiseWhenDifferentiated.apply(g, anchor)
+                     for g in outputs)
+
+    return wrapper
+
+
 class _ExpectedAccuracyFunction(torch.autograd.Function):
     """P(correct) per row [B] through a fused kernel module; gradients for logits and sigma_rows."""
 
@@ -41,6 +94,7 @@ class _ExpectedAccuracyFunction(torch.autograd.Function):
         return prob
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_prob):
         logits, labels, sigma_rows, log_terms = ctx.saved_tensors
         grad_logits, grad_sigma = ctx.kernels.exact_backward(
@@ -61,10 +115,11 @@ def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregatio
             raise TypeError(f"{_OP}: sigma must be a float or a floating tensor, got {sigma.dtype}")
         if sigma.shape not in ((), (1,), logits.shape[:1]):
             raise ValueError(f"{_OP}: sigma must be a scalar or have shape [{logits.shape[0]}], got {tuple(sigma.shape)}")
-        if sigma.device.type == "cpu" and not bool((sigma > 0).all()):
-            raise ValueError(f"{_OP}: sigma must be positive")
-    elif not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"{_OP}: sigma must be a positive finite number or tensor, got {sigma!r}")
+        # checked where it costs no host-device sync
+        if sigma.device.type == "cpu" and not bool(((sigma >= 0) & (sigma < math.inf)).all()):
+            raise ValueError(f"{_OP}: sigma must be finite and >= 0")
+    elif not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0 <= sigma < math.inf):
+        raise ValueError(f"{_OP}: sigma must be a finite number >= 0 or a tensor, got {sigma!r}")
     if margin is not None and not (isinstance(margin, (int, float)) and margin > 0):
         raise ValueError(f"{_OP}: margin must be None or a positive number, got {margin!r}")
     if not (isinstance(nodes, int) and 2 <= nodes <= 128):
@@ -77,19 +132,29 @@ def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregatio
 
 
 @_dispatch.eager_op
+@_autocast_float32
 def expected_accuracy(logits, target, *, sigma=1.0, margin=None, nodes=32, ignore_index=-100):
     """P(argmax(logits + sigma * eps) == target), eps ~ N(0, I), per row [B], by a K-node
     Gauss-Hermite rule (deterministic; error ~2e-10 at K = 32). Rows whose target is ignore_index
-    give 1. Differentiable in logits and, when it is a tensor, sigma."""
+    give 1. Differentiable in logits and, when it is a tensor, sigma.
+
+    sigma = 0, or so small that 1/sigma overflows the compute dtype (float64 for float64 logits, else
+    float32), is the limit sigma -> 0: the hard argmax with ties split evenly (P = 1/k when the target
+    is one of k tied maxima, else 0), with zero gradients. r = (s_y - s_i)/sigma saturates at
+    +-1e4, where every term is exactly 0 or 1. A -inf logit drops its class (with a margin M, it is a
+    competitor beaten by M); ties of infinite logits count as ties, and infinite logits get no
+    gradient. A NaN logit makes its row NaN."""
     _check_arguments(logits, target, sigma, margin, nodes, "none", "mean")
     n_classes = logits.shape[1]
     ignored = target == ignore_index
     if logits.device.type == "cpu" and bool(((target < 0) | (target >= n_classes))[~ignored].any()):
         raise ValueError(f"{_OP}: target values must lie in [0, {n_classes}) or equal ignore_index")
     labels = torch.where(ignored, -1, target).to(torch.int64).contiguous()
-    sigma_rows = (sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma), device=logits.device))
-    sigma_rows = sigma_rows.reshape(-1).expand(logits.shape[0]).to(torch.float32 if logits.dtype != torch.float64
-                                                                    else torch.float64)
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    # a Python float goes straight to the compute dtype (through float32 it would be off by 1e-8)
+    sigma_rows = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=compute_dtype,
+                                                                            device=logits.device)
+    sigma_rows = sigma_rows.reshape(-1).expand(logits.shape[0]).to(compute_dtype)
     node_values, weights = gauss_hermite(nodes)
     backend = _dispatch.select(_OP, logits.device.type, lambda b: _why_not(b, logits, nodes))
     if backend == "reference":
@@ -100,6 +165,7 @@ def expected_accuracy(logits, target, *, sigma=1.0, margin=None, nodes=32, ignor
         node_values, torch.log(weights), kernels)
 
 
+@_autocast_float32
 def exact_loss(logits, target, *, sigma=1.0, margin=None, nodes=32, reduction="mean", aggregation="mean",
                ignore_index=-100):
     """EXACT loss: 1 - P(correct) per row (aggregation='mean', the paper's "expected error rate"),
@@ -109,12 +175,14 @@ def exact_loss(logits, target, *, sigma=1.0, margin=None, nodes=32, reduction="m
     Args:
         logits: [B, C] float32/float16/bfloat16 (float64 on CPU).
         target: [B] int64 class indices; rows equal to ignore_index take no part.
-        sigma: noise scale (temperature): positive float, or tensor [] / [B] that gets a gradient.
+        sigma: noise scale (temperature): float >= 0, or tensor [] / [B] that gets a gradient;
+            0 gives the hard accuracy (see expected_accuracy).
         margin: optional M: competitors beaten by more than M stop pushing (r = min(s_y - s_i, M)/sigma).
         nodes: Gauss-Hermite nodes (32: error ~2e-10).
         reduction: 'mean' over non-ignored rows | 'sum' | 'none' ([B], 0 at ignored rows).
     Batch standardisation of the logits, the sigma schedule and gradient normalisation live in
-    fastnotes.ExactLoss and fastnotes.GradientNormalizer, outside the kernel.
+    fastnotes.ExactLoss and fastnotes.GradientNormalizer, outside the kernel. Under autocast the
+    loss is computed and returned in float32.
     """
     _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregation)
     prob = expected_accuracy(logits, target, sigma=sigma, margin=margin, nodes=nodes, ignore_index=ignore_index)
@@ -136,7 +204,8 @@ def smooth_accuracy_loss(logits, target, *, tau=1.0, reduction="mean"):
 
 class ExactLoss(torch.nn.Module):
     """EXACT with what stays outside the kernel (specs/exact.md section 7):
-    - standardize: logits <- (logits - mean) / std over the whole batch tensor (gradients flow);
+    - standardize: logits <- (logits - mean) / std over the whole batch tensor (gradients flow;
+      a single logit, whose std is undefined, is only centred, i.e. 0);
     - a sigma schedule: sigma = max(sigma_min, sigma0 * decay ** step), advanced by .step_schedule();
     - margin, nodes, aggregation, reduction as in exact_loss.
     Pair it with GradientNormalizer after backward() when sigma gets small."""
@@ -160,7 +229,8 @@ class ExactLoss(torch.nn.Module):
 
     def forward(self, logits, target):
         if self.standardize:
-            logits = (logits - logits.mean()) / logits.std().clamp_min(1e-12)
+            centred = logits - logits.mean()
+            logits = centred / logits.std().clamp_min(1e-12) if logits.numel() > 1 else centred
         return exact_loss(logits, target, sigma=self.sigma, margin=self.margin, nodes=self.nodes,
                           reduction=self.reduction, aggregation=self.aggregation, ignore_index=self.ignore_index)
 

@@ -242,9 +242,9 @@ def test_bad_arguments(case):
     elif case == "target_range":
         target, match = torch.tensor([0, 4, 1]), r"target values must lie in \[0, 4\)"
     elif case == "sigma":
-        kwargs["sigma"], match = -1.0, "sigma must be a positive"
+        kwargs["sigma"], match = -1.0, "sigma must be a finite number >= 0"
     elif case == "sigma_tensor":
-        kwargs["sigma"], match = torch.tensor([1.0, 0.0, 1.0]), "sigma must be positive"
+        kwargs["sigma"], match = torch.tensor([1.0, -1e-30, 1.0]), "sigma must be finite and >= 0"
     elif case == "margin":
         kwargs["margin"], match = 0.0, "margin must be None or a positive"
     elif case == "nodes":
@@ -255,3 +255,167 @@ def test_bad_arguments(case):
         logits, match = torch.zeros(3, 4, 2), r"logits must be \[batch, classes\]"
     with pytest.raises(error, match=match):
         fastnotes.exact_loss(logits, target, **kwargs)
+
+
+# ---- issue 18: precision of python-float sigma, the sigma -> 0 limit, infinite logits ----------------
+
+CPU_FLOAT64_BACKENDS = [b for b in ("numba", "reference") if b in available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend_name", CPU_FLOAT64_BACKENDS)
+def test_python_float_sigma_in_float64(backend_name, rng):
+    """sigma = 0.6 as a Python float is 0.6 in float64, not float32's 0.6000000238 (6.7e-9 off in P)."""
+    logits = torch.randn(5, 6, generator=rng, dtype=torch.float64)
+    labels = torch.randint(0, 6, (5,), generator=rng)
+    exact, _, _ = oracle(logits, labels, 0.6)
+    with fastnotes.use_backend(backend_name):
+        prob = fastnotes.expected_accuracy(logits, labels, sigma=0.6)
+        loss = fastnotes.ExactLoss(sigma=0.6, standardize=False, reduction="none")(logits, labels)
+    assert (prob - exact).abs().max().item() < 1e-13
+    assert (loss - (1 - exact)).abs().max().item() < 1e-13
+
+
+def hard_accuracy(logits, labels):
+    """The sigma -> 0 limit: 1/k when the label is among the k tied maxima, else 0."""
+    top = logits.max(dim=1, keepdim=True).values
+    tied = (logits == top).sum(1).double()
+    return torch.where(logits.gather(1, labels[:, None]).squeeze(1) == top.squeeze(1), 1 / tied, 0.0)
+
+
+TIED = torch.tensor([[0.0, 0.0, -1.0, 0.0], [2.0, 2.0, 1.0, 0.0], [1.0, 3.0, 3.0, 3.0], [0.5, 0.0, 0.0, 0.0],
+                     [1.0, 1.0, 1.0, 1.0]])
+TIED_LABELS = torch.tensor([0, 1, 0, 0, 2])
+
+
+@pytest.mark.parametrize("sigma", ["zero", "overflow", "tensor0", "rows"])
+@pytest.mark.parametrize("margin", [None, 0.5])
+def test_sigma_limit_is_hard_argmax(backend, sigma, margin):
+    """sigma = 0, or so small that 1/sigma overflows the compute dtype: P is the hard argmax with ties
+    split evenly, and the gradients are zero (not inf/NaN)."""
+    dtype = backend_dtype(backend)
+    overflow = 1e-44 if dtype == torch.float32 else 1e-320  # denormals: 1/sigma = inf
+    sigma = {"zero": 0.0, "overflow": overflow, "tensor0": torch.tensor(0.0, dtype=dtype),
+             "rows": torch.tensor([0.0, overflow, 0.0, overflow / 4, 0.0], dtype=dtype)}[sigma]
+    x = TIED.to(dtype).to(DEVICE).clone().requires_grad_()
+    prob = fastnotes.expected_accuracy(x, TIED_LABELS.to(DEVICE), sigma=sigma, margin=margin)
+    prob.sum().backward()
+    expected = hard_accuracy(TIED.double(), TIED_LABELS)
+    tol = 1e-9 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(prob.detach().double().cpu(), expected, atol=tol)
+    assert (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("size", ["tiny", "huge"])
+def test_tiny_and_huge_sigma_finite(backend, size):
+    """Tiny sigma whose inverse still fits (1e-50 in float64 was 0 on the way through float32): P
+    is the limit, tied rows get the huge but finite gradient G / sigma. Huge sigma: P -> 1/C.
+    Both against the float64 reference."""
+    dtype = backend_dtype(backend)
+    sigma = 1e30 if size == "huge" else (1e-30 if dtype == torch.float32 else 1e-50)
+    prob, grad, sig_grad = run(TIED.to(dtype), TIED_LABELS, sigma)
+    exact, x, sig = oracle(TIED, TIED_LABELS, sigma)
+    exact.sum().backward()
+    for got, want in ((prob, exact.detach()), (grad, x.grad), (sig_grad, sig.grad)):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-12 * max(1.0, want.abs().max().item()))
+    if size == "tiny":
+        assert torch.allclose(prob.double(), hard_accuracy(TIED.double(), TIED_LABELS), atol=1e-6)
+        assert grad.abs().max() > 1e20
+    else:
+        assert torch.allclose(prob.double(), torch.full((5,), 0.25, dtype=torch.float64), atol=1e-6)
+
+
+def test_infinite_logits(backend):
+    """-inf masks a class out (as if its column were absent), +inf wins; ties of infinities are ties.
+    Values and gradients stay finite, and no gradient reaches an infinite logit."""
+    dtype = backend_dtype(backend)
+    inf = float("inf")
+    logits = torch.tensor([[0.3, -inf, -0.2, 0.1], [-inf, -inf, 0.0, 1.0], [inf, 0.0, -1.0, 2.0],
+                           [inf, inf, 0.0, 1.0], [-inf, -inf, -inf, -inf]], dtype=torch.float64)
+    labels = torch.tensor([0, 2, 0, 1, 3])
+    prob, grad, sig_grad = run(logits.to(dtype), labels, 0.7)
+    assert torch.isfinite(prob).all() and torch.isfinite(grad).all() and torch.isfinite(sig_grad).all()
+    # row 0 equals the finite problem without column 1; row 1 without columns 0, 1
+    dropped0, _, _ = oracle(logits[:1, [0, 2, 3]], labels[:1], 0.7)
+    dropped1, _, _ = oracle(logits[1:2, 2:], torch.tensor([0]), 0.7)
+    tol = 1e-9 if dtype == torch.float64 else 2e-6
+    assert prob[0].item() == pytest.approx(dropped0.item(), abs=tol)
+    assert prob[1].item() == pytest.approx(dropped1.item(), abs=tol)
+    assert prob[2].item() == pytest.approx(1.0, abs=tol) and prob[3].item() == pytest.approx(0.5, abs=tol)
+    assert prob[4].item() == pytest.approx(0.25, abs=1e-6)
+    assert (grad[torch.isinf(logits)] == 0).all()
+    exact, x, _ = oracle(logits, labels, 0.7)
+    exact.sum().backward()
+    assert torch.allclose(prob.double(), exact.detach(), atol=tol)
+    assert torch.allclose(grad.double(), x.grad, atol=tol)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.0])
+def test_nan_logit_gives_nan_row(backend, sigma):
+    """A NaN logit (the label's or a competitor's) makes its row NaN, never a number; other rows
+    are untouched. (The float32 CPU log Phi works on the bits and used to return ~1e38.)"""
+    dtype = backend_dtype(backend)
+    nan = float("nan")
+    logits = torch.tensor([[0.0, nan, 1.0], [0.0, 1.0, 2.0], [nan, 0.0, 0.0], [0.5, 0.0, nan]], dtype=dtype)
+    prob, grad, _ = run(logits, torch.tensor([0, 2, 1, -100]), sigma)
+    assert torch.isnan(prob[[0, 2]]).all() and prob[3] == 1 and (grad[3] == 0).all()
+    exact, x, _ = oracle(logits[1:2], torch.tensor([2]), sigma)
+    assert prob[1].item() == pytest.approx(exact.item(), abs=1e-6) and torch.isfinite(grad[1]).all()
+
+
+def test_exact_loss_module_one_logit(backend):
+    """ExactLoss standardises over the whole batch tensor: with a single logit ([1, 1]) the unbiased
+    std is undefined. One class means P = 1: loss 0 and a zero (finite) gradient."""
+    x = torch.full((1, 1), 0.3, dtype=backend_dtype(backend), device=DEVICE, requires_grad=True)
+    loss = fastnotes.ExactLoss()(x, torch.tensor([0], device=DEVICE))
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and (x.grad == 0).all()
+
+
+# ---- double backward and autocast -------------------------------------------------------------------
+
+
+def test_double_backward(backend, rng):
+    """The fused kernels' backward is not differentiable: a second derivative raises instead of being
+    silently wrong; the reference path (plain autograd) gives the true one."""
+    dtype = backend_dtype(backend)
+    x = (torch.randn(3, 5, generator=rng, dtype=torch.float64)).to(dtype).to(DEVICE).requires_grad_()
+    labels = torch.tensor([0, 4, 2], device=DEVICE)
+    for fn in (lambda v: fastnotes.exact_loss(v, labels, sigma=0.8),
+               lambda v: fastnotes.expected_accuracy(v, labels, sigma=0.8).sum()):
+        g = torch.autograd.grad(fn(x), x, create_graph=True)[0]
+        penalty = (g ** 2).sum() + x.sum()  # a graph that does not need g's own would hide the gap
+        if backend == "reference":
+            penalty.backward()
+            assert torch.isfinite(x.grad).all() and (x.grad != 1).any()
+            x.grad = None
+        else:
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                penalty.backward()
+    if backend == "reference":
+        labels_cpu = labels.cpu()
+        assert torch.autograd.gradgradcheck(
+            lambda v: fastnotes.expected_accuracy(v, labels_cpu, sigma=0.8, margin=1.0),
+            (torch.randn(3, 5, generator=rng, dtype=torch.float64).requires_grad_(),))
+
+
+def test_autocast_bfloat16(backend, rng):
+    """Under CPU autocast a bf16 matmul feeds the op: it runs in float32 and returns float32 (as
+    torch's losses do); the gradient reaches the float32 weights."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    features = torch.randn(6, 8, generator=rng)
+    weight = torch.randn(5, 8, generator=rng, requires_grad=True)
+    labels = torch.tensor([0, 1, -100, 3, 4, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = features @ weight.T
+        assert logits.dtype == torch.bfloat16
+        loss = fastnotes.exact_loss(logits, labels, sigma=0.7)
+        prob = fastnotes.expected_accuracy(logits, labels, sigma=0.7)
+        module_loss = fastnotes.ExactLoss(sigma=0.7)(logits, labels)
+    assert loss.dtype == prob.dtype == module_loss.dtype == torch.float32
+    exact, _, _ = oracle(logits.float(), labels, 0.7)
+    assert torch.allclose(prob.double(), exact, atol=2e-6)
+    loss.backward()
+    assert weight.grad.dtype == torch.float32
+    assert torch.isfinite(weight.grad).all() and weight.grad.abs().max() > 0

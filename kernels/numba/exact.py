@@ -4,7 +4,11 @@ Per row with label y and r_i = min(s_y - s_i, M) / sigma over the competitors i 
     S_k = sum_i log Phi(r_i + t_k),  P = sum_k w_k exp(S_k)        (Gauss-Hermite nodes t_k, w_k)
     G_i = sum_k w_k exp(S_k + log phi(r_i + t_k) - log Phi(r_i + t_k)) = dP/dr_i
 The label's own column gets r_y = +inf, so log Phi = 0 and G_y = 0: it needs no special case in the
-sums. Rows run in parallel; for each node the sum over classes is one vectorised pass.
+sums. r saturates at +-R_MAX, where log Phi(r + t) is exactly 0 or very negative but finite, so
+infinite logits and 1/sigma = inf (sigma -> 0: the hard argmax) give no inf - inf; ties (s_i = s_y,
+infinite ones included) get r = 0. The backward accumulates G_i / sigma with log(1/sigma) inside
+the exponent, so an underflowed G is never scaled up by a huge 1/sigma; rows with 1/sigma = inf
+get zero gradients. Rows run in parallel; for each node the sum over classes is one vectorised pass.
 """
 import math
 
@@ -16,15 +20,28 @@ from ._math import JIT_OPTIONS, like, log_ndtr, scaled_mills_inverse
 from ._tensors import compute_view
 
 _JIT = dict(JIT_OPTIONS, cache=True)
+R_MAX = 1e4  # |r| beyond this changes nothing: Phi(r + t) is 0 or 1 to every precision, for any node t
 
 
 @njit(**_JIT)
 def _scaled_margins(s, y, inv_sigma, margin, r):
-    """r_i = min(s_y - s_i, margin) / sigma, and +inf at the label."""
+    """r_i = min(s_y - s_i, margin) / sigma clipped to +-R_MAX, 0 at ties, +inf at the label.
+    Returns whether the row holds a NaN logit (the float32 log Phi works on the bits and would turn
+    a NaN into a number)."""
     sy = s[y]
+    bound = like(s, R_MAX)
+    zero = like(s, 0.0)
+    has_nan = False
     for i in range(s.shape[0]):
-        r[i] = min(sy - s[i], margin) * inv_sigma
+        m = sy - s[i]
+        m = margin if m > margin else m
+        ri = m * inv_sigma
+        ri = bound if ri > bound else ri
+        ri = -bound if ri < -bound else ri
+        r[i] = zero if (m == zero) | (s[i] == sy) else ri
+        has_nan |= s[i] != s[i]
     r[y] = like(s, np.inf)
+    return has_nan
 
 
 @njit(**_JIT)
@@ -37,16 +54,18 @@ def _node_sums(r, node):
 
 
 @njit(**_JIT)
-def _add_node_density(r, node, base, dp_dr):
-    """dp_dr_i += exp(base) phi(r_i + t) / Phi(r_i + t), with base = log w + S."""
+def _add_node_density(r, node, base, acc):
+    """acc_i += exp(base) phi(r_i + t) / Phi(r_i + t), with base = log w + S - log sigma."""
     for i in range(r.shape[0]):
-        dp_dr[i] += scaled_mills_inverse(r[i] + node, base)
+        acc[i] += scaled_mills_inverse(r[i] + node, base)
 
 
 @njit(**_JIT)
 def _forward_row(s, y, inv_sigma, margin, nodes, log_weights, log_terms):
     r = np.empty(s.shape[0], s.dtype)
-    _scaled_margins(s, y, inv_sigma, margin, r)
+    if _scaled_margins(s, y, inv_sigma, margin, r):
+        log_terms[:] = np.nan
+        return np.nan
     total = 0.0
     for k in range(nodes.shape[0]):
         log_terms[k] = _node_sums(r, like(s, nodes[k]))
@@ -57,23 +76,30 @@ def _forward_row(s, y, inv_sigma, margin, nodes, log_weights, log_terms):
 @njit(**_JIT)
 def _backward_row(s, y, inv_sigma, margin, nodes, log_weights, log_terms, g, grad_s):
     """Writes g * dP/ds into grad_s and returns g * dP/dsigma."""
-    r = np.empty(s.shape[0], s.dtype)
-    _scaled_margins(s, y, inv_sigma, margin, r)
-    dp_dr = np.zeros(s.shape[0], s.dtype)
-    for k in range(nodes.shape[0]):
-        _add_node_density(r, like(s, nodes[k]), like(s, log_weights[k] + log_terms[k]), dp_dr)
     zero = like(s, 0.0)
+    if inv_sigma == np.inf:  # the sigma -> 0 limit: a step function of the logits
+        grad_s[:] = zero
+        return zero
+    r = np.empty(s.shape[0], s.dtype)
+    if _scaled_margins(s, y, inv_sigma, margin, r):
+        grad_s[:] = like(s, np.nan)
+        return like(s, np.nan)
+    dp_ds = np.zeros(s.shape[0], s.dtype)  # G_i / sigma
+    log_inv_sigma = math.log(inv_sigma)
+    for k in range(nodes.shape[0]):
+        _add_node_density(r, like(s, nodes[k]), like(s, log_weights[k] + log_terms[k] + log_inv_sigma), dp_ds)
     sum_label = zero
     sum_sigma = zero
     sy = s[y]
     for i in range(s.shape[0]):
-        # the margin clip passes no gradient above M (torch.clamp passes it at equality)
-        d = dp_dr[i] * inv_sigma if sy - s[i] <= margin else zero
+        # the margin clip passes no gradient above M (torch.clamp passes it at equality); a tie of
+        # infinite logits (NaN difference) passes none either
+        d = dp_ds[i] if sy - s[i] <= margin else zero
         grad_s[i] = -g * d
         sum_label += d
-        sum_sigma += r[i] * dp_dr[i] if i != y else zero
+        sum_sigma += r[i] * dp_ds[i] if i != y else zero
     grad_s[y] = g * sum_label
-    return -g * inv_sigma * sum_sigma
+    return -g * sum_sigma
 
 
 @njit(parallel=True, **_JIT)

@@ -3,7 +3,9 @@
 One program per row streams the classes in [BLOCK, K] tiles (K Gauss-Hermite nodes), keeping the K
 accumulators S_k = sum_i log Phi(r_i + t_k) in registers; the backward re-reads the logits and the
 saved S. The label's own column and out-of-range columns get r = +inf, i.e. log Phi = 0 and zero
-gradient. log Phi uses the erfcx fit shared with the CPU kernel (kernels/numba/_math.py), so the
+gradient; r saturates at +-R_MAX and ties get r = 0, so infinite logits and sigma -> 0 (1/sigma =
+inf: the hard argmax, zero gradients) stay finite, as in the CPU kernel (kernels/numba/exact.py).
+log Phi uses the erfcx fit shared with the CPU kernel (kernels/numba/_math.py), so the
 interpreter and every GPU evaluate the same formula.
 """
 import torch
@@ -12,7 +14,7 @@ import triton.language as tl
 
 BLOCK = 64
 NUM_WARPS = 4
-_HALF_LOG_2PI = 0.9189385332046727
+R_MAX = tl.constexpr(1e4)  # as in kernels/numba/exact.py
 
 
 @triton.jit
@@ -41,10 +43,15 @@ def _log_ndtr(x):
 
 @triton.jit
 def _tile_margins(logits_ptr, row, cols, n_cols, stride, y, label_logit, inv_sigma, margin):
-    """(s, r) for one tile: r = min(s_y - s, margin) / sigma, +inf at the label and past the row."""
+    """(s, r) for one tile: r = min(s_y - s, margin) / sigma clipped to +-R_MAX, 0 at ties, +inf at
+    the label and past the row. Selects, not min/max, so that a NaN logit stays NaN."""
     inb = cols < n_cols
     s = tl.load(logits_ptr + row * stride + cols, mask=inb, other=0.0).to(tl.float32)
-    r = tl.minimum(label_logit - s, margin) * inv_sigma
+    m = label_logit - s
+    m = tl.where(m > margin, margin, m)
+    r = m * inv_sigma
+    r = tl.where(r > R_MAX, R_MAX, tl.where(r < -R_MAX, -R_MAX, r))
+    r = tl.where((m == 0.0) | (s == label_logit), 0.0, r)
     r = tl.where(inb & (cols != y), r, float("inf"))
     return s, r, inb
 
@@ -80,11 +87,15 @@ def exact_backward_kernel(logits_ptr, labels_ptr, inv_sigma_ptr, nodes_ptr, log_
     y = tl.load(labels_ptr + row)
     k = tl.arange(0, K)
     nodes = tl.load(nodes_ptr + k)
-    base = tl.load(log_weights_ptr + k) + tl.load(log_terms_ptr + row * K + k) - 0.9189385332046727
     ignored = y < 0
     y_safe = tl.where(ignored, 0, y)
     label_logit = tl.load(logits_ptr + row * stride + y_safe).to(tl.float32)
     inv_sigma = tl.load(inv_sigma_ptr + row)
+    # G / sigma with log(1/sigma) in the exponent: an underflowed G is never scaled up by 1/sigma.
+    # 1/sigma = inf is the sigma -> 0 limit, a step function of the logits: no gradient.
+    live = ~ignored & (inv_sigma < float("inf"))
+    base = (tl.load(log_weights_ptr + k) + tl.load(log_terms_ptr + row * K + k) - 0.9189385332046727
+            + tl.log(inv_sigma))
     g = tl.where(ignored, 0.0, tl.load(grad_prob_ptr + row).to(tl.float32))
     sum_label = 0.0
     sum_sigma = 0.0
@@ -92,16 +103,17 @@ def exact_backward_kernel(logits_ptr, labels_ptr, inv_sigma_ptr, nodes_ptr, log_
         cols = start + tl.arange(0, BLOCK)
         s, r, inb = _tile_margins(logits_ptr, row, cols, n_cols, stride, y, label_logit, inv_sigma, margin)
         x = r[:, None] + nodes[None, :]
-        dp_dr = tl.sum(tl.exp(base[None, :] - 0.5 * x * x - _log_ndtr(x)), axis=1)
-        # the margin clip passes no gradient above M (torch.clamp passes it at equality)
-        d = tl.where(label_logit - s <= margin, dp_dr * inv_sigma, 0.0)
-        d = tl.where(inb & (cols != y) & ~ignored, d, 0.0)
+        dp_ds = tl.sum(tl.exp(base[None, :] - 0.5 * x * x - _log_ndtr(x)), axis=1)
+        competitor = inb & (cols != y) & live
+        # the margin clip passes no gradient above M (torch.clamp passes it at equality); a tie of
+        # infinite logits (NaN difference) passes none either
+        d = tl.where(competitor & (label_logit - s <= margin), dp_ds, 0.0)
         sum_label += tl.sum(d, axis=0)
-        sum_sigma += tl.sum(tl.where(inb & (cols != y), r * dp_dr, 0.0), axis=0)
+        sum_sigma += tl.sum(tl.where(competitor, r * dp_ds, 0.0), axis=0)
         tl.store(grad_logits_ptr + row * n_cols + cols, (-g * d).to(grad_logits_ptr.dtype.element_ty),
                  mask=inb & (cols != y))
     tl.store(grad_logits_ptr + row * n_cols + y_safe, (g * sum_label).to(grad_logits_ptr.dtype.element_ty))
-    tl.store(grad_sigma_ptr + row, -g * inv_sigma * sum_sigma)
+    tl.store(grad_sigma_ptr + row, -g * sum_sigma)
 
 
 def exact_forward(logits, labels, sigma_rows, margin, nodes, log_weights):
