@@ -1,4 +1,5 @@
-"""Autograd mechanics shared by the ops' torch.autograd.Functions."""
+"""Autograd and autocast mechanics shared by the ops' torch.autograd.Functions."""
+import contextlib
 import functools
 
 import torch
@@ -46,3 +47,21 @@ def once_differentiable(op):
         return wrapper
 
     return decorate
+
+
+AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (never float64)
+
+
+def autocast_dtype(device):
+    """autocast's lower-precision dtype when autocast is on for `device`'s type, else None."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def autocast_off(device):
+    """A context with autocast off for `device`'s type (a no-op where it is off already)."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

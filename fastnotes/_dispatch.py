@@ -60,6 +60,29 @@ def _missing_module(module):
     return None if importlib.util.find_spec(module) is not None else f"{module} is not installed"
 
 
+def _numba_openmp_started():
+    try:
+        from numba.np.ufunc import parallel
+    except ImportError:
+        return False
+    return parallel._is_initialized and parallel._threading_layer == "omp"
+
+
+# A process forked after numba started its OpenMP threading layer (a DataLoader worker, say) cannot
+# enter a parallel region: GNU OpenMP aborts the process. Such a child runs the reference instead.
+_numba_fork_problem = None
+
+
+def _after_fork_in_child():
+    global _numba_fork_problem
+    if _numba_fork_problem is None and _numba_openmp_started():
+        _numba_fork_problem = ("numba's OpenMP threading layer cannot run in a process forked after it started "
+                               "(start workers with 'spawn' or 'forkserver' to use it there)")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -71,7 +94,7 @@ def availability(backend, device_type):
     if backend == "numba":
         if device_type != "cpu":
             return "numba runs on CPU tensors only"
-        return _missing_module("numba")
+        return _missing_module("numba") or _numba_fork_problem
     if backend == "triton":
         missing = _missing_module("triton")
         if missing:

@@ -5,7 +5,7 @@ import math
 import torch
 
 from . import _checks, _dispatch, reference
-from ._autograd import once_differentiable
+from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
 
 _OP = "multilabel_ce"
 _KERNELS = {"numba": "fastnotes.kernels.numba.zlpr", "triton": "fastnotes.kernels.triton.zlpr"}
@@ -317,16 +317,6 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _autocast_dtype(device_type):
-    """The dtype autocast would run a GEMM on `device_type` in, or None outside autocast."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, chunk_size):
     op = _FUSED_OP
     _checks.check_tensor(op, "hidden", hidden, _checks.FLOAT_DTYPES)
@@ -384,12 +374,12 @@ def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, 
     Under torch.autocast the GEMMs run in autocast's dtype, as F.linear would (the loss then has that
     dtype, as the composite's has). Targets get no gradient: targets that require grad raise.
     """
-    autocast_dtype = _autocast_dtype(hidden.device.type)
-    if autocast_dtype is not None:
+    low_precision = autocast_dtype(hidden.device)
+    if low_precision is not None:
         # as autocast runs F.linear: the GEMMs in its dtype (the epilogue accumulates in float32)
-        hidden, weight, bias = (None if x is None or x.dtype not in _AUTOCAST_CASTS else x.to(autocast_dtype)
+        hidden, weight, bias = (x if x is None or x.dtype not in AUTOCAST_CASTS else x.to(low_precision)
                                 for x in (hidden, weight, bias))
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device):
             return fused_linear_multilabel_ce(hidden, weight, targets, pos_index=pos_index, bias=bias,
                                               reduction=reduction, chunk_size=chunk_size)
     _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, chunk_size)
