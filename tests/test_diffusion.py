@@ -226,6 +226,15 @@ def amplified_magnitude(x, m, t, prediction):
     return 2 * (a + sg) * (ax + am)
 
 
+def assert_same_step(got, expected, x, m, z, t, prediction="eps"):
+    """The same step along another code path (in place, other shapes or alignment): equal up to a
+    few roundings of its terms, not necessarily bitwise (vectorised and scalar loops may round
+    differently)."""
+    scale = 1 + amplified_magnitude(x.double().cpu(), m.double().cpu(), t, prediction) + z.double().cpu().abs()
+    err = (got.double() - expected.double()).cpu().abs()
+    assert got.dtype == expected.dtype and (err <= 8 * torch.finfo(got.dtype).eps * scale).all(), err.max()
+
+
 REFERENCE_CASES = [(method, clip) for method in METHODS for clip in (False, True)
                    if not (method == "ode-euler" and clip)]  # ode-euler takes no clipping (test_bad_input)
 
@@ -261,6 +270,8 @@ def test_against_reference(backend, method, prediction, per_sample, clip, rng):
 
 
 def test_per_sample_equals_separate_calls(backend, rng):
+    """Each sample of a per-sample batch is the step of that sample alone (to a few roundings: the
+    calls have different shapes, so vectorised and scalar code paths may differ in the last bit)."""
     dtype = backend_dtype(backend)
     x, m, z, t, s = random_case(rng, (4, 3, 11), per_sample=True)
     x, m, z = (v.to(dtype).to(DEVICE) for v in (x, m, z))
@@ -268,7 +279,7 @@ def test_per_sample_equals_separate_calls(backend, rng):
     for i in range(4):
         one = sampler_step(x[i:i + 1], m[i:i + 1], int(t[i]), int(s[i]), LINEAR, method="analytic-ddim", eta=0.5,
                            gamma=0.8, noise=z[i:i + 1])
-        assert torch.equal(one, batched[i:i + 1])
+        assert_same_step(one, batched[i:i + 1], x[i:i + 1], m[i:i + 1], z[i:i + 1], int(t[i]))
 
 
 @pytest.mark.parametrize("method", METHODS[:5])
@@ -394,6 +405,54 @@ def test_heun_final_step_is_euler():
     assert torch.equal(heun_step(eps_model, x, 3, 0, schedule), euler)
 
 
+def _as_prediction(eps_model, schedule, prediction):
+    """The same model giving x0 or v instead of eps (x = a x0 + sg eps, v = a eps - sg x0)."""
+    def model(x, t):
+        ab = schedule.alphas_cumprod[t].to(x).reshape(-1, 1)
+        a, sg, eps = ab.sqrt(), (1 - ab).sqrt(), eps_model(x, t)
+        x0 = (x - sg * eps) / a
+        return {"eps": eps, "x0": x0, "v": a * eps - sg * x0}[prediction]
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_heun_step_with_x0_and_v_models(prediction):
+    """heun_step (and sample(method='heun')) with an x0- or v-predicting model gives what the
+    equivalent eps model gives, with per-sample timesteps, one of them the final step (Euler)."""
+    from fastnotes.diffusion import sample
+
+    schedule, eps_model = ode_case(10)
+    model = _as_prediction(eps_model, schedule, prediction)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    t, s = torch.tensor([9, 5, 3]), torch.tensor([6, 2, 0])
+    expected = heun_step(eps_model, x, t, s, schedule)
+    assert torch.allclose(heun_step(model, x, t, s, schedule, prediction=prediction), expected, rtol=1e-9, atol=1e-12)
+    got = sample(model, (3, 4), schedule, [1, 4, 8, 11], "heun", prediction=prediction, x_T=x, dtype=torch.float64,
+                 progress=False)
+    eps_got = sample(eps_model, (3, 4), schedule, [1, 4, 8, 11], "heun", x_T=x, dtype=torch.float64, progress=False)
+    assert torch.allclose(got, eps_got, rtol=1e-9, atol=1e-12)
+
+
+def test_heun_per_sample_mixes_final_and_inner_steps():
+    """A batch with s = 0 for some samples and s > 0 for others equals the samples stepped one by
+    one (Euler for the final ones, Heun for the rest); a given model_output saves the first call."""
+    schedule, eps_model = ode_case(10)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    t, s = torch.tensor([9, 3, 6]), torch.tensor([6, 0, 0])
+    calls = []
+
+    def counting_model(x, t):
+        calls.append(t)
+        return eps_model(x, t)
+
+    got = heun_step(counting_model, x, t, s, schedule, model_output=eps_model(x, t))
+    assert len(calls) == 1
+    for i in range(3):
+        one = heun_step(eps_model, x[i:i + 1], int(t[i]), int(s[i]), schedule)
+        assert torch.allclose(got[i:i + 1], one, rtol=1e-12, atol=1e-14), i
+    assert not torch.allclose(got[0], sampler_step(x, eps_model(x, t), t, s, schedule, method="ddim")[0])
+
+
 # ---- dtypes, layouts, out= -------------------------------------------------------------------------------------------
 
 
@@ -406,6 +465,13 @@ def test_half_precision_numba_and_out_buffer(rng):
         assert got.dtype == dtype
         tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float32: 1e-5}[dtype]
         assert torch.allclose(got.double(), exact, atol=tol * exact.abs().max().item(), rtol=0)
+        buffer, in_place = torch.full_like(got, math.nan), x.to(dtype)
+        with fastnotes.use_backend("numba"):  # computed in float32 into a scratch buffer, then copied out
+            assert sampler_step(x.to(dtype), m.to(dtype), t, s, LINEAR, method="ddpm", noise=z.to(dtype),
+                                out=buffer) is buffer
+            sampler_step(in_place, m.to(dtype), t, s, LINEAR, method="ddpm", noise=z.to(dtype), out=in_place)
+        assert torch.equal(buffer, got)
+        assert_same_step(in_place, got, x, m, z, t)
 
 
 def test_out_and_in_place(backend, rng):
@@ -418,7 +484,7 @@ def test_out_and_in_place(backend, rng):
     assert torch.equal(buffer, expected)
     x_copy = x.clone()
     sampler_step(x_copy, m, t, s, LINEAR, method="ddpm", noise=z, out=x_copy)
-    assert torch.equal(x_copy, expected)
+    assert_same_step(x_copy, expected, x, m, z, t)
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -435,7 +501,7 @@ def test_in_place_step_is_correct(backend, rng, clip, given_noise):
     x_in_place = x.clone()
     got = sampler_step(x_in_place, m, t, s, LINEAR, generator=torch.Generator().manual_seed(5), out=x_in_place, **kw)
     assert got is x_in_place
-    assert torch.equal(got, expected)
+    assert_same_step(got, expected, x, m, z, t)
 
 
 def _overlapping_out(x, m, z, which):
@@ -471,7 +537,8 @@ def test_out_next_to_the_inputs_in_one_storage(backend, rng):
     store = torch.empty(4 * x.numel(), dtype=dtype, device=DEVICE).view(4, *x.shape)
     store[0], store[1], store[2] = x, m, z
     got = sampler_step(store[0], store[1], t, s, LINEAR, method="ddpm", noise=store[2], out=store[3])
-    assert torch.equal(got, expected) and torch.equal(store[0], x)
+    assert torch.equal(store[0], x)
+    assert_same_step(got, expected, x, m, z, t)
 
 
 def test_non_contiguous_inputs(backend, rng):
@@ -482,6 +549,43 @@ def test_non_contiguous_inputs(backend, rng):
     z = torch.randn(3, 20, 3, generator=rng, dtype=torch.float64).to(dtype).to(DEVICE)
     got = sampler_step(x, m, 500, 400, LINEAR, method="ddpm", noise=z)
     assert torch.equal(got, sampler_step(x.contiguous(), m, 500, 400, LINEAR, method="ddpm", noise=z))
+
+
+def test_autocast_follows_the_input_dtypes(backend, rng):
+    """Under CPU autocast (bf16) the step is what it is outside: inference on the given tensors,
+    output in x_t's dtype; a bf16 model output (what an autocast network returns) with float32
+    samples gives the float32 step of that output."""
+    dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        x, m, z, t, s = random_case(rng, (3, 40), True)
+        x, m, z = (v.to(dtype).to(DEVICE) for v in (x, m, z))
+        kw = dict(method="analytic-ddpm", gamma=0.6, noise=z)
+        expected = sampler_step(x, m, t, s, LINEAR, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sampler_step(x, m, t, s, LINEAR, **kw)
+            mixed = sampler_step(x, m.to(torch.bfloat16), t, s, LINEAR, **kw)
+        assert got.dtype == dtype and torch.equal(got, expected)
+        assert mixed.dtype == dtype
+        assert torch.equal(mixed, sampler_step(x, m.to(torch.bfloat16).to(dtype), t, s, LINEAR, **kw))
+
+
+@pytest.mark.parametrize("method", ["analytic-ddim", "heun"])
+def test_sample_under_autocast(method):
+    """A network run under autocast returns bf16; the float32 samples stay float32."""
+    from fastnotes.diffusion import sample
+
+    net = torch.nn.Linear(2, 2)
+
+    def model(x, t):
+        out = net(x)
+        assert out.dtype == torch.bfloat16  # autocast is on for the network
+        return out
+
+    kw = {"gamma": 0.5} if method.startswith("analytic") else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        got = sample(model, (4, 2), LINEAR, 5, method, generator=torch.Generator().manual_seed(0), progress=False,
+                     **kw)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------------
