@@ -158,25 +158,32 @@ def _check_arguments(x_t, model_output, schedule, method, eta, prediction, noise
 def _memory_span(tensor):
     """[first, end) byte addresses of a tensor's elements (the whole strided extent: conservative
     for a view with gaps), or None when it has no elements."""
-    if tensor.numel() == 0:
+    n = tensor.numel()
+    if n == 0:
         return None
-    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + n * tensor.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     return start, start + (last + 1) * tensor.element_size()
+
+
+def _intersect(span_a, span_b):
+    return span_a is not None and span_b is not None and span_a[0] < span_b[1] and span_b[0] < span_a[1]
 
 
 def shares_memory(a, b):
     """Whether two tensors on one device may have elements at the same address."""
-    span_a, span_b = _memory_span(a), _memory_span(b)
-    return span_a is not None and span_b is not None and span_a[0] < span_b[1] and span_b[0] < span_a[1]
+    return _intersect(_memory_span(a), _memory_span(b))
 
 
 def _check_out_aliasing(out, x_t, model_output, noise):
     """out may be x_t itself (each kernel reads an element before writing the same index); any
     other overlap with an input would let a kernel read values it has already overwritten."""
-    in_place = x_t.is_contiguous() and out.data_ptr() == x_t.data_ptr()
+    span = _memory_span(out)
+    in_place = span is not None and x_t.is_contiguous() and x_t.data_ptr() == span[0]
     for name, value in (("x_t", x_t), ("model_output", model_output), ("noise", noise)):
-        if value is not None and not (name == "x_t" and in_place) and shares_memory(out, value):
+        if value is not None and not (name == "x_t" and in_place) and _intersect(span, _memory_span(value)):
             raise ValueError(f"{_OP}: out overlaps {name} in memory; out may be x_t itself (an in-place step) "
                              "but must not share memory with model_output or noise, nor partly with x_t")
 
