@@ -193,9 +193,9 @@ def _check_out_aliasing(out, x_t, model_output, noise):
 
 def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_range, sigma2_max=math.inf):
     """float64 [B, 8]: (A, M, C, px, pm, S, 0, 0) with x_s = A x + M m + C clamp(px x + pm m) + S z,
-    S^2 = min(sigma2, sigma2_max). Rows with an invalid (t, s) are NaN. Takes numpy arrays (the host prologue for CPU tensors: tiny
-    torch ops cost microseconds each) or torch tensors on the device (no host sync); the same code
-    serves both."""
+    S^2 = min(sigma2, sigma2_max). Rows with an invalid (t, s) are NaN. Takes numpy arrays (the host
+    prologue for CPU tensors: tiny torch ops cost microseconds each) or torch tensors on the device
+    (no host sync); the same code serves both."""
     xp = np if isinstance(logab, np.ndarray) else torch
     n = logab.shape[0] - 1
     valid = (t >= 1) & (t <= n) & (s >= 0) & (s < t)
