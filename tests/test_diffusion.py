@@ -708,3 +708,23 @@ def test_estimate_gamma_gaussian_oracle_d7():
     exact = ((1 - ab[334]) / (ab[334] * c * c + 1 - ab[334])).item()
     assert abs(exact - 0.895331233302) < 1e-11
     assert abs(table[334].item() - exact) < 3e-3 and table[0] == 0 and table[1] == 0
+
+
+def test_estimate_gamma_takes_a_data_callable():
+    """data may be a callable n -> [n, ...] batch; batches of 3 over 10 samples (a short last one)."""
+    from fastnotes.diffusion import estimate_gamma
+
+    data = torch.randn(10, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    asked = []
+
+    def draw(n):
+        asked.append(n)
+        return data[:n]
+
+    def model(x, t):
+        return x * (t.to(x) / 1000).reshape(-1, 1)
+
+    kw = dict(n_samples=10, batch_size=3, progress=False)
+    got = estimate_gamma(model, draw, LINEAR, [5, 700], generator=torch.Generator().manual_seed(1), **kw)
+    expected = estimate_gamma(model, data, LINEAR, [5, 700], generator=torch.Generator().manual_seed(1), **kw)
+    assert asked == [10] and torch.equal(got, expected) and got[700] > 0 and got[6] == 0
