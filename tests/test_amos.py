@@ -553,16 +553,16 @@ def slot_shape_of(rule, shape):
     return tuple(Amos([p], lr=0.1, slot=rule).state[p]["v"].shape)
 
 
-def seeded_state(rng, shape, slot_shape, small_slot=True):
+def seeded_state(rng, shape, slot_shape, small_scale=0.02, small_v=2e-4):
     """A mid-run state (v, b, m, count) and per-slot gradient scales: b of order 1-10 so that c_coef and
-    d_coef matter, and (small_slot) one slot with tiny v and gradients so that epsilon is active."""
+    d_coef matter, and one slot with gradients scaled by small_scale and v = small_v (to put it below
+    or near epsilon)."""
     v = torch.rand(slot_shape, generator=rng, dtype=torch.float64) * 0.05 + 0.01
     b = torch.rand(slot_shape, generator=rng, dtype=torch.float64) * 9 + 1
     m = torch.randn(shape, generator=rng, dtype=torch.float64) * 0.01
     scales = torch.ones(slot_shape, dtype=torch.float64)
-    if small_slot:
-        scales.view(-1)[0] = 0.02
-        v.view(-1)[0] = 2e-4
+    scales.view(-1)[0] = small_scale
+    v.view(-1)[0] = small_v
     return (v, b, m, 6), scales
 
 
@@ -633,24 +633,29 @@ def test_reference_matches_wide_oracle_with_distinct_hyperparameters(rng, rule, 
 
 
 @pytest.mark.parametrize("rule, shape", RULE_CASES, ids=RULE_IDS)
-def test_distinct_hyperparameters_in_two_groups_from_mid_run_state(backend, rng, rule, shape):
-    """Two parameter groups with every hyper-parameter distinct (from each other and from the
-    defaults), each tensor starting from a seeded mid-run state (count 6, b of order 1-10 so that
-    c_coef and d_coef change the step by tens of percent, one slot with v below epsilon): a swap of
-    two coefficients, a wrong default or one group's settings used for the other shows."""
+def test_distinct_hyperparameters_and_defaults_in_three_groups_from_mid_run_state(backend, rng, rule, shape):
+    """Three parameter groups: two with every hyper-parameter distinct (from each other and from the
+    defaults), one on Amos's defaults checked against the spec's values; each tensor starts from a
+    seeded mid-run state (count 6, b of order 1-10 so that c_coef and d_coef change the step by tens
+    of percent, one slot whose v is below epsilon, or for the defaults between 2^-125 and 1e-8). A
+    swap of two coefficients, a wrong default or one group's settings used for another shows."""
     dtype = torch.float32
-    thetas = [torch.randn(shape, generator=rng, dtype=torch.float64) for _ in range(2)]
+    thetas = [torch.randn(shape, generator=rng, dtype=torch.float64) for _ in range(3)]
     params = [torch.nn.Parameter(t.to(dtype)) for t in thetas]
-    opt = Amos([{"params": [params[0]], **DISTINCT}, {"params": [params[1]], **DISTINCT_2}], lr=0.01, slot=rule)
+    opt = Amos([{"params": [params[0]], **DISTINCT}, {"params": [params[1]], **DISTINCT_2}, {"params": [params[2]]}],
+               lr=0.05, slot=rule)
+    defaults = dict(SPEC_DEFAULTS, lr=0.05, eta=opt.state[params[2]]["eta"])
+    assert defaults["eta"] == pytest.approx(thetas[2].pow(2).mean().sqrt().item() if len(shape) > 1 else 0.5, rel=1e-6)
     slot_shape = tuple(opt.state[params[0]]["v"].shape)
     n_steps = 2
     setups = []
-    for p, hyper in zip(params, (DISTINCT, DISTINCT_2)):
-        state, scales = seeded_state(rng, shape, slot_shape)
+    for p, hyper in zip(params, (DISTINCT, DISTINCT_2, defaults)):
+        small = (1e-7, 1e-12) if hyper is defaults else (0.02, 2e-4)
+        state, scales = seeded_state(rng, shape, slot_shape, *small)
         seed_optimizer_state(opt, p, state)
         grads = [torch.randn(shape, generator=rng, dtype=torch.float64) * 0.5 * scales for _ in range(n_steps)]
         setups.append((state, grads, hyper))
-    paths = [[], []]
+    paths = [[], [], []]
     for t in range(n_steps):
         for p, (_, grads, _) in zip(params, setups):
             p.grad = grads[t].to(dtype)
