@@ -119,27 +119,16 @@ def test_integer_data_matches_reference_exactly(hub_backend, rng):
 
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
 def test_gaussian_data_matches_reference(hub_backend, rng, metric):
-    """Continuous data: float64 lists equal the reference; float32 agrees up to near-ties (neighbours
-    whose float64 distances differ by less than the float32 rounding of the expanded formula)."""
-    n, d, k = (60, 8, 4) if hub_backend == "triton" and DEVICE == "cpu" else (900, 24, 6)
+    """Continuous data, a zero row included (cosine distance 1 to everything): the exact lists."""
+    n, d, k = (60, 8, 4) if hub_backend == "triton" and DEVICE == "cpu" else (400, 16, 6)
     base = torch.randn(n, d, generator=rng, dtype=torch.float64)
-    base[3] = 0.0  # a zero vector: cosine distance 1 to everything
-    exact_d, exact_i = reference.knn(base, None, k, metric, True)
+    base[3] = 0.0
     for dtype in _dtypes(hub_backend):
-        distances, indices = hubness.knn(base.to(dtype).to(DEVICE), k, metric=metric)
-        if dtype == torch.float64:
-            assert torch.equal(indices.cpu(), exact_i)
-            assert torch.allclose(distances.cpu(), exact_d, rtol=1e-10, atol=1e-10)
-            continue
-        ref32 = reference.pairwise_distances(base.float(), base.float(), metric)
-        ref32.fill_diagonal_(float("inf"))
-        got = ref32.gather(1, indices.cpu())
-        # each returned neighbour is within float32 rounding of the exact k-th distance
-        kth = exact_d[:, -1:]
-        tol = 1e-5 * (1 + kth.abs() + (base.float().double() ** 2).sum(1, keepdim=True))
-        assert bool((got <= kth + tol).all())
-        assert torch.allclose(distances.double().cpu(), got, rtol=1e-5, atol=1e-5)
-        assert (indices.cpu() == exact_i).double().mean() > 0.99
+        x = base.to(dtype)
+        distances, indices = hubness.knn(x.to(DEVICE), k, metric=metric)
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        float64_error = 4 * d * 2.0 ** -53 * (base ** 2).sum(1).max().item()  # sums of d products or squares
+        assert_exact(distances, indices, true_distances(x, x, metric), k, True, out_dtype, float64_error)
 
 
 @pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
@@ -186,7 +175,8 @@ def test_results_do_not_depend_on_tiling(rng, monkeypatch):
             monkeypatch.setattr(kernel, "TILE_Q", tq)
             monkeypatch.setattr(kernel, "TILE_R", tr)
             got = hubness.knn(x, 8)
-            assert torch.equal(got[1], base[1]) and torch.equal(got[0], base[0])
+            assert torch.equal(got[1], base[1])  # integer data: exact ties, integer logic
+            torch.testing.assert_close(got[0], base[0], rtol=0, atol=0)
 
 
 def test_colab_value_is_exclude_counts_plus_one(rng):
@@ -318,3 +308,208 @@ def test_overflowing_distances_rank_as_infinity():
     assert indices.tolist() == expected
     assert torch.isinf(distances).all()
     assert counts.sum().item() == 120 and counts[:4].tolist() == [39, 39, 39, 3]
+
+
+# ---- exactness away from the origin (issue 18 item 2) ------------------------------------------------
+
+def true_distances(x, reference, metric):
+    """float64 [n, m] distances by direct differences (no expanded formula): float32 inputs subtract
+    and multiply exactly in float64, so only the final sums round (relative 1e-16)."""
+    q, r = x.double().cpu(), reference.double().cpu()
+    if metric == "ip":
+        return -(q @ r.T)
+    zero_q = zero_r = None
+    if metric == "cosine":  # 1 - cos = |x/|x| - y/|y||^2 / 2, with distance 1 for a zero vector
+        qn, rn = q.norm(dim=1, keepdim=True), r.norm(dim=1, keepdim=True)
+        zero_q, zero_r = qn[:, 0] == 0, rn[:, 0] == 0
+        q, r = q / torch.where(qn > 0, qn, 1), r / torch.where(rn > 0, rn, 1)
+    rows = max(1, (1 << 21) // (r.shape[0] * r.shape[1]))
+    dist = torch.cat([((q[i:i + rows, None, :] - r[None, :, :]) ** 2).sum(-1) for i in range(0, q.shape[0], rows)])
+    if metric == "cosine":
+        dist = torch.where(zero_q[:, None] | zero_r[None, :], 1.0, dist / 2)
+    return dist
+
+
+def assert_exact(distances, indices, true, k, exclude_self, out_dtype, atol=0.0):
+    """knn output against the float64 oracle: position p holds a neighbour whose true distance equals
+    the true p-th smallest up to the rounding of the output dtype (only such near-ties may swap), no
+    index twice, never self when excluded; distances are the true ones rounded once, rows ascending.
+    atol: the float64 evaluation error, which matters for float64 output only."""
+    true = true.clone()
+    if exclude_self:
+        true.fill_diagonal_(float("inf"))
+    u = torch.finfo(out_dtype).eps
+    want = torch.sort(true, dim=1, stable=True).values[:, :k]
+    indices = indices.cpu()
+    got = true.gather(1, indices)
+    wrong = ((got - want).abs() > 2 * u * want.abs() + atol).any(1)
+    assert not wrong.any(), f"{int(wrong.sum())} of {len(wrong)} rows hold a neighbour that is not among the k nearest"
+    assert bool((indices.sort(1).values.diff(dim=1) > 0).all()), "an index appears twice"
+    assert distances.dtype == out_dtype
+    torch.testing.assert_close(distances.cpu().double(), got, rtol=2 * u, atol=atol)
+    d = distances.cpu()
+    assert bool(((d[:, 1:] > d[:, :-1]) | ((d[:, 1:] == d[:, :-1]) & (indices[:, 1:] > indices[:, :-1]))).all())
+
+
+def assert_counts(counts, true, k, exclude_self):
+    """Counts equal the oracle's where no row has a near-tie at its k-th neighbour (float32 rounding)."""
+    true = true.clone()
+    if exclude_self:
+        true.fill_diagonal_(float("inf"))
+    values, order = torch.sort(true, dim=1, stable=True)
+    want = torch.bincount(order[:, :k].reshape(-1), minlength=true.shape[1])
+    gap = values[:, k] - values[:, k - 1]
+    assert bool((gap > 4 * 2.0 ** -24 * values[:, k].abs()).all()), "near-tie in the test data: redraw"
+    wrong = int((counts.cpu() != want).sum())
+    assert wrong == 0, f"{wrong} of {len(want)} counts differ from the oracle's"
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
+@pytest.mark.parametrize("n, d, k", [(200, 8, 1), (400, 16, 5)])
+def test_exact_far_from_the_origin(hub_backend, metric, n, d, k):
+    """x = 100 + 0.1 randn: the expanded |y|^2 - 2 x.y cancels (in float32 85 of 200 nearest
+    neighbours were wrong before centring and re-ranking); lists and counts must be the true ones."""
+    gen = torch.Generator().manual_seed(n + d)
+    base = 100 + 0.1 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    for dtype in _dtypes(hub_backend):
+        x = base.to(dtype)
+        true = true_distances(x, x, metric)
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        distances, indices = hubness.knn(x.to(DEVICE), k, metric=metric)
+        float64_error = 4 * d * 2.0 ** -53 * (x.double() ** 2).sum(1).max().item() if metric == "ip" else 0.0
+        assert_exact(distances, indices, true, k, True, out_dtype, float64_error)
+        assert_counts(hubness.k_occurrence(x.to(DEVICE), k, metric=metric), true, k, True)
+
+
+def _cases(backend):
+    """(n, m, d): one set, and a separate reference set; small under the Triton interpreter."""
+    return [(150, None, 6), (90, 130, 5)] if backend == "triton" and DEVICE == "cpu" else [(300, None, 6), (200, 350, 5)]
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
+def test_exact_with_a_reference_set_and_self_included(hub_backend, metric, rng):
+    """Offset data with reference= another set, and with self competing (exclude_self=False: self is
+    the nearest at exactly 0 for sqeuclidean and cosine unless a duplicate ties it)."""
+    for n, m, d in _cases(hub_backend):
+        x = 50 + 0.01 * torch.randn(n, d, generator=rng)
+        ref = None if m is None else 50 + 0.01 * torch.randn(m, d, generator=rng)
+        for exclude_self in (True, False):
+            kw = {"reference": None if ref is None else ref.to(DEVICE), "metric": metric, "exclude_self": exclude_self}
+            distances, indices = hubness.knn(x.to(DEVICE), 4, **kw)
+            assert_exact(distances, indices, true_distances(x, x if ref is None else ref, metric), 4,
+                         exclude_self and ref is None, torch.float32)
+            if ref is None and not exclude_self and metric != "ip":
+                assert torch.equal(indices[:, 0].cpu(), torch.arange(n)) and bool((distances[:, 0] == 0).all())
+            counts = hubness.k_occurrence(x.to(DEVICE), 4, **kw)
+            assert torch.equal(counts.cpu(), torch.bincount(indices.cpu().reshape(-1), minlength=(m or n)))
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
+def test_every_row_through_the_float64_fallback(hub_backend, metric, rng, monkeypatch):
+    """MARGIN = 0 leaves no row certifiable: every row is redone by the float64 full search, which
+    must give the same exact lists (one set and another reference set, self excluded or not)."""
+    if hub_backend == "reference":
+        pytest.skip("the reference backend has no fast pass")
+    from fastnotes.hubness import _exact
+
+    searched = []
+    full_search = _exact._full_search
+    monkeypatch.setattr(_exact, "MARGIN", 0)
+    monkeypatch.setattr(_exact, "_full_search", lambda p, rows, k: searched.append(len(rows)) or full_search(p, rows, k))
+    for n, m, d in _cases(hub_backend):
+        x = 20 + 0.1 * torch.randn(n, d, generator=rng)
+        ref = None if m is None else 20 + 0.1 * torch.randn(m, d, generator=rng)
+        for exclude_self in (True, False):
+            searched.clear()
+            kw = {"reference": None if ref is None else ref.to(DEVICE), "metric": metric, "exclude_self": exclude_self}
+            distances, indices = hubness.knn(x.to(DEVICE), 3, **kw)
+            assert sum(searched) == n
+            assert_exact(distances, indices, true_distances(x, x if ref is None else ref, metric), 3,
+                         exclude_self and ref is None, torch.float32)
+
+
+def test_rows_the_fast_pass_cannot_rank_are_redone(hub_backend):
+    """An outlier 1e4 away makes the float32 error of every ranking value ~0.1 while a cluster's
+    distances are ~1e-6: the fast pass orders the cluster at random, no cluster row is certified,
+    and the float64 full search must still find the exact neighbours."""
+    gen = torch.Generator().manual_seed(5)
+    x = 1e-3 * torch.randn(60, 4, generator=gen)
+    x[0] = 1e4
+    distances, indices = hubness.knn(x.to(DEVICE), 3)
+    assert_exact(distances, indices, true_distances(x, x, "sqeuclidean"), 3, True, torch.float32)
+    counts = hubness.k_occurrence(x.to(DEVICE), 3)  # the outlier's neighbours tie within float32 rounding
+    assert torch.equal(counts.cpu(), torch.bincount(indices.cpu().reshape(-1), minlength=60))
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_cosine_zero_rows(hub_backend, exclude_self, rng):
+    """Zero vectors have cosine distance 1 to everything (each other included): more zero references
+    than k + 1 (only the first k + 1 are candidates), zero queries (the first k indices), both in one
+    set and across sets."""
+    x = torch.randn(40, 3, generator=rng)
+    x[torch.randperm(40, generator=rng)[:12]] = 0.0
+    ref = torch.randn(30, 3, generator=rng)
+    ref[torch.randperm(30, generator=rng)[:9]] = 0.0
+    for r in (None, ref):
+        distances, indices = hubness.knn(x.to(DEVICE), 5, reference=None if r is None else r.to(DEVICE),
+                                         metric="cosine", exclude_self=exclude_self)
+        true = true_distances(x, x if r is None else r, "cosine")
+        assert_exact(distances, indices, true, 5, exclude_self and r is None, torch.float32)
+        zero = (x == 0).all(1)
+        first = [[j for j in range(6) if not (exclude_self and r is None and j == i)][:5] for i in range(40)]
+        assert indices[zero].tolist() == [row for row, z in zip(first, zero) if z]
+    # every non-zero reference points away (distance > 1): the zero ones (distance 1) come first
+    away = torch.tensor([[-1.0, 0.1 * j, 0.0] for j in range(20)])
+    away[[3, 6, 7, 9, 12, 15, 16]] = 0.0
+    distances, indices = hubness.knn(torch.tensor([[1.0, 0.0, 0.0]]).to(DEVICE), 5, reference=away.to(DEVICE),
+                                     metric="cosine", exclude_self=exclude_self)
+    assert indices.tolist() == [[3, 6, 7, 9, 12]] and distances.tolist() == [[1.0] * 5]
+
+
+def test_numba_tiles_and_threads_on_offset_data(rng, monkeypatch):
+    """Query blocks and reference tiles with tails (and one block per thread) on offset data, against
+    the oracle: the candidates of every tile reach refine with the right global indices."""
+    from fastnotes.kernels.numba import hubness as kernel
+
+    x = 100 + 0.1 * torch.randn(700, 6, generator=rng)
+    ref = 100 + 0.1 * torch.randn(500, 6, generator=rng)
+    true = true_distances(x, x, "sqeuclidean")
+    with fastnotes.use_backend("numba"):
+        for tq, tr in ((64, 96), (700, 33), (1, 1024)):
+            monkeypatch.setattr(kernel, "TILE_Q", tq)
+            monkeypatch.setattr(kernel, "TILE_R", tr)
+            assert_exact(*hubness.knn(x, 6), true, 6, True, torch.float32)
+            assert_exact(*hubness.knn(x, 6, reference=ref), true_distances(x, ref, "sqeuclidean"), 6, False,
+                         torch.float32)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine", "ip"])
+def test_double_backward_through_the_distances(hub_backend, metric, rng):
+    """The differentiable distances are plain float64 torch ops over the selected pairs: double
+    backward works and matches finite differences (gradgradcheck), for x and a reference set."""
+    x = torch.randn(10, 3, generator=rng, dtype=torch.float64)
+    y = torch.randn(8, 3, generator=rng, dtype=torch.float64)
+    if hub_backend == "triton":
+        x, y = x.float(), y.float()
+        leaf = x.clone().requires_grad_()
+        distances, _ = hubness.knn(leaf, 3, metric=metric)
+        (g,) = torch.autograd.grad(distances.sum(), leaf, create_graph=True)
+        (g ** 2).sum().backward()
+        assert leaf.grad is not None and bool(torch.isfinite(leaf.grad).all())
+        return
+    torch.autograd.gradgradcheck(lambda a: hubness.knn(a, 3, metric=metric)[0], (x.clone().requires_grad_(),))
+    torch.autograd.gradgradcheck(lambda a, b: hubness.knn(a, 3, reference=b, metric=metric)[0],
+                                 (x.clone().requires_grad_(), y.clone().requires_grad_()))
+
+
+def test_autocast_keeps_float32(hub_backend, rng):
+    """Under CPU autocast (bfloat16) the distances stay float32 (as cdist does under autocast) and the
+    lists stay exact: the fast pass's GEMM is not turned into bfloat16."""
+    x = (100 + 0.1 * torch.randn(120, 8, generator=rng)).to(DEVICE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distances, indices = hubness.knn(x, 4)
+        counts = hubness.k_occurrence(x, 4)
+    assert distances.dtype == torch.float32
+    true = true_distances(x, x, "sqeuclidean")
+    assert_exact(distances, indices, true, 4, True, torch.float32)
+    assert torch.equal(counts.cpu(), torch.bincount(indices.cpu().reshape(-1), minlength=120))

@@ -1,8 +1,7 @@
-"""The cuda backend of hubness (kernels/cuda/hubness.py: Triton distance-key tile + the CUDA C++ top-k
+"""The cuda backend of hubness (kernels/cuda/hubness.py: Triton value-key tile + the CUDA C++ top-k
 merge and count kernels of fastnotes._C). On CPU: the custom ops' fake implementations (shapes, dtypes,
-tracing). On a GPU (`gpu` tests): correctness against a float64 brute force and against torch
-cdist + topk, exact ties, tiling, large k, adversarial insertion order, 16-bit inputs, opcheck,
-torch.compile, and agreement with the Triton path key for key."""
+tracing). On a GPU (`gpu` tests): exact lists against the float64 oracle (offset data included), exact
+ties across tilings, large k, adversarial insertion order, 16-bit inputs, opcheck, torch.compile."""
 import importlib.util
 
 import pytest
@@ -10,9 +9,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import fastnotes
+from fastnotes import hubness
 from fastnotes.kernels.cuda import hubness as cuda_hubness
 from fastnotes.kernels.triton import hubness as triton_hubness
-from test_hubness_triton import brute_force, check_knn, oracle_knn
+from test_hubness import assert_exact, true_distances
 
 METRICS = ["sqeuclidean", "cosine", "ip"]
 HAS_EXTENSION = importlib.util.find_spec("fastnotes._C") is not None
@@ -26,11 +27,11 @@ def test_fake_implementations_give_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        x = torch.empty(10, 4, device="cuda", dtype=torch.float16)
-        reference = torch.empty(7, 4, device="cuda", dtype=torch.float16)
-        distances, indices = cuda_hubness.knn(x, reference, 3, "sqeuclidean", False)
-        counts = cuda_hubness.k_occurrence(x, reference, 3, "ip", False)
-    assert distances.shape == (10, 3) and distances.dtype == torch.float32 and distances.device.type == "cuda"
+        x = torch.empty(10, 4, device="cuda")
+        reference = torch.empty(7, 4, device="cuda")
+        values, indices = cuda_hubness.candidates(x, reference, torch.empty(7, device="cuda"), -2.0, 3, False)
+        counts = cuda_hubness.count(indices, 7)
+    assert values.shape == (10, 3) and values.dtype == torch.float32 and values.device.type == "cuda"
     assert indices.shape == (10, 3) and indices.dtype == torch.int64
     assert counts.shape == (7,) and counts.dtype == torch.int64
 
@@ -38,13 +39,18 @@ def test_fake_implementations_give_shapes_and_dtypes():
 def test_ops_trace_with_fake_tensors():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def f(x):
-        distances, _ = cuda_hubness.knn(x, x, 2, "cosine", True)
-        return distances.sum(), cuda_hubness.k_occurrence(x, x, 2, "cosine", True)
+    def f(x, add):
+        values, indices = cuda_hubness.candidates(x, x, add, -1.0, 2, True)
+        return values.sum(), cuda_hubness.count(indices, 6)
 
-    graph = make_fx(f, tracing_mode="fake")(torch.empty(6, 3))
+    graph = make_fx(f, tracing_mode="fake")(torch.empty(6, 3), torch.empty(6))
     targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-    assert {"fastnotes.hubness_knn.default", "fastnotes.hubness_k_occurrence.default"} <= targets
+    assert {"fastnotes.hubness_candidates.default", "fastnotes.hubness_count.default"} <= targets
+
+
+def test_k_above_the_shared_memory_limit_is_refused():
+    with pytest.raises(ValueError, match="k must be in 1..1024"):
+        cuda_hubness._check_k(cuda_hubness.MAX_K + 1)
 
 
 # ---- on a GPU -----------------------------------------------------------------------------------------
@@ -54,100 +60,92 @@ def cuda(t):
     return t.to("cuda")
 
 
+@pytest.fixture
+def on_cuda():
+    with fastnotes.use_backend("cuda"):
+        yield
+
+
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("exclude_self", [True, False])
-@pytest.mark.parametrize("n, m, d", [(40, None, 16), (1000, None, 100), (777, 1531, 65)])
-def test_cuda_knn_against_float64(metric, exclude_self, n, m, d, rng):
-    x = torch.randn(n, d, generator=rng)
-    reference = x if m is None else torch.randn(m, d, generator=rng)
-    exclude_self = exclude_self and m is None
+@pytest.mark.parametrize("n, m, d, offset", [(40, None, 16, 0.0), (1000, None, 100, 0.0), (777, 1531, 65, 0.0),
+                                             (2000, None, 16, 100.0)])
+def test_cuda_knn_against_float64(on_cuda, metric, exclude_self, n, m, d, offset, rng):
+    x = offset + torch.randn(n, d, generator=rng) * (0.1 if offset else 1.0)
+    reference = None if m is None else offset + torch.randn(m, d, generator=rng)
     k = 7
-    xc = cuda(x)
-    distances, indices = cuda_hubness.knn(xc, xc if m is None else cuda(reference), k, metric, exclude_self)
-    check_knn(distances, indices, brute_force(x, reference, metric, exclude_self), k, tol=1e-4 * d ** 0.5)
-    t_distances, t_indices = triton_hubness.knn(xc, xc if m is None else cuda(reference), k, metric, exclude_self)
-    assert torch.equal(indices, t_indices) and torch.equal(distances, t_distances)  # same keys, same merge order
+    distances, indices = hubness.knn(cuda(x), k, reference=None if m is None else cuda(reference), metric=metric,
+                                     exclude_self=exclude_self)
+    true = true_distances(x, x if m is None else reference, metric)
+    assert_exact(distances, indices, true, k, exclude_self and m is None, torch.float32)
+    counts = hubness.k_occurrence(cuda(x), k, reference=None if m is None else cuda(reference), metric=metric,
+                                  exclude_self=exclude_self)
+    assert torch.equal(counts.cpu(), torch.bincount(indices.cpu().reshape(-1), minlength=true.shape[1]))
 
 
 @pytest.mark.gpu
 @needs_extension
-def test_against_torch_cdist_topk(rng):
-    """Figures for the issue: agreement with the composite users write (float32 cdist + topk)."""
-    x = cuda(torch.randn(4096, 128, generator=rng))
-    k = 10
-    distances, indices = cuda_hubness.knn(x, x, k, "sqeuclidean", True)
-    dist = torch.cdist(x, x).pow(2)
-    dist.fill_diagonal_(float("inf"))
-    want_d, want_i = torch.topk(dist, k, dim=1, largest=False)
-    torch.testing.assert_close(distances, want_d, atol=2e-3, rtol=1e-5)
-    same = (indices.sort(1).values == want_i.sort(1).values).all(1).float().mean().item()
-    assert same > 0.99, f"only {same:.4f} of rows have the same neighbour set as cdist + topk"
-    counts = cuda_hubness.k_occurrence(x, x, k, "sqeuclidean", True)
-    assert torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=4096))
+@pytest.mark.parametrize("scale", [-2.0, -1.0])
+def test_cuda_exact_ties_and_tiles(scale, rng):
+    x = cuda(torch.randint(-1, 2, (300, 3), generator=rng).float())
+    add = (x ** 2).sum(1) if scale == -2.0 else torch.zeros(300, device="cuda")
+    v = add.double()[None, :] + scale * (x.double() @ x.double().T)
+    v.fill_diagonal_(float("inf"))
+    want_v, want_i = torch.sort(v.cpu(), dim=1, stable=True)
+    for tiles in ({}, {"tile_rows": 64, "tile_cols": 37}, {"tile_rows": 1, "tile_cols": 299}):
+        keys = cuda_hubness.knn_keys(x, x, add, scale, 9, True, **tiles)
+        values, indices = triton_hubness.decode_keys(keys)
+        assert torch.equal(indices.cpu(), want_i[:, :9]), tiles
+        assert torch.equal(values.cpu().double(), want_v[:, :9])
 
 
 @pytest.mark.gpu
 @needs_extension
-@pytest.mark.parametrize("metric", ["sqeuclidean", "ip"])
-def test_cuda_exact_ties_and_tiles(metric, rng):
-    x = torch.randint(-1, 2, (300, 3), generator=rng).float()
-    k = 9
-    want_d, want_i = oracle_knn(brute_force(x, x, metric, True), k)
-    for tile_rows, tile_cols in ((None, None), (64, 37), (1, 299)):
-        keys, *_ = cuda_hubness._knn_keys(cuda(x), cuda(x), k, metric, True, tile_rows=tile_rows, tile_cols=tile_cols)
-        distances, indices = triton_hubness.decode_keys(keys)
-        assert torch.equal(indices.cpu(), want_i), (tile_rows, tile_cols)
-        assert torch.equal(distances.cpu().double(), want_d)
-
-
-@pytest.mark.gpu
-@needs_extension
-@pytest.mark.parametrize("k", [1, 31, 33, 64, 100, 1024])
-def test_large_k_and_adversarial_order(k, rng):
+@pytest.mark.parametrize("k", [1, 31, 33, 64, 100, 1016])
+def test_large_k_and_adversarial_order(on_cuda, k, rng):
     """References in decreasing distance from every query: each candidate enters the running top-k
     (the insertion path of the merge, with shifts across several 32-slot chunks)."""
     m = 3000
     reference = torch.arange(m, 0, -1, dtype=torch.float32)[:, None] * torch.ones(1, 4)
     x = torch.zeros(5, 4) - torch.rand(5, 1, generator=rng)
-    distances, indices = cuda_hubness.knn(cuda(x), cuda(reference), k, "sqeuclidean", False)
-    want_d, want_i = oracle_knn(brute_force(x, reference, "sqeuclidean", False), k)
-    assert torch.equal(indices.cpu(), want_i)
-    torch.testing.assert_close(distances.cpu().double(), want_d, rtol=1e-5, atol=0)
+    distances, indices = hubness.knn(cuda(x), k, reference=cuda(reference))
+    assert_exact(distances, indices, true_distances(x, reference, "sqeuclidean"), k, False, torch.float32)
+    with pytest.raises(fastnotes.BackendUnsupportedError, match="cuda keeps k <= 1016"):
+        hubness.knn(cuda(x), 1017, reference=cuda(reference))
 
 
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_accumulate_in_float32(dtype, rng):
-    x = torch.randn(500, 64, generator=rng).to(dtype)
-    distances, indices = cuda_hubness.knn(cuda(x), cuda(x), 5, "sqeuclidean", True)
-    assert distances.dtype == torch.float32
-    check_knn(distances, indices, brute_force(x.float(), x.float(), "sqeuclidean", True), 5, tol=1e-3)
+def test_half_inputs(on_cuda, dtype, rng):
+    x = (3 + torch.randn(500, 64, generator=rng)).to(dtype)
+    distances, indices = hubness.knn(cuda(x), 5)
+    assert_exact(distances, indices, true_distances(x, x, "sqeuclidean"), 5, True, torch.float32)
 
 
 @pytest.mark.gpu
 @needs_extension
-def test_spec_oracles_on_cuda():
+def test_spec_oracles_on_cuda(on_cuda):
     star = cuda(torch.tensor([(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (5, 5)], dtype=torch.float32))
-    _, indices = cuda_hubness.knn(star, star, 2, "sqeuclidean", True)
+    _, indices = hubness.knn(star, 2)
     assert indices.cpu().tolist() == [[1, 2], [0, 3], [0, 3], [0, 1], [0, 1], [1, 3]]
-    assert cuda_hubness.k_occurrence(star, star, 2, "sqeuclidean", True).cpu().tolist() == [4, 4, 1, 3, 0, 0]
+    assert hubness.k_occurrence(star, 2).cpu().tolist() == [4, 4, 1, 3, 0, 0]
     duplicates = cuda(torch.tensor([(0, 0), (0, 0), (5, 0)], dtype=torch.float32))
-    assert cuda_hubness.k_occurrence(duplicates, duplicates, 1, "sqeuclidean", True).cpu().tolist() == [2, 1, 0]
-    assert cuda_hubness.k_occurrence(duplicates, duplicates, 2, "sqeuclidean", False).cpu().tolist() == [3, 2, 1]
+    assert hubness.k_occurrence(duplicates, 1).cpu().tolist() == [2, 1, 0]
+    assert hubness.k_occurrence(duplicates, 2, exclude_self=False).cpu().tolist() == [3, 2, 1]
 
 
 @pytest.mark.gpu
 @needs_extension
-def test_side_stream_and_counts(rng):
+def test_side_stream_and_counts(on_cuda, rng):
     x = cuda(torch.randn(2000, 32, generator=rng))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        counts = cuda_hubness.k_occurrence(x, x, 5, "sqeuclidean", True)
+        counts = hubness.k_occurrence(x, 5)
     stream.synchronize()
-    _, indices = triton_hubness.knn(x, x, 5, "sqeuclidean", True)
+    _, indices = hubness.knn(x, 5)
     assert torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=2000))
     assert counts.sum().item() == 2000 * 5
 
@@ -157,16 +155,13 @@ def test_side_stream_and_counts(rng):
 def test_opcheck_and_compile(rng):
     x = cuda(torch.randn(64, 8, generator=rng))
     reference = cuda(torch.randn(50, 8, generator=rng))
-    for op in (torch.ops.fastnotes.hubness_knn.default, torch.ops.fastnotes.hubness_k_occurrence.default):
-        torch.library.opcheck(op, (x, reference, 3, "sqeuclidean", False))
+    add = (reference ** 2).sum(1)
+    torch.library.opcheck(torch.ops.fastnotes.hubness_candidates.default, (x, reference, add, -2.0, 3, False))
+    indices = cuda(torch.randint(0, 50, (64, 3), generator=rng))
+    torch.library.opcheck(torch.ops.fastnotes.hubness_count.default, (indices, 50))
 
     @torch.compile(fullgraph=True)
-    def counts(x, reference):
-        return cuda_hubness.k_occurrence(x, reference, 3, "sqeuclidean", False) * 2
+    def counts(indices):
+        return cuda_hubness.count(indices, 50) * 2
 
-    assert torch.equal(counts(x, reference), 2 * cuda_hubness.k_occurrence(x, reference, 3, "sqeuclidean", False))
-
-
-def test_k_above_the_shared_memory_limit_is_refused():
-    with pytest.raises(ValueError, match="k must be in 1..1024"):
-        cuda_hubness._check_k(cuda_hubness.MAX_K + 1)
+    assert torch.equal(counts(indices), 2 * torch.bincount(indices.reshape(-1), minlength=50))

@@ -1,7 +1,8 @@
 """Exact k-NN lists and k-occurrence counts (specs/hubness.md, sections 2 and 6).
 
 The fused kernels never hold the [n_q, n_r] distance matrix: tiles of distances feed a running
-per-row top-k under the total order (distance, index), and the counts are taken from the k survivors.
+per-row top-k of candidates under the total order (value, index); _exact.py centres the data for
+them and turns the candidates into the exact k nearest; the counts are taken from those.
 """
 import importlib
 import importlib.util
@@ -10,6 +11,7 @@ import torch
 
 from .. import _checks, _dispatch
 from ..reference import hubness as reference_impl
+from . import _exact
 
 METRICS = reference_impl.METRICS
 _KERNELS = {"numba": "fastnotes.kernels.numba.hubness", "triton": "fastnotes.kernels.triton.hubness",
@@ -35,8 +37,8 @@ def _why_not(backend, x, k):
         if x.dtype not in _GPU_DTYPES:
             return "cuda takes float32/float16/bfloat16 x (float64 runs on numba and reference)"
         max_k = getattr(importlib.import_module(_KERNELS["cuda"]), "MAX_K", None)
-        if max_k is not None and k > max_k:
-            return f"cuda keeps k <= {max_k}"
+        if max_k is not None and k + _exact.MARGIN > max_k:
+            return f"cuda keeps k <= {max_k - _exact.MARGIN}"
         return None
     return _dispatch.float_kernel_reason(backend, x, "x")
 
@@ -76,15 +78,25 @@ def _check_arguments(op, x, reference, k, metric, exclude_self):
     return same
 
 
-def _run(op, x, k, reference, metric, exclude_self, what):
+def _run(op, x, k, reference, metric, exclude_self):
+    """(backend, distances [n, k] in the output dtype, indices [n, k] int64)."""
     same = _check_arguments(op, x, reference, k, metric, exclude_self)
     backend = _dispatch.select(op, x.device.type, lambda b: _why_not(b, x, k))
     xc = x.detach().contiguous()  # the selection has no gradient (knn recomputes distances for autograd)
     ref = xc if same else reference.detach().contiguous()
-    if backend == "reference":
-        return backend, getattr(reference_impl, what)(xc, None if same else ref, k, metric, exclude_self)
-    kernels = importlib.import_module(_KERNELS[backend])
-    return backend, getattr(kernels, what)(xc, ref, k, metric, exclude_self and same)
+    wide = x.dtype == torch.float64 and backend in ("numba", "reference")
+    out_dtype = torch.float64 if wide else torch.float32
+    # float32 by design: autocast would turn the kernels' GEMMs (numba's torch.mm) into bfloat16
+    with torch.autocast(x.device.type, enabled=False):
+        if backend == "reference":
+            distances, indices = reference_impl.knn(xc, None if same else ref, k, metric, exclude_self, out_dtype)
+            return backend, distances.to(out_dtype), indices
+        compute_dtype = out_dtype  # float64 only on numba, for float64 input
+        problem = _exact.prepare(xc, ref, metric, exclude_self and same, compute_dtype, out_dtype)
+        kernels = importlib.import_module(_KERNELS[backend])
+        values, candidates = kernels.candidates(problem.xc, problem.rc, problem.add, problem.scale,
+                                                problem.candidates(k), problem.exclude_self)
+        return (backend, *_exact.refine(problem, values, candidates, k))
 
 
 @_dispatch.eager_op
@@ -101,38 +113,40 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
             of i is still a neighbour at distance 0. False lets i compete at distance 0.
     Returns:
         (distances [n, k], indices [n, k] int64), each row ascending by (distance, index): ties go to
-        the smaller index. distances are float64 for float64 input, float32 otherwise. When x or
-        reference requires grad, distances are recomputed in torch from the selected pairs (O(n k d)
-        memory) and carry the gradient; the selection itself has none.
+        the smaller index. distances are float64 for float64 input, float32 otherwise.
+
+    Precision: the distances are the true distances of the given vectors, computed directly in float64
+    (sum of squared differences; cosine as |x/|x| - y/|y||^2 / 2; -<x, y>) and rounded once to the
+    output dtype, and the lists are the k smallest under (that rounded distance, index), whatever the
+    offset and scale of the data (x = 100 + 0.1 randn included): the float32 GEMM pass only proposes
+    candidates, on data centred by the reference mean, and a row whose candidates cannot be proven
+    complete from the a-priori float32 error bound is redone with float64 GEMMs (fastnotes/hubness/
+    _exact.py). The one approximation left: near-ties within float64 rounding (~d 2^-53 of the spread
+    of the data) can break either way.
+
+    Autograd: when x or reference requires grad, the distances are recomputed from the selected pairs
+    in float64 torch ops (O(n k d) memory) and carry the gradient; the selection itself has none.
+    Being plain torch ops, they support double backward.
     """
-    backend, (distances, indices) = _run("knn", x, k, reference, metric, exclude_self, "knn")
-    dtype = torch.float64 if (x.dtype == torch.float64 and backend in ("numba", "reference")) else torch.float32
+    _, distances, indices = _run("knn", x, k, reference, metric, exclude_self)
     if torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad)):
-        return _differentiable_distances(x, x if reference is None else reference, indices, metric).to(dtype), indices
-    return distances.to(dtype), indices
-
-
-def _differentiable_distances(x, reference, indices, metric):
-    """The selected neighbours' distances recomputed in torch, O(n k d), for autograd."""
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    ref = reference.to(work.dtype)
-    if metric == "cosine":
-        work, ref = reference_impl.unit_rows(work), reference_impl.unit_rows(ref)
-    neighbours = ref[indices]  # [n, k, d]
-    if metric == "sqeuclidean":
-        return ((work[:, None, :] - neighbours) ** 2).sum(-1)
-    dots = (work[:, None, :] * neighbours).sum(-1)
-    return -dots if metric == "ip" else 1.0 - dots
+        ref = x if reference is None else reference
+        exact = reference_impl.paired_distances(x[:, None, :], ref[indices], metric)
+        return exact.to(distances.dtype), indices
+    return distances, indices
 
 
 @_dispatch.eager_op
 def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
     """N_k over the reference set: counts[r] = how many rows of x have reference row r among their k
-    nearest (arguments as in knn). int64 [m]; counts.sum() == k * n.
+    nearest (arguments, and the exactness of the lists, as in knn). int64 [m]; counts.sum() == k * n.
 
-    Fused: tiles of distances feed a running per-row top-k and the counts come from the survivors, so
-    memory is O(n k + one tile), never the [n, m] distance matrix. On CPU the numba backend runs one
-    Python thread per torch thread, each with single-threaded BLAS; torch.get_num_threads() reads 1
-    while the call runs and is restored after it."""
-    _, counts = _run("k_occurrence", x, k, reference, metric, exclude_self, "k_occurrence")
-    return counts
+    Fused: tiles of distances feed a running per-row top-k of candidates and the counts come from
+    the exact lists, so memory is O(n k + one tile), never the [n, m] distance matrix. On CPU the
+    numba backend runs one Python thread per torch thread, each with single-threaded BLAS;
+    torch.get_num_threads() reads 1 while the call runs and is restored after it."""
+    backend, _, indices = _run("k_occurrence", x, k, reference, metric, exclude_self)
+    n_ref = x.shape[0] if reference is None else reference.shape[0]
+    if backend == "cuda":  # the extension's integer-atomic count
+        return importlib.import_module(_KERNELS["cuda"]).count(indices, n_ref)
+    return torch.bincount(indices.reshape(-1), minlength=n_ref)

@@ -1,5 +1,6 @@
 """Hubness statistics of a k-occurrence vector (specs/hubness.md, section 3; the definitions of
-scikit-hubness). Cheap post-passes in float64; values are Python floats."""
+scikit-hubness, except skewness_truncnorm: see hubness_stats). Cheap post-passes in float64; values
+are Python floats."""
 import math
 
 import torch
@@ -29,8 +30,10 @@ def hubness_stats(counts, k, *, hub_size=2.0, n_query=None):
     Returns a dict:
         skewness: m3 / m2^1.5 with population moments (scipy.stats.skew, bias=True); 0 when N_k is
             constant (scipy gives NaN there).
-        skewness_truncnorm: skewness of a normal with the sample mean and sd (ddof 1) truncated to
-            [0, inf) (0 when N_k is constant).
+        skewness_truncnorm: the skewness (third standardised moment) of a normal with the sample mean
+            and sd (ddof 1) truncated to [0, inf) (0 when N_k is constant). scikit-hubness's value of
+            the same name differs: it returns stats.truncnorm(a, b).moment(3), the raw (uncentred,
+            unstandardised) third moment of the standard truncated normal.
         robinhood: sum |N_k - mean| / (2 sum N_k), the share of occurrences to redistribute.
         gini: sum_ij |N_i - N_j| / (2 m sum N_k).
         antihub_occurrence: share of points with N_k = 0.

@@ -1,12 +1,14 @@
-"""Exact k-NN and k-occurrence on CUDA: the Triton distance tile (kernels/triton/hubness.py) writes
-int64 (distance, index) keys, and the CUDA C++ merge from fastnotes._C (csrc/hubness_topk.cu) keeps
-each row's running top-k; counting uses its integer-atomic kernel. Math: specs/hubness.md section 6.
+"""k-NN candidates and k-occurrence counting on CUDA: the Triton tile (kernels/triton/hubness.py)
+writes int64 (value, index) keys, and the CUDA C++ merge from fastnotes._C (csrc/hubness_topk.cu)
+keeps each row's running top-k; counting uses its integer-atomic kernel. The caller
+(fastnotes/hubness/_exact.py) centres the rows, keeps k + a margin of candidates and makes the
+selection exact. Math: specs/hubness.md section 6.
 
-The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_knn,
-torch.ops.fastnotes.hubness_k_occurrence) with fake implementations, so they trace under
-torch.compile. This module imports without triton and without fastnotes._C (the fake implementations
-need neither); running an op needs both. Arguments arrive checked (contiguous float32/float16/bfloat16,
-same dtype and CUDA device, 1 <= k < candidates, k <= MAX_K).
+The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_candidates,
+torch.ops.fastnotes.hubness_count) with fake implementations, so they trace under torch.compile. This
+module imports without triton and without fastnotes._C (the fake implementations need neither);
+running an op needs both. Arguments arrive checked (contiguous float32 centred rows and add on one
+CUDA device, 1 <= k <= MAX_K).
 """
 import importlib
 
@@ -36,50 +38,55 @@ def _triton_tiles():
     return hubness
 
 
-def _knn_keys(x, reference, k, metric, exclude_self, **tiles):
-    _check_k(k)
+def _stream(t):
     ext = _extension()
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    device = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return ext, device, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def knn_keys(x, reference, add, scale, k, exclude_self, **tiles):
+    """Each query's k smallest (value, index) keys [n, k], ascending, merged by fastnotes._C."""
+    _check_k(k)
+    ext, device, stream = _stream(x)
 
     def merge(tile, best):
         ext.topk_merge(device, stream, tile.data_ptr(), tile.shape[0], tile.shape[1], tile.stride(0),
                        best.data_ptr(), k)
 
-    return _triton_tiles().knn_keys(x, reference, k, metric, exclude_self, merge=merge, **tiles), ext, device, stream
+    return _triton_tiles().knn_keys(x, reference, add, scale, k, exclude_self, merge=merge, **tiles)
 
 
-@torch.library.custom_op("fastnotes::hubness_knn", mutates_args=(), device_types="cuda")
-def _knn_op(x: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
-            exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    keys = _knn_keys(x, reference, k, metric, exclude_self)[0]
-    return _triton_tiles().neighbours(x, reference, keys, metric)
+@torch.library.custom_op("fastnotes::hubness_candidates", mutates_args=(), device_types="cuda")
+def _candidates_op(x: torch.Tensor, reference: torch.Tensor, add: torch.Tensor, scale: float, k: int,
+                   exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_tiles().decode_keys(knn_keys(x, reference, add, scale, k, exclude_self))
 
 
-@_knn_op.register_fake
-def _(x, reference, k, metric, exclude_self):
+@_candidates_op.register_fake
+def _(x, reference, add, scale, k, exclude_self):
     return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
-@torch.library.custom_op("fastnotes::hubness_k_occurrence", mutates_args=(), device_types="cuda")
-def _k_occurrence_op(x: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
-                     exclude_self: bool) -> torch.Tensor:
-    keys, ext, device, stream = _knn_keys(x, reference, k, metric, exclude_self)
-    counts = torch.zeros(reference.shape[0], dtype=torch.int64, device=x.device)
-    ext.count_neighbours(device, stream, keys.data_ptr(), keys.numel(), counts.data_ptr())
+@torch.library.custom_op("fastnotes::hubness_count", mutates_args=(), device_types="cuda")
+def _count_op(indices: torch.Tensor, m: int) -> torch.Tensor:
+    ext, device, stream = _stream(indices)
+    indices = indices.contiguous()  # an index < 2^32 is its own key for the count kernel
+    counts = torch.zeros(m, dtype=torch.int64, device=indices.device)
+    ext.count_neighbours(device, stream, indices.data_ptr(), indices.numel(), counts.data_ptr())
     return counts
 
 
-@_k_occurrence_op.register_fake
-def _(x, reference, k, metric, exclude_self):
-    return x.new_empty(reference.shape[0], dtype=torch.int64)
+@_count_op.register_fake
+def _(indices, m):
+    return indices.new_empty(m, dtype=torch.int64)
 
 
-def knn(x, reference, k, metric, exclude_self):
-    """(distances [n, k] float32, indices [n, k] int64), each row ascending by (distance, index)."""
-    return torch.ops.fastnotes.hubness_knn(x, reference, k, metric, exclude_self)
+def candidates(x, reference, add, scale, k, exclude_self):
+    """(v [n, k] float32, indices [n, k] int64): each query's k best references by (v, index),
+    v = add_j + scale <x_i, reference_j>, as kernels/triton/hubness.candidates."""
+    return torch.ops.fastnotes.hubness_candidates(x, reference, add, scale, k, exclude_self)
 
 
-def k_occurrence(x, reference, k, metric, exclude_self):
-    """counts [m] int64: how many queries have each reference point among their k nearest."""
-    return torch.ops.fastnotes.hubness_k_occurrence(x, reference, k, metric, exclude_self)
+def count(indices, m):
+    """counts [m] int64: how often each reference index occurs in indices (int64, values < m)."""
+    return torch.ops.fastnotes.hubness_count(indices, m)

@@ -1,4 +1,4 @@
-"""Exact k-NN and k-occurrence on the CPU: BLAS distance tiles + a running per-row top-k.
+"""k-NN candidates on the CPU: BLAS distance tiles + a running per-row top-k.
 
 The distance matrix is never materialised. Queries go in blocks of TILE_Q rows; for each block the
 reference set streams through in blocks of TILE_R rows. A tile [TILE_Q, TILE_R] (2 MB in float32,
@@ -7,9 +7,9 @@ reused by its thread) receives s = x.y from single-threaded BLAS (torch.mm), and
 core: no OpenMP team, so no barriers and no spinning idle workers competing with the scan.
 
 What the scan ranks is v = add_j + scale s_ij, the part of the distance that depends on the reference
-(scaling by -2 or -1 is exact, so v is what a GEMM of the scaled x would give, without its copy):
-    sqeuclidean: scale = -2, add_j = |y_j|^2  (|x_i|^2 is the same for the whole row)
-    ip / cosine: scale = -1, add_j = 0        (cosine gets unit-norm rows from the launcher)
+(scaling by -2 or -1 is exact, so v is what a GEMM of the scaled x would give, without its copy).
+The caller (fastnotes/hubness/_exact.py) passes centred rows, add and scale, keeps k + a margin of
+candidates and makes the selection exact by recomputing their distances directly.
 A tile row is read in chunks of CHUNK entries: a vectorised pass counts the entries at or below the
 row's current k-th best value, and only chunks with such an entry take the scalar insertion path.
 After the first few tiles almost no chunk does, so an entry costs about one compare.
@@ -19,17 +19,13 @@ best has a larger index than everything kept and loses, except to an empty slot 
 Self-exclusion is by index: the launcher passes the global index of query row 0 in the reference set
 and the insertion skips that column. NaN values (only from overflow: inputs are checked finite) rank
 as +inf, so every row fills its k slots.
-
-At the end the k survivors of each row get their distance recomputed directly from the vectors
-(sum of squared differences: no cancellation; 1 - dot for cosine; -dot for ip) and are re-sorted by
-(distance, index), so returned distances carry no error from the expanded formula.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 from ._math import JIT_OPTIONS
 from ._tensors import compute_view
@@ -92,64 +88,13 @@ def _scan_tile(tile, add, scale, ref0, self_col0, best_d, best_i):
                 _insert_chunk(row[c0:c1], add[c0:c1], scale, ref0 + c0, self_col0 + i, bd, bi)
 
 
-@njit(parallel=True, **_JIT)
-def _finish(x, ref, metric, best_i, best_d):
-    """Exact distances of the selected neighbours, rows re-sorted by (distance, index)."""
-    n, k = best_i.shape
-    d = x.shape[1]
-    for i in prange(n):
-        for p in range(k):
-            j = best_i[i, p]
-            acc = 0.0
-            if metric == 0:
-                for c in range(d):
-                    diff = np.float64(x[i, c]) - np.float64(ref[j, c])
-                    acc += diff * diff
-            else:
-                for c in range(d):
-                    acc += np.float64(x[i, c]) * np.float64(ref[j, c])
-                acc = -acc if metric == 1 else 1.0 - acc
-            v = best_d.dtype.type(acc)
-            q = p
-            while q > 0 and (best_d[i, q - 1] > v or (best_d[i, q - 1] == v and best_i[i, q - 1] > j)):
-                best_d[i, q] = best_d[i, q - 1]
-                best_i[i, q] = best_i[i, q - 1]
-                q -= 1
-            best_d[i, q] = v
-            best_i[i, q] = j
-
-
-@njit(**_JIT)
-def _count(indices, counts):
-    flat = indices.ravel()
-    for t in range(flat.shape[0]):
-        counts[flat[t]] += 1
-
-
-def _unit_rows(x):
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # zero rows stay zero: cosine distance 1
-
-
-def _prepare(x, reference, metric):
-    """(x, ref) in the compute dtype, contiguous, unit rows for cosine; ref is x for one set."""
-    same = reference is x
-    x = compute_view(x).contiguous()
-    ref = x if same else compute_view(reference).contiguous().to(x.dtype)
-    if metric == "cosine":
-        x = _unit_rows(x)
-        ref = x if same else _unit_rows(ref)
-    return x, ref, same
-
-
-def _select(x, ref, same, k, metric, exclude_self):
-    """(v [n, k], indices [n, k]): each query row's k best references, ascending by (v, index);
-    v is the scan value, not the distance."""
+def candidates(x, ref, add, scale, k, exclude_self):
+    """(v [n, k], indices [n, k] int64): each query row's k best references by (v, index), ascending,
+    v = add_j + scale <x_i, ref_j>. x, ref: contiguous float32/float64 CPU tensors (`ref is x` for
+    one set, then exclude_self drops query i from its own list), add [m] of the same dtype. Slots
+    that no reference filled (k > the references left) hold (+inf, m)."""
     n, n_ref = x.shape[0], ref.shape[0]
-    if metric == "sqeuclidean":
-        scale, add = -2.0, torch.cat([(rows * rows).sum(dim=1) for rows in ref.split(4096)])  # no [m, d] temporary
-    else:
-        scale, add = -1.0, torch.zeros(n_ref, dtype=x.dtype)
+    same = ref is x
     add_np = add.numpy()
     best_d = np.full((n, k), np.inf, dtype=add_np.dtype)
     best_i = np.full((n, k), n_ref, dtype=np.int64)
@@ -173,7 +118,7 @@ def _select(x, ref, same, k, metric, exclude_self):
         if workers <= 1 or n * n_ref * x.shape[1] < SERIAL_WORK:
             for q0 in blocks:
                 query_block(q0)
-            return best_d, best_i
+            return torch.from_numpy(best_d), torch.from_numpy(best_i)
         # One Python thread per core, each running single-threaded BLAS + the nogil scan on its own
         # query blocks: no OpenMP team, so no barriers and no spinning workers competing with the
         # scan (torch's multithreaded mm alternating with a parallel scan ran 3-5x slower on this
@@ -185,24 +130,5 @@ def _select(x, ref, same, k, metric, exclude_self):
                 list(pool.map(query_block, blocks))
         finally:
             torch.set_num_threads(threads)
-    return best_d, best_i
-
-
-def knn(x, reference, k, metric, exclude_self):
-    """(distances [n, k], indices [n, k] int64) of the k nearest rows of `reference` for each row
-    of x, sorted by (distance, index). Validated CPU tensors; `reference is x` means one set, and
-    then exclude_self drops query i from its own list. Distances are float64 for float64 input,
-    float32 otherwise."""
-    x, ref, same = _prepare(x, reference, metric)
-    best_d, best_i = _select(x, ref, same, k, metric, exclude_self)
-    _finish(x.numpy(), ref.numpy(), METRICS[metric], best_i, best_d)
     return torch.from_numpy(best_d), torch.from_numpy(best_i)
 
-
-def k_occurrence(x, reference, k, metric, exclude_self):
-    """counts [n_ref] int64: how many rows of x have each reference row among their k nearest."""
-    x, ref, same = _prepare(x, reference, metric)
-    _, best_i = _select(x, ref, same, k, metric, exclude_self)
-    counts = np.zeros(ref.shape[0], dtype=np.int64)
-    _count(best_i, counts)
-    return torch.from_numpy(counts)

@@ -1,0 +1,221 @@
+"""Exact selection on top of the kernels' fast pass (specs/hubness.md section 6, numerics).
+
+The kernels rank references with one GEMM per tile, by v = add_j + scale <x~_i, y~_j> in float32:
+the expanded distance, which cancels when the points sit far from the origin compared with their
+spread (x = 100 + 0.1 randn lost most nearest neighbours). Three steps make the result exact:
+
+1. prepare: both sets are shifted by one point mu close to the mean of the reference set (in float64,
+   then rounded to the compute dtype), so the float32 error scales with the spread of the data, not
+   with its distance from the origin. v differs from the distance by a per-row constant:
+       sqeuclidean  x~ = x - mu            v = |y~|^2 - 2 <x~, y~>   (|x - y|^2 = v + |x~|^2)
+       cosine       x~ = x/|x| - mu        v = |y~|^2 - 2 <x~, y~>   (1 - cos = (v + |x~|^2) / 2)
+       ip           x~ = x - mu            v = -<mu, y~> - <x~, y~>  (-<x, y> = v - <x, mu>)
+   mu is the mean rounded to 12 bits below each column's spread, so x - mu stays exact for integer data.
+2. the backend keeps each row's k + MARGIN best by (v, index);
+3. refine: the candidates' distances are recomputed directly in float64 (reference.paired_distances),
+   rounded once to the output dtype, and each row keeps the k best by (distance, index). A row is
+   certified when its last candidate's v exceeds its k-th by more than `bound`: twice the a-priori
+   error of v (centring, GEMM and norm rounding: (d + 8) u (|x~_i| + max |y~|)^2 and an underflow
+   term) plus the output rounding, so no reference left out can be among the k nearest. Other rows
+   (large groups of ties, as in integer data, or overflow) are recomputed over the whole reference
+   set with float64 GEMMs.
+
+cosine: zero rows have distance 1 to everything. The fast pass ranks zero references last (v = +inf);
+refine adds the first k + 1 of them to every row's candidates, and gives zero query rows the first
+k indices (all tie at 1).
+"""
+import dataclasses
+
+import torch
+
+from ..reference import hubness as reference_impl
+
+MARGIN = 8  # candidates beyond k: on Gaussian and offset data (d 8..512) fewer than 0.1% of rows go to the fallback
+_ROWS = 4096  # rows per float64 chunk in prepare
+_ELEMENTS = 1 << 22  # float64 elements per chunk in refine and the fallback
+
+
+@dataclasses.dataclass
+class Problem:
+    x: torch.Tensor  # [n, d] the caller's queries (detached, contiguous)
+    ref: torch.Tensor  # [m, d] references; `is x` for one set
+    metric: str
+    exclude_self: bool  # one set, query i never returns reference i
+    out_dtype: torch.dtype
+    mu: torch.Tensor  # [d] float64
+    xc: torch.Tensor  # [n, d] centred queries in the compute dtype (what the kernel sees)
+    rc: torch.Tensor  # [m, d] centred references; `is xc` for one set
+    add: torch.Tensor  # [m] compute dtype: v = add + scale <xc, rc>
+    scale: float
+    bound: torch.Tensor  # [n] float64: certification margin in units of v (+inf: never certified)
+    zero_x: torch.Tensor = None  # cosine: [n] bool, zero query rows
+    zero_r: torch.Tensor = None  # cosine: [m] bool, zero reference rows
+
+    @property
+    def same(self):
+        return self.ref is self.x
+
+    def candidates(self, k):
+        """How many candidates per row the backend keeps."""
+        return min(k + MARGIN, self.ref.shape[0])
+
+
+def _rows64(t, metric):
+    t = t.double()
+    return reference_impl.unit_rows(t) if metric == "cosine" else t
+
+
+def _centre(ref, metric):
+    """mu: the reference mean, rounded per column to a multiple of 2^-12 of a power of two below the
+    column's spread (its magnitude for a constant column)."""
+    chunks = ref.split(_ROWS)
+    mean = sum(_rows64(c, metric).sum(0) for c in chunks) / ref.shape[0]
+    spread = torch.stack([(_rows64(c, metric) - mean).abs().amax(0) for c in chunks]).amax(0)
+    spread = torch.where(spread > 0, spread, mean.abs())
+    step = torch.exp2(torch.floor(torch.log2(spread)) - 12)
+    return torch.where(step > 0, torch.round(mean / step) * step, mean)
+
+
+def _shifted(t, mu, metric, dtype):
+    """(t - mu in `dtype`, float64 norms of the rounded rows)."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    norms = torch.empty(t.shape[0], dtype=torch.float64, device=t.device)
+    for start in range(0, t.shape[0], _ROWS):
+        rows = slice(start, start + _ROWS)
+        out[rows] = _rows64(t[rows], metric) - mu
+        norms[rows] = torch.linalg.vector_norm(out[rows].double(), dim=1)
+    return out, norms
+
+
+def prepare(x, ref, metric, exclude_self, compute_dtype, out_dtype):
+    """The centred problem for the kernels (module docstring, step 1). `ref is x` for one set."""
+    same = ref is x
+    mu = _centre(ref, metric)
+    xc, x_norms = _shifted(x, mu, metric, compute_dtype)
+    rc, r_norms = (xc, x_norms) if same else _shifted(ref, mu, metric, compute_dtype)
+    d = x.shape[1]
+    zero_x = zero_r = None
+    if metric == "ip":
+        add = -(rc.double() @ mu)
+        scale = -1.0
+    else:
+        add = r_norms ** 2
+        scale = -2.0
+    if metric == "cosine":
+        zero_x = torch.linalg.vector_norm(x.double(), dim=1) == 0
+        zero_r = zero_x if same else torch.linalg.vector_norm(ref.double(), dim=1) == 0
+        add = torch.where(zero_r, float("inf"), add)
+    add = add.to(compute_dtype)
+
+    info = torch.finfo(compute_dtype)
+    u, underflow = info.eps / 2, info.tiny * info.eps
+    big = (r_norms if zero_r is None else torch.where(zero_r, 0.0, r_norms)).max()  # zero rows: not ranked
+    if metric == "ip":
+        shift = torch.linalg.vector_norm(mu)
+        scale_i = (x_norms + shift) * big  # |<x~, y~>| + |<mu, y~>|
+        magnitude = (x_norms + shift) * (big + shift)  # |<x, y>|
+    else:
+        shift = x_norms.new_zeros(())
+        scale_i = magnitude = (x_norms + big) ** 2
+    err = (d + 8) * (u * scale_i + underflow)
+    if metric == "cosine":  # x/|x| - mu is rounded in float64 before the compute dtype: absolute error
+        eps64 = (d + 2) * 2.0 ** -53
+        err = err + 4 * eps64 * (x_norms + big) + 4 * eps64 ** 2
+    bound = 2 * err + 3 * (torch.finfo(out_dtype).eps / 2) * magnitude
+    # v cannot overflow the compute dtype where every term stays below max / 4
+    safe = 4 * (x_norms + big + shift) ** 2 < info.max
+    bound = torch.where(safe, bound, float("inf"))
+    return Problem(x, ref, metric, exclude_self, out_dtype, mu, xc, rc, add, scale, bound, zero_x, zero_r)
+
+
+def _select(values, indices, k):
+    """The k best of each row by (values, indices): a stable sort by index, then one by value."""
+    by_index = torch.sort(indices, dim=1, stable=True)
+    values = values.gather(1, by_index.indices)
+    by_value = torch.sort(values, dim=1, stable=True)
+    return by_value.values[:, :k], by_index.values.gather(1, by_value.indices[:, :k])
+
+
+def _exact(p, rows, indices, invalid):
+    """Directly computed distances of the (row, indices) pairs, rounded to the output dtype and back
+    (NaN and invalid pairs as +inf); invalid indices become m so that they lose every tie."""
+    m = p.ref.shape[0]
+    safe = torch.where(invalid, 0, indices)
+    width = indices.shape[1] * p.x.shape[1]
+    out = torch.empty(indices.shape, dtype=torch.float64, device=indices.device)
+    with torch.no_grad():
+        for start in range(0, indices.shape[0], max(1, _ELEMENTS // max(1, width))):
+            part = slice(start, start + max(1, _ELEMENTS // max(1, width)))
+            out[part] = reference_impl.paired_distances(p.x[rows[part], None, :], p.ref[safe[part]], p.metric)
+    out = torch.nan_to_num(out.to(p.out_dtype).double(), nan=float("inf"))
+    return torch.where(invalid, float("inf"), out), torch.where(invalid, m, indices)
+
+
+def _invalid(p, rows, indices):
+    """Candidates of the fast pass to drop: empty slots, self, zero references (cosine: added apart)."""
+    bad = indices >= p.ref.shape[0]
+    if p.exclude_self:
+        bad |= indices == rows[:, None]
+    if p.zero_r is not None:
+        bad |= p.zero_r[torch.where(bad, 0, indices)]
+    return bad
+
+
+def _full_search(p, rows, k):
+    """The k best of every reference for the given rows, with float64 GEMMs on the centred data,
+    ranked by (distance rounded to the output dtype, index)."""
+    m = p.ref.shape[0]
+    x64 = _rows64(p.x[rows], p.metric)
+    xs = x64 - p.mu
+    best_d = torch.full((len(rows), k), float("inf"), dtype=torch.float64, device=rows.device)
+    best_i = torch.full((len(rows), k), m, dtype=torch.int64, device=rows.device)
+    cols = max(1, min(m, _ELEMENTS // max(1, len(rows))))
+    for start in range(0, m, cols):
+        y64 = _rows64(p.ref[start:start + cols], p.metric)
+        if p.metric == "ip":  # float32 products are exact in float64; no shift needed
+            dist = -(x64 @ y64.T)
+        else:
+            ys = y64 - p.mu
+            dist = ((xs * xs).sum(1)[:, None] + (ys * ys).sum(1)[None, :] - 2 * (xs @ ys.T)).clamp_(min=0)
+            if p.metric == "cosine":
+                dist = torch.where(p.zero_x[rows][:, None] | p.zero_r[start:start + cols][None, :], 1.0, dist / 2)
+        index = torch.arange(start, start + dist.shape[1], device=rows.device).expand_as(dist)
+        dist = torch.nan_to_num(dist.to(p.out_dtype).double(), nan=float("inf"))
+        if p.exclude_self:
+            own = index == rows[:, None]
+            dist, index = torch.where(own, float("inf"), dist), torch.where(own, m, index)
+        best_d, best_i = _select(torch.cat([best_d, dist], 1), torch.cat([best_i, index], 1), k)
+    return best_i
+
+
+def refine(p, values, indices, k):
+    """(distances [n, k] in the output dtype, indices [n, k] int64), each row ascending by (distance,
+    index), from the backend's candidates (values [n, c], indices [n, c], ascending by (v, index);
+    indices >= m mark empty slots). Module docstring, step 3."""
+    n, m = p.x.shape[0], p.ref.shape[0]
+    rows = torch.arange(n, device=indices.device)
+    candidates, invalid = indices, _invalid(p, rows, indices)
+    if p.zero_r is not None and bool(p.zero_r.any()):  # all at distance 1: the first k + 1 can be needed
+        extra = torch.nonzero(p.zero_r)[:k + 1, 0].expand(n, -1)
+        candidates = torch.cat([candidates, extra], 1)
+        invalid = torch.cat([invalid, (extra == rows[:, None]) & p.exclude_self], 1)
+    dist, cand = _exact(p, rows, candidates, invalid)
+    dist, chosen = _select(dist, cand, k)
+
+    reachable = m - (1 if p.exclude_self else 0) - (int(p.zero_r.sum()) if p.zero_r is not None else 0)
+    if values.shape[1] < reachable:  # else every reference was a candidate
+        v = torch.nan_to_num(values.double(), nan=float("inf"))
+        doubtful = ~(v[:, -1] > v[:, k - 1] + p.bound)
+        if p.zero_x is not None:
+            doubtful &= ~p.zero_x
+        redo_rows = torch.nonzero(doubtful)[:, 0]
+        for redo in redo_rows.split(1024) if len(redo_rows) else ():
+            picked = _full_search(p, redo, k)  # zero references included, self excluded
+            dist[redo], chosen[redo] = _select(*_exact(p, redo, picked, picked >= m), k)
+    if p.zero_x is not None and bool(p.zero_x.any()):  # every distance is 1: the first k indices
+        zero = torch.nonzero(p.zero_x)[:, 0]
+        first = torch.arange(k + 1, device=zero.device).expand(len(zero), -1)
+        own = (first == zero[:, None]) & p.exclude_self
+        _, chosen[zero] = _select(torch.where(own, float("inf"), 1.0), torch.where(own, m, first), k)
+        dist[zero] = 1.0
+    return dist.to(p.out_dtype), chosen
