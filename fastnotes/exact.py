@@ -120,7 +120,7 @@ def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregatio
             raise ValueError(f"{_OP}: sigma must be finite and >= 0")
     elif not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0 <= sigma < math.inf):
         raise ValueError(f"{_OP}: sigma must be a finite number >= 0 or a tensor, got {sigma!r}")
-    if margin is not None and not (isinstance(margin, (int, float)) and margin > 0):
+    if margin is not None and (isinstance(margin, bool) or not (isinstance(margin, (int, float)) and margin > 0)):
         raise ValueError(f"{_OP}: margin must be None or a positive number, got {margin!r}")
     if not (isinstance(nodes, int) and 2 <= nodes <= 128):
         raise ValueError(f"{_OP}: nodes must be an int in [2, 128], got {nodes!r}")

@@ -106,20 +106,62 @@ def test_two_classes_closed_form(backend, rng):
 @pytest.mark.parametrize("shape", [(5, 3), (4, 17), (3, 130)], ids=str)
 @pytest.mark.parametrize("margin", [None, 0.8])
 def test_random_against_reference(backend, shape, margin, rng):
+    """float64 where the backend has it, and float32 (the CPU default path) everywhere."""
+    for dtype in dict.fromkeys([backend_dtype(backend), torch.float32]):
+        logits = (torch.randn(shape, generator=rng, dtype=torch.float64) * 2).to(dtype)
+        labels = torch.randint(0, shape[1], (shape[0],), generator=rng)
+        labels[1] = -100  # an ignored row
+        sigma = (torch.rand(shape[0], generator=rng, dtype=torch.float64) + 0.3).to(dtype)
+        upstream = torch.randn(shape[0], generator=rng, dtype=torch.float64)
+        prob, grad, sig_grad = run(logits, labels, sigma, margin=margin, upstream=upstream)
+        exact, x, sig = oracle(logits, labels, sigma, margin)
+        exact.backward(upstream)
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        assert prob[1] == 1 and (grad[1] == 0).all() and sig_grad[1] == 0, "ignored rows take no part"
+        assert torch.allclose(prob.double(), exact.detach(), atol=tol)
+        assert torch.allclose(grad.double(), x.grad, atol=tol)
+        assert torch.allclose(sig_grad.double(), sig.grad, atol=tol * 10)
+
+
+def test_margin_equality_passes_gradient(backend):
+    """A competitor beaten by exactly M still gets the gradient (torch.clamp passes it at equality);
+    one beaten by more gets none. Dyadic logits make s_y - s_i == M exact in every dtype."""
     dtype = backend_dtype(backend)
-    logits = (torch.randn(shape, generator=rng, dtype=torch.float64) * 2).to(dtype)
-    labels = torch.randint(0, shape[1], (shape[0],), generator=rng)
-    labels[1] = -100  # an ignored row
-    sigma = torch.rand(shape[0], generator=rng, dtype=torch.float64) + 0.3
-    upstream = torch.randn(shape[0], generator=rng, dtype=torch.float64)
-    prob, grad, sig_grad = run(logits, labels, sigma.to(dtype), margin=margin, upstream=upstream)
-    exact, x, sig = oracle(logits, labels, sigma, margin)
+    logits = torch.tensor([[1.0, 0.5, 0.25, 0.75, 1.25], [0.0, -0.5, 0.5, -1.0, -0.5]], dtype=dtype)
+    labels = torch.tensor([0, 0])
+    prob, grad, sig_grad = run(logits, labels, 0.75, margin=0.5)
+    exact, x, sig = oracle(logits, labels, 0.75, margin=0.5)
+    exact.sum().backward()
+    tol = 1e-9 if dtype == torch.float64 else 2e-6
+    assert grad[0, 1] != 0 and grad[1, 1] != 0 and grad[1, 4] != 0 and grad[0, 2] == 0 and grad[1, 3] == 0
+    assert torch.allclose(grad.double(), x.grad, atol=tol)
+    assert torch.allclose(sig_grad.double(), sig.grad, atol=tol)
+
+
+@pytest.mark.parametrize("nodes", [7, 16, 64])
+def test_nodes(backend, nodes, rng):
+    """Other rules than the default K = 32, against the reference with the same nodes (Triton
+    compiles K in {16, 32, 64}), and the spec's accuracy vs K on the X5 oracle."""
+    if backend == "triton" and nodes == 7:
+        with pytest.raises(fastnotes.BackendUnsupportedError, match="nodes"):
+            fastnotes.expected_accuracy(torch.zeros(2, 3, device=DEVICE), torch.tensor([0, 1], device=DEVICE),
+                                        nodes=7)
+        return
+    dtype = backend_dtype(backend)
+    logits = (torch.randn(4, 70, generator=rng, dtype=torch.float64) * 0.3).to(dtype)
+    labels = torch.tensor([0, 69, 33, 64])
+    sigma = torch.rand(4, generator=rng, dtype=torch.float64) + 0.2
+    upstream = torch.randn(4, generator=rng, dtype=torch.float64)
+    prob, grad, sig_grad = run(logits, labels, sigma.to(dtype), margin=0.3, upstream=upstream, nodes=nodes)
+    exact, x, sig = oracle(logits, labels, sigma, margin=0.3, nodes=nodes)
     exact.backward(upstream)
     tol = 1e-9 if dtype == torch.float64 else 1e-5
-    assert prob[1] == 1 and (grad[1] == 0).all() and sig_grad[1] == 0, "ignored rows take no part"
     assert torch.allclose(prob.double(), exact.detach(), atol=tol)
     assert torch.allclose(grad.double(), x.grad, atol=tol)
     assert torch.allclose(sig_grad.double(), sig.grad, atol=tol * 10)
+    prob_x5, _, _ = run(r_logits([2.0, 0.3, -1.0]).to(dtype), torch.tensor([0]), 1.0, nodes=nodes)
+    quadrature_error = {7: 1e-4, 16: 3e-7, 64: 1e-9}[nodes]
+    assert abs(prob_x5.item() - 0.1978834422) < quadrature_error + (tol if dtype != torch.float64 else 0)
 
 
 def test_many_classes(backend, rng):
