@@ -23,7 +23,7 @@ import torch
 from numba import njit, prange
 
 from . import _buffers
-from ._math import JIT_OPTIONS, fast_exp, like
+from ._math import FASTMATH, JIT_OPTIONS, fast_exp, like
 from ._tensors import compute_view
 
 CHUNK = 1024
@@ -133,25 +133,40 @@ def _forward(logits, targets, mask, loss, lse):
     return n_bad
 
 
+# Above this LA or LB the backward takes the logs of the weights: the forward's overflow path
+# rounded a = -s + log t (b = s + log(1 - t)) to float32 there, and exp(b - LB) has to use that b
+# for the dominant terms to sum to 1 (t exp(-s - LA) would be off by up to LA x 2^-24, relative).
+LOG_DOMAIN_ABOVE = 64.0
+
+
+@njit(**dict(_JIT, fastmath=FASTMATH - {"reassoc"}))
+def _add_then_shift(x, log_weight, lse):
+    """(x + log_weight) - lse, rounded in that order as the forward rounded x + log_weight (numba
+    inlines this at the LLVM level, where the caller's reassociation cannot reach it)."""
+    return (x + log_weight) - lse
+
+
 @njit(**_JIT)
 def _backward_chunk(s, t, mask, la, lb, g, grad_s, grad_t):
     """One chunk of the backward (views indexed from 0, see _chunk_sums)."""
     zero = like(s, 0.0)
     one = like(s, 1.0)
     # exp(a - LA) = t exp(-s - LA) overflows only for targets below ~1e-38: checked per chunk
-    total = zero
-    for j in range(s.shape[0]):
-        x, tj, pos, neg, _ = _entry(s, t, mask, j)
-        d = (one - tj) * fast_exp(x - lb) if neg else zero
-        d -= tj * fast_exp(-x - la) if pos else zero
-        grad_s[j] = g * d
-        total += d
-    if not (abs(total) < like(s, np.inf)):
+    total = like(s, np.inf)
+    if (la <= LOG_DOMAIN_ABOVE) & (lb <= LOG_DOMAIN_ABOVE):
+        total = zero
         for j in range(s.shape[0]):
             x, tj, pos, neg, _ = _entry(s, t, mask, j)
             d = (one - tj) * fast_exp(x - lb) if neg else zero
+            d -= tj * fast_exp(-x - la) if pos else zero
+            grad_s[j] = g * d
+            total += d
+    if not (abs(total) < like(s, np.inf)):
+        for j in range(s.shape[0]):
+            x, tj, pos, neg, _ = _entry(s, t, mask, j)
+            d = fast_exp(_add_then_shift(x, like(s, math.log1p(-tj)), lb)) if neg else zero
             if pos:
-                d -= fast_exp(-x + like(s, math.log(tj)) - la)
+                d -= fast_exp(_add_then_shift(-x, like(s, math.log(tj)), la))
             grad_s[j] = g * d
     if grad_t is not None:
         # dL/dt_j = exp(-s_j - LA) - exp(s_j - LB), one-sided at t = 0 and 1 (spec section 5)
