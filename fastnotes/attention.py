@@ -79,7 +79,7 @@ def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes
         raise ValueError(f"{_OP}: k and v must be [batch, kv_heads, Lk, .] alike, got {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     if heads % k.shape[1] != 0:
-        raise ValueError(f"{_OP}: the kv heads of k and v ({k.shape[1]}) must divide the query heads ({heads})")
+        raise ValueError(f"{_OP}: the kv heads of k and v ({k.shape[1]}) must divide the heads of q ({heads})")
     if k.shape[3] != dim:
         raise ValueError(f"{_OP}: k must have the head dim of q ({dim}), got {k.shape[3]}")
     if not isinstance(causal, bool):

@@ -74,7 +74,8 @@ def _check_arguments(s, h, weight, bias, alpha, temperature):
     if s.dim() < 1 or s.shape[-1] != d:
         raise ValueError(f"{_OP}: s must be [..., {d}] (weight is [{d}, {D}]), got {tuple(s.shape)}")
     if h.shape[:-1] != s.shape[:-1] or h.shape[-1] != D:
-        raise ValueError(f"{_OP}: h must be [{', '.join(map(str, s.shape[:-1] + (D,)))}], got {tuple(h.shape)}")
+        raise ValueError(f"{_OP}: h must be [{', '.join(map(str, s.shape[:-1] + (D,)))}] (s is {tuple(s.shape)}, "
+                         f"weight is [{d}, {D}]), got {tuple(h.shape)}")
     if bias is not None and bias.shape != (d,):
         raise ValueError(f"{_OP}: bias must be [{d}], got {tuple(bias.shape)}")
     if s.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
