@@ -6,8 +6,9 @@ CUDA device.
     python bench/report.py bench/results/gpu_hubness.json --out BENCHMARKS.md
 
 Contenders, on the same float32 points (queries = references, self excluded):
-    fastnotes-cuda     kernels.cuda.hubness.k_occurrence: Triton distance-key tiles + CUDA C++ top-k merge
-    fastnotes-triton   kernels.triton.hubness.k_occurrence: the same tiles, torch.topk merge
+    fastnotes-cuda     hubness.k_occurrence on the cuda backend: Triton value-key tiles + CUDA C++ top-k merge,
+                       then the exact re-ranking of k + 8 candidates (fastnotes/hubness/_exact.py)
+    fastnotes-triton   the same on the triton backend: the same tiles, torch.topk merge
     torch-cdist-topk   cdist(x_block, x)^2 in 8192-row blocks, diagonal to +inf, topk, scatter_add
     faiss-gpu          GpuIndexFlatL2 search of k + 1 (host numpy in and out), self dropped, bincount
 Each timed call ends with torch.cuda.synchronize(). FLOP count: 2 n^2 d (the distance GEMM).
@@ -20,9 +21,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from fastnotes.kernels.cuda import hubness as cuda_hubness
-from fastnotes.kernels.triton import hubness as triton_hubness
-
+import fastnotes
 from fastnotes import _env
 
 OP = "k_occurrence_gpu"
@@ -58,10 +57,14 @@ def faiss_gpu(x, k):
 
 
 def _runner(contender, x, k):
-    if contender == "fastnotes-cuda":
-        return lambda: cuda_hubness.k_occurrence(x, x, k, "sqeuclidean", True)
-    if contender == "fastnotes-triton":
-        return lambda: triton_hubness.k_occurrence(x, x, k, "sqeuclidean", True)
+    if contender in ("fastnotes-cuda", "fastnotes-triton"):
+        backend = contender.split("-")[1]
+
+        def call():
+            with fastnotes.use_backend(backend):
+                return fastnotes.hubness.k_occurrence(x, k)
+
+        return call
     if contender == "torch-cdist-topk":
         return lambda: torch_cdist_topk(x, k)
     if contender == "faiss-gpu":

@@ -50,6 +50,7 @@ class Problem:
     bound: torch.Tensor  # [n] float64: certification margin in units of v (+inf: never certified)
     zero_x: torch.Tensor = None  # cosine: [n] bool, zero query rows
     zero_r: torch.Tensor = None  # cosine: [m] bool, zero reference rows
+    paired: object = None  # the backend's fused paired_distances(x, ref, rows, indices, metric), if any
 
     @property
     def same(self):
@@ -87,8 +88,9 @@ def _shifted(t, mu, metric, dtype):
     return out, norms
 
 
-def prepare(x, ref, metric, exclude_self, compute_dtype, out_dtype):
-    """The centred problem for the kernels (module docstring, step 1). `ref is x` for one set."""
+def prepare(x, ref, metric, exclude_self, compute_dtype, out_dtype, paired=None):
+    """The centred problem for the kernels (module docstring, step 1). `ref is x` for one set;
+    paired: a backend's fused version of the direct distances of step 3 (numba), or None (torch)."""
     same = ref is x
     mu = _centre(ref, metric)
     xc, x_norms = _shifted(x, mu, metric, compute_dtype)
@@ -125,7 +127,7 @@ def prepare(x, ref, metric, exclude_self, compute_dtype, out_dtype):
     # v cannot overflow the compute dtype where every term stays below max / 4
     safe = 4 * (x_norms + big + shift) ** 2 < info.max
     bound = torch.where(safe, bound, float("inf"))
-    return Problem(x, ref, metric, exclude_self, out_dtype, mu, xc, rc, add, scale, bound, zero_x, zero_r)
+    return Problem(x, ref, metric, exclude_self, out_dtype, mu, xc, rc, add, scale, bound, zero_x, zero_r, paired)
 
 
 def _select(values, indices, k):
@@ -141,12 +143,15 @@ def _exact(p, rows, indices, invalid):
     (NaN and invalid pairs as +inf); invalid indices become m so that they lose every tie."""
     m = p.ref.shape[0]
     safe = torch.where(invalid, 0, indices)
-    width = indices.shape[1] * p.x.shape[1]
-    out = torch.empty(indices.shape, dtype=torch.float64, device=indices.device)
-    with torch.no_grad():
-        for start in range(0, indices.shape[0], max(1, _ELEMENTS // max(1, width))):
-            part = slice(start, start + max(1, _ELEMENTS // max(1, width)))
-            out[part] = reference_impl.paired_distances(p.x[rows[part], None, :], p.ref[safe[part]], p.metric)
+    if p.paired is not None:
+        out = p.paired(p.x, p.ref, rows, safe, p.metric)
+    else:
+        out = torch.empty(indices.shape, dtype=torch.float64, device=indices.device)
+        step = max(1, _ELEMENTS // max(1, indices.shape[1] * p.x.shape[1]))
+        with torch.no_grad():
+            for start in range(0, indices.shape[0], step):
+                part = slice(start, start + step)
+                out[part] = reference_impl.paired_distances(p.x[rows[part], None, :], p.ref[safe[part]], p.metric)
     out = torch.nan_to_num(out.to(p.out_dtype).double(), nan=float("inf"))
     return torch.where(invalid, float("inf"), out), torch.where(invalid, m, indices)
 

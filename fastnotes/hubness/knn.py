@@ -91,9 +91,10 @@ def _run(op, x, k, reference, metric, exclude_self):
         if backend == "reference":
             distances, indices = reference_impl.knn(xc, None if same else ref, k, metric, exclude_self, out_dtype)
             return backend, distances.to(out_dtype), indices
-        compute_dtype = out_dtype  # float64 only on numba, for float64 input
-        problem = _exact.prepare(xc, ref, metric, exclude_self and same, compute_dtype, out_dtype)
         kernels = importlib.import_module(_KERNELS[backend])
+        compute_dtype = out_dtype  # float64 only on numba, for float64 input
+        problem = _exact.prepare(xc, ref, metric, exclude_self and same, compute_dtype, out_dtype,
+                                 getattr(kernels, "paired_distances", None))
         values, candidates = kernels.candidates(problem.xc, problem.rc, problem.add, problem.scale,
                                                 problem.candidates(k), problem.exclude_self)
         return (backend, *_exact.refine(problem, values, candidates, k))

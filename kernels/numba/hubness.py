@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from ._math import JIT_OPTIONS
 from ._tensors import compute_view
@@ -132,3 +132,48 @@ def candidates(x, ref, add, scale, k, exclude_self):
             torch.set_num_threads(threads)
     return torch.from_numpy(best_d), torch.from_numpy(best_i)
 
+
+
+@njit(parallel=True, **dict(_JIT, fastmath=False))  # IEEE: x^ - x^ must be exactly 0
+def _paired(x, ref, rows, indices, metric, out):
+    n, c = indices.shape
+    d = x.shape[1]
+    for i in prange(n):
+        q = x[rows[i]]
+        q_norm = 0.0
+        for t in range(d):
+            q_norm += np.float64(q[t]) * np.float64(q[t])
+        q_norm = np.sqrt(q_norm)
+        for p in range(c):
+            y = ref[indices[i, p]]
+            acc = 0.0
+            if metric == 0:
+                for t in range(d):
+                    diff = np.float64(q[t]) - np.float64(y[t])
+                    acc += diff * diff
+            elif metric == 1:
+                for t in range(d):
+                    acc -= np.float64(q[t]) * np.float64(y[t])
+            else:
+                y_norm = 0.0
+                for t in range(d):
+                    y_norm += np.float64(y[t]) * np.float64(y[t])
+                y_norm = np.sqrt(y_norm)
+                if q_norm == 0.0 or y_norm == 0.0:
+                    acc = 1.0
+                else:
+                    for t in range(d):
+                        diff = np.float64(q[t]) / q_norm - np.float64(y[t]) / y_norm
+                        acc += diff * diff
+                    acc /= 2.0
+            out[i, p] = acc
+
+
+def paired_distances(x, ref, rows, indices, metric):
+    """float64 [r, c]: the distance of x[rows[i]] and ref[indices[i, p]] computed directly, as
+    fastnotes.reference.hubness.paired_distances does with torch ops, in one parallel pass with no
+    [r, c, d] temporaries. x, ref: CPU tensors (16-bit ones are widened); indices < len(ref)."""
+    out = np.empty(tuple(indices.shape), dtype=np.float64)
+    _paired(compute_view(x).numpy(), compute_view(ref).numpy(), rows.numpy(), indices.numpy(),
+            METRICS[metric], out)
+    return torch.from_numpy(out)
