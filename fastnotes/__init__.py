@@ -3,7 +3,7 @@
 Each op runs a fused kernel: Triton on GPU, Numba on CPU, with a plain-torch reference as the
 oracle and fallback. See README.md for the op table.
 """
-from . import diffusion, hubness, lst, optim
+from . import buffers, diffusion, hubness, lst, optim
 from ._dispatch import BACKENDS, BackendUnsupportedError, use_backend
 from .attention import RelPosSelfAttention, T5RelativeBias, relpos_attention, t5_bucket
 from .diffusion import NoiseSchedule, sampler_step
@@ -14,7 +14,7 @@ from .lst import LadderSideNetwork, ladder_merge
 from .optim import Amos
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "Amos", "BackendUnsupportedError", "ExactLoss", "FusedLinearMultilabelCE", "GradientNormalizer",
+__all__ = ["BACKENDS", "Amos", "BackendUnsupportedError", "buffers", "ExactLoss", "FusedLinearMultilabelCE", "GradientNormalizer",
            "LadderSideNetwork", "MultilabelCE", "NoiseSchedule", "RelPosSelfAttention", "T5RelativeBias", "diffusion",
            "exact_loss", "expected_accuracy", "fused_linear_multilabel_ce", "hubness", "ladder_merge", "lst",
            "multilabel_ce", "nm_class_ce", "optim", "relpos_attention", "sampler_step", "smooth_accuracy_loss",

@@ -5,6 +5,7 @@ import math
 import torch
 
 from . import _checks, _dispatch, reference
+from .kernels import _buffers
 from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
 
 _OP = "multilabel_ce"
@@ -217,9 +218,7 @@ def _rows_per_chunk(n_classes, chunk_size):
 
 
 def _workspace(key, shape, dtype, device):
-    if device.type == "cpu":
-        from .kernels.numba import _buffers  # torch only: reuses memory, avoiding page faults
-
+    if device.type == "cpu":  # reused memory avoids the page faults of fresh memory (fastnotes.buffers)
         return _buffers.empty(key, shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 

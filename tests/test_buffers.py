@@ -9,7 +9,8 @@ from conftest import available_backends
 from helpers import oracle_with_grad
 
 import fastnotes
-from fastnotes.kernels.numba import _buffers
+from fastnotes import buffers
+from fastnotes.kernels import _buffers
 
 pytestmark = pytest.mark.skipif("numba" not in available_backends("cpu"), reason="numba not installed")
 SHAPE = (64, 40000)  # 10 MB of float32: above the reuse threshold
@@ -178,4 +179,12 @@ def test_switched_off_by_environment(inputs, monkeypatch):
     monkeypatch.setenv("FASTNOTES_REUSE_BUFFERS", "0")
     x, t = inputs
     grad_of(x, t)
+    assert not _buffers._arenas
+
+
+def test_public_release(inputs):
+    x, t = inputs
+    grad_of(x, t)
+    assert _buffers._arenas
+    buffers.release()
     assert not _buffers._arenas

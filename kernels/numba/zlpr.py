@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from . import _buffers
+from .. import _buffers
 from ._math import FASTMATH, JIT_OPTIONS, fast_exp, like
 from ._tensors import compute_view
 
