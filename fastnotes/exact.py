@@ -115,9 +115,6 @@ def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregatio
             raise TypeError(f"{_OP}: sigma must be a float or a floating tensor, got {sigma.dtype}")
         if sigma.shape not in ((), (1,), logits.shape[:1]):
             raise ValueError(f"{_OP}: sigma must be a scalar or have shape [{logits.shape[0]}], got {tuple(sigma.shape)}")
-        # checked where it costs no host-device sync
-        if sigma.device.type == "cpu" and not bool(((sigma >= 0) & (sigma < math.inf)).all()):
-            raise ValueError(f"{_OP}: sigma must be finite and >= 0")
     elif not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0 <= sigma < math.inf):
         raise ValueError(f"{_OP}: sigma must be a finite number >= 0 or a tensor, got {sigma!r}")
     if margin is not None and (isinstance(margin, bool) or not (isinstance(margin, (int, float)) and margin > 0)):
@@ -129,6 +126,15 @@ def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregatio
         raise ValueError(f"{_OP}: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     _checks.check_same_device(_OP, "logits", logits, target=target,
                               sigma=sigma if isinstance(sigma, torch.Tensor) else None)
+
+
+def _check_values(target, sigma, n_classes, ignore_index):
+    """The checks that read tensor values, for CPU tensors (elsewhere they would cost a host-device
+    sync; the rows they would refuse come out NaN)."""
+    if isinstance(sigma, torch.Tensor) and not bool(((sigma >= 0) & (sigma < math.inf)).all()):
+        raise ValueError(f"{_OP}: sigma must be finite and >= 0")
+    if bool((((target < 0) | (target >= n_classes)) & (target != ignore_index)).any()):
+        raise ValueError(f"{_OP}: target values must lie in [0, {n_classes}) or equal ignore_index")
 
 
 @_dispatch.eager_op
@@ -146,23 +152,29 @@ def expected_accuracy(logits, target, *, sigma=1.0, margin=None, nodes=32, ignor
     gradient. A NaN logit makes its row NaN."""
     _check_arguments(logits, target, sigma, margin, nodes, "none", "mean")
     n_classes = logits.shape[1]
+    if logits.device.type == "cpu":
+        _check_values(target, sigma, n_classes, ignore_index)
     ignored = target == ignore_index
-    if logits.device.type == "cpu" and bool(((target < 0) | (target >= n_classes))[~ignored].any()):
-        raise ValueError(f"{_OP}: target values must lie in [0, {n_classes}) or equal ignore_index")
-    labels = torch.where(ignored, -1, target).to(torch.int64).contiguous()
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     # a Python float goes straight to the compute dtype (through float32 it would be off by 1e-8)
     sigma_rows = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=compute_dtype,
                                                                             device=logits.device)
     sigma_rows = sigma_rows.reshape(-1).expand(logits.shape[0]).to(compute_dtype)
+    # unchecked rows (off the CPU) with a bad target or sigma: the kernel sees harmless values, the
+    # row comes out NaN (and an out-of-range label is never used as an index)
+    invalid = (~ignored & ((target < 0) | (target >= n_classes))) | ~(sigma_rows.detach() >= 0)
+    labels = torch.where(ignored, -1, torch.where(invalid, 0, target)).to(torch.int64).contiguous()
+    sigma_rows = torch.where(invalid, 1.0, sigma_rows)
     node_values, weights = gauss_hermite(nodes)
     backend = _dispatch.select(_OP, logits.device.type, lambda b: _why_not(b, logits, nodes))
     if backend == "reference":
-        return reference.expected_accuracy(logits, labels, sigma_rows, margin, node_values, weights)
-    kernels = importlib.import_module(_KERNELS[backend])
-    return _ExpectedAccuracyFunction.apply(
-        logits.contiguous(), labels, sigma_rows, math.inf if margin is None else float(margin),
-        node_values, torch.log(weights), kernels)
+        prob = reference.expected_accuracy(logits, labels, sigma_rows, margin, node_values, weights)
+    else:
+        kernels = importlib.import_module(_KERNELS[backend])
+        prob = _ExpectedAccuracyFunction.apply(
+            logits.contiguous(), labels, sigma_rows, math.inf if margin is None else float(margin),
+            node_values, torch.log(weights), kernels)
+    return torch.where(invalid, math.nan, prob)
 
 
 @_autocast_float32

@@ -405,6 +405,22 @@ def test_nan_logit_gives_nan_row(backend, sigma):
     assert prob[1].item() == pytest.approx(exact.item(), abs=1e-6) and torch.isfinite(grad[1]).all()
 
 
+def test_unchecked_bad_rows_give_nan(backend, monkeypatch):
+    """Off the CPU, target and sigma values are not checked (a host sync): a row with an out-of-range
+    target, a negative or NaN sigma comes out NaN, and no out-of-range label is read. Emulated here
+    by turning the CPU value checks off; the other rows are exact and every gradient finite."""
+    monkeypatch.setattr(fastnotes.exact, "_check_values", lambda *args: None)
+    dtype = backend_dtype(backend)
+    logits = torch.tensor([[0.2, 0.0, -0.3], [0.1, 0.4, 0.0], [0.5, 0.0, 0.1], [0.0, 0.3, 0.2]], dtype=dtype)
+    labels = torch.tensor([0, 7, 1, -3])
+    sigma = torch.tensor([0.5, 0.5, -0.5, math.nan], dtype=dtype)
+    prob, grad, sig_grad = run(logits, labels, sigma)
+    assert torch.isnan(prob[1:]).all() and torch.isfinite(grad).all() and (grad[1:] == 0).all()
+    assert torch.isfinite(sig_grad).all() and (sig_grad[1:] == 0).all()
+    exact, _, _ = oracle(logits[:1], labels[:1], sigma[:1])
+    assert prob[0].item() == pytest.approx(exact.item(), abs=1e-6)
+
+
 def test_exact_loss_module_one_logit(backend):
     """ExactLoss standardises over the whole batch tensor: with a single logit ([1, 1]) the unbiased
     std is undefined. One class means P = 1: loss 0 and a zero (finite) gradient."""
