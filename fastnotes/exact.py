@@ -106,8 +106,9 @@ class _ExpectedAccuracyFunction(torch.autograd.Function):
 def _check_arguments(logits, target, sigma, margin, nodes, reduction, aggregation):
     _checks.check_tensor(_OP, "logits", logits, _checks.FLOAT_DTYPES)
     _checks.check_tensor(_OP, "target", target, (torch.int64, torch.int32))
-    if logits.dim() != 2:
-        raise ValueError(f"{_OP}: logits must be [batch, classes], got shape {tuple(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"{_OP}: logits must be [batch, classes] with classes >= 1, "
+                         f"got shape {tuple(logits.shape)}")
     if target.shape != logits.shape[:1]:
         raise ValueError(f"{_OP}: target must have shape [{logits.shape[0]}], got {tuple(target.shape)}")
     if isinstance(sigma, torch.Tensor):

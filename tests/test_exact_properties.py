@@ -144,6 +144,7 @@ def test_matches_float64_reference(backend):
 BAD_ARGUMENTS = [
     ("logits", torch.zeros(3, 4, dtype=torch.int64), TypeError), ("logits", torch.zeros(3), ValueError),
     ("logits", torch.zeros(3, 4, 2), ValueError), ("logits", [[0.0] * 4] * 3, TypeError),
+    ("logits", torch.zeros(3, 0), ValueError),
     ("target", torch.tensor([0.0, 1.0, 2.0]), TypeError), ("target", torch.tensor([0, 1]), ValueError),
     ("target", torch.tensor([0, 4, 1]), ValueError), ("target", torch.tensor([0, -1, 1]), ValueError),
     ("sigma", -0.5, ValueError), ("sigma", math.nan, ValueError), ("sigma", math.inf, ValueError),
