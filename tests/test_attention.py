@@ -491,3 +491,31 @@ def test_blas_limit_overlapping_out_of_order():
         assert all(n == 1 for _, n in _blas_threads())
         second.__exit__(None, None, None)
         assert _blas_threads() == before
+
+
+# ---- parameters off their defaults, paths the shapes above miss -------------------------------------
+
+def test_off_default_parameters(backend, rng):
+    """A scale that is not 1/sqrt(D), causal T5 buckets (bidirectional=False, small num_buckets and
+    max_distance) with a URPE table on them, and several tiles with Lq != Lk on every backend (the
+    Triton tiles are 16 x 16 under the interpreter: 20 x 35 is 2 x 3 tiles with tails), GQA and
+    padding."""
+    dtype = backend_dtype(backend)
+    tensors, kwargs = make_case(rng, 1, 2, 1, 20, 35, 8, 4, bias="none", urpe=False)
+    tensors["rel_bias"] = torch.randn(2, 8, generator=rng, dtype=F64)
+    tensors["post_table"] = torch.rand(2, 8, generator=rng, dtype=F64) * 2 - 0.5
+    kwargs.update(rel_buckets=(8, 12, False), scale=0.83, causal=True, normalizer="l2")
+    upstream = torch.randn(1, 2, 20, 4, generator=rng, dtype=F64)
+    exact = run_with_grads(reference_fn, tensors, kwargs, upstream, F64, "cpu")
+    composite = run_with_grads(reference_fn, tensors, kwargs, upstream, dtype, "cpu")
+    got = run_with_grads(op_fn, tensors, kwargs, upstream, dtype, DEVICE)
+    floor = 1e-12 if dtype == F64 else 2e-6
+    for name in exact:
+        summed = 20 * 35 if name in ("drel_bias", "dpost_table") and dtype != F64 else 1
+        assert_close_to_oracle(got[name], exact[name], composite[name], floor, f"{backend} {name}", summed)
+
+
+def test_alibi_slopes_values():
+    """ALiBi's geometric slopes 2^(-8 (h + 1) / H) (Press et al.)."""
+    assert torch.allclose(fastnotes.attention.alibi_slopes(8), torch.tensor([2.0 ** -(h + 1) for h in range(8)]))
+    assert torch.allclose(fastnotes.attention.alibi_slopes(4), torch.tensor([2.0 ** -(2 * (h + 1)) for h in range(4)]))

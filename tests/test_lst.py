@@ -399,3 +399,32 @@ def test_cpu_autocast_bfloat16(backend_name, rng, gated):
     _assert_close(out, exact_out, comp_out, 2 ** -7, "out")
     for name, got, exact, comp in zip(("ds", "dW", "db", "dalpha"), grads, exact_grads, comp_grads):
         _assert_close(got, exact, comp, 2 ** -7, name)
+
+
+# ---- parameters off their defaults, paths the shapes above miss -------------------------------------
+
+@pytest.mark.parametrize("rows, d, D", [(1100, 64, 24), (70, 70, 40)], ids=["threads", "tiles"])
+def test_off_default_temperature_no_bias_and_tiles(backend, rng, rows, d, D):
+    """temperature != 0.1 and bias=None with the gate; 1100 x 64 outputs take the numba threaded
+    path (N d >= 2^16), 70 x 70 several Triton tiles with tails in rows and columns."""
+    if backend == "triton" and rows > 100:
+        pytest.skip("the Triton interpreter pays per tile: the tile case covers it")
+    s, h, g = (torch.randn(rows, n, generator=rng, dtype=torch.float64) for n in (d, D, d))
+    w = torch.randn(d, D, generator=rng, dtype=torch.float64) / D ** 0.5
+    alpha = torch.tensor(0.3, dtype=torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    temperature = 0.7
+
+    def grads(fn, cast):
+        leaves = [x.to(cast).clone().requires_grad_() for x in (s, w, alpha)]
+        out = fn(leaves[0], h.to(cast), leaves[1], None, leaves[2], temperature)
+        return [out.detach(), *torch.autograd.grad(out, leaves, g.to(cast))]
+
+    exact = grads(reference.lst.ladder_merge, torch.float64)
+    composite = grads(reference.lst.ladder_merge, dtype)
+    got = grads(lambda *x: ladder_merge(*x[:5], temperature=x[5]), dtype)
+    mu = torch.sigmoid(alpha / temperature)
+    alpha_terms = (mu * (1 - mu) / temperature * (g.abs() * (s.abs() + h.abs() @ w.abs().T)).sum()).item()
+    floor = 1e-12 if dtype == torch.float64 else 1e-6
+    for name, a, e, c in zip(("out", "ds", "dW", "dalpha"), got, exact, composite):
+        _assert_close(a, e, c, floor, name, alpha_terms if name == "dalpha" else 0.0)
