@@ -1,4 +1,4 @@
-"""Benchmarks for fastnotes.ladder_merge (LST's gated ladder, specs/lst.md 5) against the eager
+"""Benchmarks for fastnotes.ladder_merge (LST's gated ladder, docs/lst.md) against the eager
 composite a user writes, mu s + (1 - mu) F.linear(h, W, b) with mu = sigmoid(alpha / T).
 
     pytest bench/bench_lst.py --benchmark-json=bench/results/lst.json

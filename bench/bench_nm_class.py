@@ -1,5 +1,5 @@
 """Benchmarks for fastnotes.nm_class_ce (the experimental "n x m classification" loss,
-specs/nm_class.md) against the eager composite a user writes from the formula with log_softmax,
+docs/nm_class.md) against the eager composite a user writes from the formula with log_softmax,
 L1 = sum_j log(1 + sum_i t_ij (1/p_ij - 1)) with log(1/p - 1) = log(-expm1(log p)) - log p, and
 against plain summed cross-entropy over the tasks (the loss it generalises, for scale).
 

@@ -1,4 +1,4 @@
-"""The EXACT paper's three-point toy problem (specs/exact.md section 2), trained three ways.
+"""The EXACT paper's three-point toy problem (docs/exact.md), trained three ways.
 
 Points x = -0.25, 0, 0.25 with labels -, -, +; model f(x) = x - b, predict sign(f). Perfect accuracy
 needs b in (0, 0.25). Cross-entropy settles at b ~ 0.70 and hinge on [0.75, 1]: both misclassify

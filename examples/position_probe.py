@@ -1,4 +1,4 @@
-"""Su's probe (specs/attention.md section 2): map identical inputs [x, ..., x] to [1, ..., n].
+"""Su's probe (docs/attention.md): map identical inputs [x, ..., x] to [1, ..., n].
 
 A one-layer model: one learned token vector repeated n times -> RelPosSelfAttention -> a linear
 read-out per position, trained with MSE against 1..n. Three variants:

@@ -1,5 +1,5 @@
 """Relative-position attention with post-softmax corrections (URPE, l2 normalisation), fused
-forward and backward. Math: specs/attention.md; Su, kexue.fm/archives/9105; Luo et al. 2022 (URPE).
+forward and backward. Math: docs/attention.md; Su, kexue.fm/archives/9105; Luo et al. 2022 (URPE).
 
 Every relative term reaches the kernels as one vector per head along the diagonals of the score
 matrix (Lq + Lk - 1 entries): the table gathers, the ALiBi term and the causal mask are built here

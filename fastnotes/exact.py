@@ -1,5 +1,5 @@
 """EXACT: train for accuracy directly (Karpukhin et al. 2022; Su, kexue.fm/archives/9098).
-Math: specs/exact.md."""
+Math: docs/exact.md."""
 import functools
 import importlib
 import math
@@ -216,7 +216,7 @@ def smooth_accuracy_loss(logits, target, *, tau=1.0, reduction="mean"):
 
 
 class ExactLoss(torch.nn.Module):
-    """EXACT with what stays outside the kernel (specs/exact.md section 7):
+    """EXACT with what stays outside the kernel (docs/exact.md, 'Conventions'):
     - standardize: logits <- (logits - mean) / std over the whole batch tensor (gradients flow;
       a single logit, whose std is undefined, is only centred, i.e. 0);
     - a sigma schedule: sigma = max(sigma_min, sigma0 * decay ** step), advanced by .step_schedule();

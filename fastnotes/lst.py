@@ -1,4 +1,4 @@
-"""Ladder Side-Tuning (Sung, Cho, Bansal 2022; Su, kexue.fm/archives/9138). Math: specs/lst.md.
+"""Ladder Side-Tuning (Sung, Cho, Bansal 2022; Su, kexue.fm/archives/9138). Math: docs/lst.md.
 
 A frozen backbone runs without an autograd graph; a narrow side network (width D / r) reads its
 hidden states through ladders, o = mu s + (1 - mu) (h W^T + b) with mu = sigmoid(alpha / T), and only
@@ -98,7 +98,7 @@ def ladder_merge(s, h, weight, bias=None, alpha=None, *, temperature=0.1):
         alpha: the gate logit (a 1-element tensor, fp32 recommended) or None for Su's ungated
             o = s + h W^T + b.
         temperature: T of the gate (0.1 in the paper's code: a sharp gate).
-    Gradients for s, weight, bias and alpha come from the closed form of specs/lst.md 5.2; z is never
+    Gradients for s, weight, bias and alpha come from the closed form of docs/lst.md; z is never
     stored and dalpha is reduced deterministically. Under autocast, s, h, weight and bias are first
     cast to autocast's dtype (as for nn.Linear; float64 stays, alpha keeps its dtype), so the output
     is in that dtype; the kernels accumulate in float32.
@@ -148,7 +148,7 @@ def _default_side_block(width, n_heads):
 
 
 def fisher_importance(module, loss_fn, batches):
-    """Empirical Fisher importance of module's parameters (specs/lst.md section 4): the sum over
+    """Empirical Fisher importance of module's parameters (docs/lst.md, 'Conventions'): the sum over
     `batches` of (d loss_fn(batch) / d theta)^2, elementwise. With batches of one sample this is the
     paper's fisher-v2 score (1024 training samples); pass the result to init_from_backbone.
 
@@ -305,7 +305,7 @@ class LadderSideNetwork(torch.nn.Module):
 
     @torch.no_grad()
     def init_from_backbone(self, importance=None):
-        """Structured-pruning init of the side blocks (specs/lst.md 4). The importance of a backbone
+        """Structured-pruning init of the side blocks (docs/lst.md). The importance of a backbone
         parameter is importance[p] when given (fisher_importance(...): the paper's fisher-v2 init),
         else its magnitude |p|. For an nn.TransformerEncoderLayer backbone and side blocks with the
         same number of heads: keep the width model channels with the largest LayerNorm-gain

@@ -1,5 +1,5 @@
 """relpos_attention on every backend against the float64 reference, the spec oracles
-(specs/attention.md section 12), gradcheck, determinism, masking edge cases, bad input, modules."""
+(docs/attention.md, 'Worked examples'), gradcheck, determinism, masking edge cases, bad input, modules."""
 import math
 import threading
 

@@ -1,5 +1,5 @@
 """fastnotes.diffusion: NoiseSchedule, the fused sampler step on every backend against the float64
-reference, the spec oracles (specs/diffusion.md section 8), the in-kernel noise and bad input."""
+reference, the spec oracles (docs/diffusion.md, 'Worked examples'), the in-kernel noise and bad input."""
 import math
 
 import pytest

@@ -43,7 +43,7 @@ def r_logits(r):
     return torch.tensor([[0.0] + [-v for v in r]], dtype=torch.float64)
 
 
-# ---- spec oracles (specs/exact.md section 10) ------------------------------------------------------
+# ---- spec oracles (docs/exact.md, 'Worked examples') -----------------------------------------------
 
 ORACLES = {
     "X1": ([4.0], 0.9976611325, [0.0051667463]),

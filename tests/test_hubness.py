@@ -1,5 +1,5 @@
 """fastnotes.hubness.knn / k_occurrence on every backend against the float64 brute-force reference
-and the spec oracles (specs/hubness.md section 9), hubness_stats against the spec oracles and scipy."""
+and the spec oracles (docs/hubness.md, worked examples), hubness_stats against the spec oracles and scipy."""
 import importlib.util
 
 import numpy as np
@@ -225,7 +225,7 @@ def test_bad_input_raises(call, error, match):
 
 # ---- statistics ----------------------------------------------------------------------------------
 
-STAT_ORACLES = [  # (counts, k, expected) from specs/hubness.md section 9
+STAT_ORACLES = [  # (counts, k, expected) from docs/hubness.md, 'Worked examples'
     ([1, 1, 1, 2, 0], 1, {"skewness": 0, "robinhood": 0.2, "gini": 0.32, "antihub_occurrence": 0.2,
                           "hub_occurrence": 0.4, "atkinson": 0.220588745, "groupie_ratio": 0.4}),
     ([1, 3, 4, 2, 0], 2, {"skewness": 0, "robinhood": 0.3, "gini": 0.4, "antihub_occurrence": 0.2,

@@ -1,5 +1,5 @@
 """Ladder Side-Tuning: the fused ladder merge against the float64 reference and the oracles of
-specs/lst.md section 9, and LadderSideNetwork (frozen backbone, saved-activation memory)."""
+docs/lst.md, 'Worked examples', and LadderSideNetwork (frozen backbone, saved-activation memory)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Su's probe (specs/attention.md section 2) from examples/position_probe.py: identical inputs must
+"""Su's probe (docs/attention.md) from examples/position_probe.py: identical inputs must
 map to 1..n. Softmax with a T5 bias cannot (its outputs are equal across positions, MSE stuck at
 var(1..n)); URPE and the l2 normaliser can (MSE at least 100x lower)."""
 import importlib.util

@@ -77,7 +77,7 @@ def test_inf_logits_and_large_values(backend, rng):
 
 
 def test_spec_oracle_g(backend):
-    """specs/zlpr.md oracle G: sparse positives {2, 4} give the dense loss 1.4937509264."""
+    """docs/zlpr.md, 'Worked examples': sparse positives {2, 4} give the dense loss 1.4937509264."""
     dtype = backend_dtype(backend)
     s = torch.tensor([[0.3, -1.2, 2.5, -0.7, 1.1]], dtype=dtype, device=DEVICE, requires_grad=True)
     loss = fastnotes.sparse_multilabel_ce(s, torch.tensor([[4, -1, 2]], device=DEVICE))

@@ -1,4 +1,4 @@
-"""Diffusion sampling (specs/diffusion.md): noise schedules, the fused batched sampler step
+"""Diffusion sampling (docs/diffusion.md): noise schedules, the fused batched sampler step
 (DDPM, DDIM, Analytic-DPM, probability-flow ODE), a Heun helper, the full sampling loop, the
 Analytic-DPM toolkit and a diffusers-compatible scheduler."""
 from .analytic import estimate_gamma, even_trajectory, optimal_trajectory, optimal_variance, step_costs

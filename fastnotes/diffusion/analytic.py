@@ -1,4 +1,4 @@
-"""Analytic-DPM toolkit (Bao et al. 2022; specs/diffusion.md sections 4.3, 4.7-4.9): host-side
+"""Analytic-DPM toolkit (Bao et al. 2022; docs/diffusion.md): host-side
 float64 work, not kernel work.
 
     even_trajectory(N, K)                 the ET trajectory [1, ..., N] (half-to-even rounding)

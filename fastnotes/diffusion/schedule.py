@@ -1,4 +1,4 @@
-"""Noise schedules for discrete-time diffusion (specs/diffusion.md sections 2 and 4.1).
+"""Noise schedules for discrete-time diffusion (docs/diffusion.md, 'The math').
 
 Index convention (the Analytic-DPM reference code): tables have length N + 1 with beta_0 = 0 and
 alphas_cumprod_0 = 1, so index 0 is the clean data and the noisy timesteps are 1..N. Everything is

@@ -1,4 +1,4 @@
-"""The fused batched sampler step (specs/diffusion.md sections 4 and 5).
+"""The fused batched sampler step (docs/diffusion.md).
 
 Every supported step is affine in (x_t, model_output, z) per sample, apart from the optional clamp
 of x0_hat, so the public function computes six per-sample coefficients once, in float64 from the
@@ -90,7 +90,7 @@ def _clip_range(clip_denoised, method):
 
 
 def noise_variance_cap(clip_pixel, method, op=_OP):
-    """Analytic-DPM's sampling-time clip (specs/diffusion.md 4.5): sigma <= y (2/255) sqrt(pi/2),
+    """Analytic-DPM's sampling-time clip (docs/diffusion.md): sigma <= y (2/255) sqrt(pi/2),
     so that E|sigma z| <= 2y/255 = y levels of 8-bit data scaled to [-1, 1]. inf when off."""
     if clip_pixel is None:
         return math.inf

@@ -1,4 +1,4 @@
-"""Hubness (specs/hubness.md): exact k-NN and k-occurrence counting without the distance matrix,
+"""Hubness (docs/hubness.md): exact k-NN and k-occurrence counting without the distance matrix,
 hubness statistics, hubness reduction (secondary distances) and hub-prior latent sampling."""
 from .knn import METRICS, k_occurrence, knn
 

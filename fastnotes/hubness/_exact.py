@@ -1,4 +1,4 @@
-"""Exact selection on top of the kernels' fast pass (specs/hubness.md section 6, numerics).
+"""Exact selection on top of the kernels' fast pass (docs/hubness.md, exactness guarantee).
 
 The kernels rank references with one GEMM per tile, by v = add_j + scale <x~_i, y~_j> in float32:
 the expanded distance, which cancels when the points sit far from the origin compared with their

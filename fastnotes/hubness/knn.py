@@ -1,4 +1,4 @@
-"""Exact k-NN lists and k-occurrence counts (specs/hubness.md, sections 2 and 6).
+"""Exact k-NN lists and k-occurrence counts (docs/hubness.md).
 
 The fused kernels never hold the [n_q, n_r] distance matrix: tiles of distances feed a running
 per-row top-k of candidates under the total order (value, index); _exact.py centres the data for

@@ -1,4 +1,4 @@
-"""Hubness reduction (specs/hubness.md, section 5): secondary distances computed from the k-NN lists
+"""Hubness reduction (docs/hubness.md): secondary distances computed from the k-NN lists
 and re-ranking. All keep "smaller = closer". Plain torch post-passes, O(n k)."""
 import math
 

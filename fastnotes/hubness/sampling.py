@@ -1,4 +1,4 @@
-"""Hub-prior latent selection (specs/hubness.md, section 4; Liang et al., ICML 2022; Su, kexue.fm 9147):
+"""Hub-prior latent selection (docs/hubness.md; Liang et al., ICML 2022; Su, kexue.fm 9147):
 draw a pool of latents, count each one's k-occurrence within the pool, keep the hubs."""
 import torch
 

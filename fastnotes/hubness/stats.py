@@ -1,4 +1,4 @@
-"""Hubness statistics of a k-occurrence vector (specs/hubness.md, section 3; the definitions of
+"""Hubness statistics of a k-occurrence vector (docs/hubness.md; the definitions of
 scikit-hubness, except skewness_truncnorm: see hubness_stats). Cheap post-passes in float64; values
 are Python floats."""
 import math

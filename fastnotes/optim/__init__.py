@@ -1,5 +1,5 @@
 """Optimisers and schedules: Amos with a fused step, and Su's strategies derived from it
-(specs/amos.md)."""
+(docs/amos.md)."""
 from . import schedules
 from .amos import Amos, default_eta
 

@@ -1,4 +1,4 @@
-"""Amos (Tian & Parikh 2022) as a torch optimiser with a fused step. Math: specs/amos.md.
+"""Amos (Tian & Parikh 2022) as a torch optimiser with a fused step. Math: docs/amos.md.
 
 Each tensor theta has an expected scale eta (its "model-oriented scale"), a reduced-shape second
 moment v and a monotone slot b of the same small shape. One step per tensor:

@@ -1,4 +1,4 @@
-"""Su's training strategies derived from Amos (kexue.fm/archives/9344; specs/amos.md section 5).
+"""Su's training strategies derived from Amos (kexue.fm/archives/9344; docs/amos.md).
 
     step size  alpha_t u_t = alpha0 |eps0| decay_t u_t / |u_t|,  |eps0| = sqrt(k) sigma  (k = numel)
     decay      rho_t = alpha0^2 / (2 q) decay_t                   (q ~ 1)

@@ -1,5 +1,5 @@
 """Amos (Tian & Parikh 2022, jestimator) in plain torch: the float64 test oracle of the fused step and
-the fallback backend. Math and oracles: specs/amos.md sections 3 and 9.
+the fallback backend. Math and oracles: docs/amos.md.
 
 One step on one tensor theta with gradient g and the incremented (1-based) count t:
     g    <- clip(g, -clip_value, clip_value)                     (if clip_value is set)

@@ -1,4 +1,4 @@
-"""Relative-position attention in plain torch (specs/attention.md, sections 4 and 9): the float64
+"""Relative-position attention in plain torch (docs/attention.md, 'The math'): the float64
 test oracle and the fallback. It materialises the [Lq, Lk] score matrix of every head; the fused
 kernels never do.
 

@@ -1,4 +1,4 @@
-"""Diffusion sampler step in plain torch (specs/diffusion.md sections 3, 4 and 5): the float64 test
+"""Diffusion sampler step in plain torch (docs/diffusion.md): the float64 test
 oracle and the fallback backend. It works from the schedule table log(alphas_cumprod) directly,
 stage by stage (x0_hat and eps_hat, mean, variance, noise), with none of the coefficient folding the
 fused kernels use. Nothing here imports the kernels or the public API.
@@ -17,7 +17,7 @@ def step_scalars(logab, t, s, *, method, eta=0.0, gamma=None, cov_max=math.inf, 
     """Per-sample float64 quantities [B] for the step t -> s: a dict with a_t, sg_t, a_s, sg_s,
     be_ts, bt_ts, lam2, sigma2, and for ode-euler beta_t (the per-index rate -d log ab / dt).
     `gamma` is a float64 tensor [B] of G_t (analytic methods only). sigma2_max caps sigma2 (the
-    Analytic-DPM sampling-time noise clip, specs/diffusion.md 4.5)."""
+    Analytic-DPM sampling-time noise clip, docs/diffusion.md)."""
     lt = logab[t]
     ls = logab[s]
     ab_t, ab_s = torch.exp(lt), torch.exp(ls)

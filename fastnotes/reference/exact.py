@@ -1,4 +1,4 @@
-"""EXACT in plain torch (specs/exact.md sections 3 and 6): the Gauss-Hermite quadrature of
+"""EXACT in plain torch (docs/exact.md): the Gauss-Hermite quadrature of
 P = E_t prod_{i != y} Phi(r_i + t) over a [B, C, K] tensor, and the smooth-accuracy loss."""
 import torch
 

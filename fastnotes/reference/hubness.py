@@ -1,4 +1,4 @@
-"""Exact k-NN and k-occurrence by float64 brute force (specs/hubness.md, sections 6 and 9): the full
+"""Exact k-NN and k-occurrence by float64 brute force (docs/hubness.md): the full
 distance matrix from direct differences, a stable sort per row (ties to the smaller index), self
 removed by index. The test oracle and the fallback backend; memory O(n_q n_r)."""
 import torch

@@ -1,4 +1,4 @@
-"""Ladder Side-Tuning's merge in plain torch: the float64 oracle of the fused op (specs/lst.md 5).
+"""Ladder Side-Tuning's merge in plain torch: the float64 oracle of the fused op (docs/lst.md).
 
     o = a s + c (h W^T + b),  (a, c) = (mu, 1 - mu) with mu = sigmoid(alpha / T) (the paper's gate),
                               or (1, 1) when alpha is None (Su's plain add; b may be None)

@@ -1,4 +1,4 @@
-"""The "n x m classification" loss L1 in plain torch (specs/nm_class.md, section 4)."""
+"""The "n x m classification" loss L1 in plain torch (docs/nm_class.md, 'Stable forms')."""
 import torch
 
 from .._checks import reduce

@@ -1,4 +1,4 @@
-"""ZLPR in plain torch (specs/zlpr.md, section 4): masked logsumexps with an appended zero."""
+"""ZLPR in plain torch (docs/zlpr.md, 'Stable forms'): masked logsumexps with an appended zero."""
 import torch
 
 from .._checks import reduce

@@ -2,7 +2,7 @@
 writes int64 (value, index) keys, and the CUDA C++ merge from fastnotes._C (csrc/hubness_topk.cu)
 keeps each row's running top-k; counting uses its integer-atomic kernel. The caller
 (fastnotes/hubness/_exact.py) centres the rows, keeps k + a margin of candidates and makes the
-selection exact. Math: specs/hubness.md section 6.
+selection exact. Math: docs/hubness.md.
 
 The ops are torch.library custom ops in the name space "fastnotes" (torch.ops.fastnotes.hubness_candidates,
 torch.ops.fastnotes.hubness_count) with fake implementations, so they trace under torch.compile. This

@@ -1,5 +1,5 @@
 """Relative-position attention with post-softmax corrections on the CPU, FlashAttention-2 style.
-Math: specs/attention.md sections 5 and 6.
+Math: docs/attention.md, 'Stable forms' and 'Gradients'.
 
 The launcher hands every relative term over as per-head vectors along the diagonals of the score
 matrix, indexed by e = j - i + Lq - 1 (so a row's entries are contiguous in j):

@@ -1,4 +1,4 @@
-"""Diffusion sampler step on the CPU: one fused elementwise pass (specs/diffusion.md section 5).
+"""Diffusion sampler step on the CPU: one fused elementwise pass (docs/diffusion.md, 'Stable forms').
 
 Per sample b the caller gives float64 coefficients (A, M, C, px, pm, S) and the kernel computes
     x_s = A x + M m + C clamp(px x + pm m, lo, hi) + S z

@@ -1,4 +1,4 @@
-"""EXACT (expected accuracy under Gaussian logit noise) on the CPU. Math: specs/exact.md section 6.
+"""EXACT (expected accuracy under Gaussian logit noise) on the CPU. Math: docs/exact.md, 'Stable forms'.
 
 Per row with label y and r_i = min(s_y - s_i, M) / sigma over the competitors i != y:
     S_k = sum_i log Phi(r_i + t_k),  P = sum_k w_k exp(S_k)        (Gauss-Hermite nodes t_k, w_k)

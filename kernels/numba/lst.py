@@ -1,4 +1,4 @@
-"""Ladder Side-Tuning's gated merge on the CPU (specs/lst.md section 5).
+"""Ladder Side-Tuning's gated merge on the CPU (docs/lst.md).
 
 Inputs in float16/bfloat16 are computed in float32 (outputs rounded to the input dtype).
 forward:  o = a s + c (h W^T + b). The GEMM runs on torch's threaded BLAS straight into the output

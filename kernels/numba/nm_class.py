@@ -1,4 +1,4 @@
-"""The "n x m classification" loss L1 (specs/nm_class.md) on the CPU, one sample block per task.
+"""The "n x m classification" loss L1 (docs/nm_class.md) on the CPU, one sample block per task.
 
 Per sample s [n, m], targets t (soft [n, m], or integer classes [n], negative = padding task):
     lse_i  = lse_k s_ik                                       (row reduction over m)

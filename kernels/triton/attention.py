@@ -1,5 +1,5 @@
 """Relative-position attention with post-softmax corrections on the GPU, FlashAttention-2 style.
-Math: specs/attention.md sections 5 and 6; the diagonal-vector interface is described in
+Math: docs/attention.md; the diagonal-vector interface is described in
 kernels/numba/attention.py (bias_diag, post_diag [H, Lq + Lk - 1] indexed by e = j - i + Lq - 1,
 key_bias [B, Lk]; stat = L1 (softmax) or L2 / 2 (l2), so a = exp(s - stat), +inf for empty rows).
 

@@ -1,4 +1,4 @@
-"""Diffusion sampler step on the GPU: one fused elementwise pass (specs/diffusion.md section 5).
+"""Diffusion sampler step on the GPU: one fused elementwise pass (docs/diffusion.md, 'Stable forms').
 
 Grid (samples, tiles of BLOCK elements). Each program loads its sample's float32 coefficients
 (A, M, C, px, pm, S) and writes x_s = A x + M m + C clamp(px x + pm m, lo, hi) + S z. NOISE selects

@@ -1,4 +1,4 @@
-"""EXACT (expected accuracy under Gaussian logit noise) on the GPU. Math: specs/exact.md section 6.
+"""EXACT (expected accuracy under Gaussian logit noise) on the GPU. Math: docs/exact.md, 'Stable forms'.
 
 One program per row streams the classes in [BLOCK, K] tiles (K Gauss-Hermite nodes), keeping the K
 accumulators S_k = sum_i log Phi(r_i + t_k) in registers; the backward re-reads the logits and the

@@ -1,4 +1,4 @@
-"""k-NN candidates on the GPU. Math: specs/hubness.md section 6; the caller is fastnotes/hubness/_exact.py.
+"""k-NN candidates on the GPU. Math: docs/hubness.md; the caller is fastnotes/hubness/_exact.py.
 
 distance_keys_kernel: grid (query blocks, reference blocks) over one tile of the matrix of ranking
 values v = add_j + scale <x_i, y_j> (x and y centred float32 rows from the caller; IEEE fp32 dot

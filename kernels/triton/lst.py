@@ -1,4 +1,4 @@
-"""Ladder Side-Tuning's gated merge on the GPU (specs/lst.md section 5).
+"""Ladder Side-Tuning's gated merge on the GPU (docs/lst.md).
 
 forward:  grid (row tiles, column tiles): one GEMM tile h W^T with the blend in the epilogue,
           o = a s + c (acc + b); mu = sigmoid(alpha / T) is computed in-kernel from the device

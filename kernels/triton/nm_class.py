@@ -1,4 +1,4 @@
-"""The "n x m classification" loss L1 on the GPU (specs/nm_class.md sections 4-6).
+"""The "n x m classification" loss L1 on the GPU (docs/nm_class.md).
 
 One program per sample owns its whole [n, m] block in registers: the row logsumexp over m, then the
 column logsumexp over the n tasks with the appended zero, in float32. The backward recomputes

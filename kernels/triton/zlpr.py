@@ -1,4 +1,4 @@
-"""ZLPR (multi-label softmax cross-entropy) on the GPU. Math: specs/zlpr.md sections 4, 5 and 8.
+"""ZLPR (multi-label softmax cross-entropy) on the GPU. Math: docs/zlpr.md.
 
 forward: grid (rows, splits). Each program streams its slice of the classes in BLOCK tiles with an
 online logsumexp per stream (pos a = -s + log t, neg b = s + log(1 - t)). All partial states use the
