@@ -1,4 +1,4 @@
-"""Losses: the multi-label softmax cross-entropy (ZLPR) and its family. Math: specs/zlpr.md."""
+"""Losses: the multi-label softmax cross-entropy (ZLPR) and its family. Math: docs/zlpr.md."""
 import importlib
 import math
 

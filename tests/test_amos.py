@@ -1,5 +1,5 @@
 """Amos optimiser (fastnotes.optim.Amos) and Su's schedules against the float64 reference and the
-oracles of specs/amos.md section 9."""
+oracles of docs/amos.md, 'Worked examples'."""
 import io
 import math
 
@@ -392,7 +392,7 @@ def test_rosenbrock_converges():
     _converge([0.0, 0.0], [1.0, 1.0], grad, lr=0.5, beta=0.5, clip_value=1.0, momentum=0.9)
 
 
-# ---- Su's schedules (specs/amos.md section 9) ----------------------------------------------------
+# ---- Su's schedules (docs/amos.md, 'Worked examples') --------------------------------------------
 
 def test_su_schedule_oracles():
     a0p = schedules.quadratic_rate(1e4)

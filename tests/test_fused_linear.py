@@ -98,7 +98,7 @@ def test_leading_dimensions(backend, rng):
 
 
 def test_spec_oracle(backend):
-    """specs/zlpr.md section 10, fused linear + ZLPR oracle (reduction 'sum')."""
+    """docs/zlpr.md, 'Worked examples': fused linear + ZLPR oracle (reduction 'sum')."""
     n, d, c = 3, 4, 7
     dtype = backend_dtype(backend)
     h = torch.tensor([[math.sin(i + 2 * k + 1) for k in range(d)] for i in range(n)], dtype=dtype)

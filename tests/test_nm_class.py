@@ -96,7 +96,7 @@ def test_padding_and_empty_block(backend, rng):
     assert out.item() == 0 and (empty.grad == 0).all()
 
 
-# ---- spec oracles (specs/nm_class.md section 9) ---------------------------------------------------
+# ---- spec oracles (docs/nm_class.md, 'Worked examples') -------------------------------------------
 
 
 def test_oracle_n1_n2(backend):

@@ -149,7 +149,7 @@ def test_inputs_untouched(backend, rng):
     assert torch.equal(x.detach(), before[0]) and torch.equal(t, before[1])
 
 
-# ---- spec oracles (specs/zlpr.md section 10) ----------------------------------------------------
+# ---- spec oracles (docs/zlpr.md, 'Worked examples') ---------------------------------------------
 
 A_S = [2.0, -1.0, 0.5, -3.0]
 ORACLES = {

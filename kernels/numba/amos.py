@@ -1,4 +1,4 @@
-"""Amos optimiser step on the CPU (specs/amos.md sections 3 and 6): one fused pass per tensor.
+"""Amos optimiser step on the CPU (docs/amos.md): one fused pass per tensor.
 
 A tensor is viewed as [outer, reduced, inner] with one slot per (outer, inner) pair. Per slot the
 kernel sums the clipped g^2 over the reduced axis, updates v and b, and turns them into two

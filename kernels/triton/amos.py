@@ -1,4 +1,4 @@
-"""Amos optimiser step on the GPU (specs/amos.md section 6): a multi-tensor step, two launches
+"""Amos optimiser step on the GPU (docs/amos.md): a multi-tensor step, two launches
 for all the tensors of a parameter group that share a dtype (plus one when both row- and
 column-slotted tensors are present).
 
