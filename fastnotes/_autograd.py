@@ -65,3 +65,11 @@ def autocast_off(device):
     if autocast_dtype(device) is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+def loss_dtype(x):
+    """The dtype a loss of `x` comes out in: x's, but float32 under autocast for float16/bfloat16 x,
+    as torch's losses give."""
+    if x.dtype in (torch.float16, torch.bfloat16) and autocast_dtype(x.device) is not None:
+        return torch.float32
+    return x.dtype

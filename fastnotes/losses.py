@@ -6,7 +6,7 @@ import torch
 
 from . import _checks, _dispatch, reference
 from .kernels import _buffers
-from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
+from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, loss_dtype, once_differentiable
 
 _OP = "multilabel_ce"
 _KERNELS = {"numba": "fastnotes.kernels.numba.zlpr", "triton": "fastnotes.kernels.triton.zlpr"}
@@ -92,7 +92,7 @@ def multilabel_ce(logits, targets, *, mask=None, reduction="mean"):
         if targets.requires_grad and bool(((targets == 0) | (targets == 1)).any()):
             raise ValueError(f"{_OP}: the reference backend differentiates targets only inside (0, 1); "
                              "the numba and triton backends give the one-sided gradient at 0 and 1")
-        return reference.multilabel_ce(logits, targets, mask, reduction)
+        return reference.multilabel_ce(logits.to(loss_dtype(logits)), targets, mask, reduction)
     kernels = importlib.import_module(_KERNELS[backend])
     shape_2d = (math.prod(logits.shape[:-1]), logits.shape[-1])
     rows = _MultilabelCEFunction.apply(
@@ -101,7 +101,7 @@ def multilabel_ce(logits, targets, *, mask=None, reduction="mean"):
         None if mask is None else _mask_rows(mask, logits.shape),
         kernels,
     )
-    return _checks.reduce(rows.reshape(logits.shape[:-1]), reduction, logits.dtype)
+    return _checks.reduce(rows.reshape(logits.shape[:-1]), reduction, loss_dtype(logits))
 
 
 class MultilabelCE(torch.nn.Module):
@@ -201,11 +201,11 @@ def sparse_multilabel_ce(logits, pos_index, *, reduction="mean"):
                                lambda b: _dispatch.float_kernel_reason(b, logits, "logits"))
     shape_2d = (math.prod(logits.shape[:-1]), logits.shape[-1])
     if backend == "reference":
-        rows = reference.sparse_multilabel_ce(logits.reshape(shape_2d), index, "none")
+        rows = reference.sparse_multilabel_ce(logits.reshape(shape_2d).to(loss_dtype(logits)), index, "none")
     else:
         kernels = importlib.import_module(_KERNELS[backend])
         rows = _SparseMultilabelCEFunction.apply(logits.reshape(shape_2d).contiguous(), index, kernels)
-    return _checks.reduce(_nan_rows(rows, bad_rows).reshape(logits.shape[:-1]), reduction, logits.dtype)
+    return _checks.reduce(_nan_rows(rows, bad_rows).reshape(logits.shape[:-1]), reduction, loss_dtype(logits))
 
 
 # ---- fused linear + ZLPR -------------------------------------------------------------------------
@@ -370,17 +370,22 @@ def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, 
         reduction: 'mean' | 'sum' over rows, or 'none' for a [...] tensor.
         chunk_size: rows of hidden per chunk; default: about FUSED_CHUNK_BYTES of float32 logits.
 
-    Under torch.autocast the GEMMs run in autocast's dtype, as F.linear would (the loss then has that
-    dtype, as the composite's has). Targets get no gradient: targets that require grad raise.
+    Under torch.autocast the GEMMs run in autocast's dtype, as F.linear would, and the loss comes out
+    float32, as torch's losses do. Targets get no gradient: targets that require grad raise.
     """
-    low_precision = autocast_dtype(hidden.device)
-    if low_precision is not None:
+    low_precision = isinstance(hidden, torch.Tensor) and autocast_dtype(hidden.device)
+    if low_precision:
         # as autocast runs F.linear: the GEMMs in its dtype (the epilogue accumulates in float32)
-        hidden, weight, bias = (x if x is None or x.dtype not in AUTOCAST_CASTS else x.to(low_precision)
-                                for x in (hidden, weight, bias))
+        hidden, weight, bias = (x if not isinstance(x, torch.Tensor) or x.dtype not in AUTOCAST_CASTS
+                                else x.to(low_precision) for x in (hidden, weight, bias))
         with autocast_off(hidden.device):
-            return fused_linear_multilabel_ce(hidden, weight, targets, pos_index=pos_index, bias=bias,
-                                              reduction=reduction, chunk_size=chunk_size)
+            return _fused_linear_multilabel_ce(hidden, weight, targets, pos_index, bias, reduction, chunk_size,
+                                               torch.float32 if hidden.dtype in AUTOCAST_CASTS else hidden.dtype)
+    return _fused_linear_multilabel_ce(hidden, weight, targets, pos_index, bias, reduction, chunk_size,
+                                       getattr(hidden, "dtype", None))
+
+
+def _fused_linear_multilabel_ce(hidden, weight, targets, pos_index, bias, reduction, chunk_size, loss_dtype):
     _check_fused_arguments(hidden, weight, targets, pos_index, bias, reduction, chunk_size)
     lead = hidden.shape[:-1]
     n_rows, n_classes = math.prod(lead), weight.shape[0]
@@ -395,7 +400,7 @@ def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, 
             raise ValueError(f"{_FUSED_OP}: targets must lie in [0, 1]")
         rows = reference.fused_linear_multilabel_ce(hidden_2d, weight, dense, index, bias, "none")
         rows = _nan_rows(rows, bad_rows)
-        return _checks.reduce(rows.reshape(lead), reduction, hidden.dtype)
+        return _checks.reduce(rows.reshape(lead), reduction, loss_dtype)
     kernels = importlib.import_module(_KERNELS[backend])
     if dense is not None:
         dense = dense.contiguous()
@@ -404,12 +409,12 @@ def fused_linear_multilabel_ce(hidden, weight, targets=None, *, pos_index=None, 
         rows = _FusedLinearMultilabelCEFunction.apply(hidden_2d.contiguous(), weight, bias, dense, index, "none",
                                                       _rows_per_chunk(n_classes, chunk_size), kernels,
                                                       torch.is_grad_enabled())
-        return _checks.reduce(_nan_rows(rows, bad_rows).reshape(lead), reduction, hidden.dtype)
+        return _checks.reduce(_nan_rows(rows, bad_rows).reshape(lead), reduction, loss_dtype)
     out = _FusedLinearMultilabelCEFunction.apply(hidden_2d.contiguous(), weight, bias, dense, index, reduction,
                                                  _rows_per_chunk(n_classes, chunk_size), kernels, torch.is_grad_enabled())
     if reduction == "none":
-        return _nan_rows(out, bad_rows).reshape(lead).to(hidden.dtype)
-    return out.to(hidden.dtype)
+        return _nan_rows(out, bad_rows).reshape(lead).to(loss_dtype)
+    return out.to(loss_dtype)
 
 
 class FusedLinearMultilabelCE(torch.nn.Module):
@@ -523,9 +528,9 @@ def nm_class_ce(logits, targets, *, reduction="mean"):
     backend = _dispatch.select(_NM_OP, logits.device.type, lambda b: _nm_why_not(b, logits))
     lead = logits.shape[:-2]
     if backend == "reference":
-        return reference.nm_class_ce(logits, targets, reduction)
+        return reference.nm_class_ce(logits.to(loss_dtype(logits)), targets, reduction)
     kernels = importlib.import_module(_NM_KERNELS[backend])
     block = (math.prod(lead),) + tuple(logits.shape[-2:])
     rows = _NMClassCEFunction.apply(logits.reshape(block).contiguous(),
                                     targets.reshape(block if soft else block[:2]).contiguous(), kernels)
-    return _checks.reduce(rows.reshape(lead), reduction, logits.dtype)
+    return _checks.reduce(rows.reshape(lead), reduction, loss_dtype(logits))

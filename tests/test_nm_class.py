@@ -231,7 +231,8 @@ def test_double_backward_raises(backend, rng):
 
 
 def test_autocast_cpu(rng):
-    """Under CPU autocast (bf16 logits from a linear layer) the loss runs and matches the reference."""
+    """Under CPU autocast (bf16 logits from a linear layer) the loss is float32, as torch's losses
+    under autocast, and matches the reference."""
     hidden = torch.randn(2, 3, 8, generator=rng)
     weight = torch.randn(5, 8, generator=rng, requires_grad=True)
     targets = torch.randint(0, 5, (2, 3), generator=rng)
@@ -240,5 +241,5 @@ def test_autocast_cpu(rng):
         loss = fastnotes.nm_class_ce(logits, targets)
         expected = reference.nm_class_ce(logits.detach().double(), targets)
     loss.backward()
-    assert logits.dtype == loss.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
-    assert abs(loss.double().item() - expected.item()) <= 2e-2 * max(1.0, expected.abs().item())
+    assert logits.dtype == torch.bfloat16 and loss.dtype == weight.grad.dtype == torch.float32
+    assert abs(loss.double().item() - expected.item()) <= 1e-5 * max(1.0, expected.abs().item())

@@ -396,8 +396,8 @@ def test_double_backward_raises(backend, rng):
 
 
 def test_autocast_cpu(rng):
-    """Logits from a linear layer under CPU autocast are bfloat16: the loss takes them as they come
-    (bfloat16 result, float32 accumulation) and matches the float64 reference."""
+    """Logits from a linear layer under CPU autocast are bfloat16: the loss comes out float32, as
+    torch's losses do under autocast, and matches the float64 reference."""
     hidden = torch.randn(6, 16, generator=rng)
     weight = torch.randn(30, 16, generator=rng, requires_grad=True)
     targets = torch.rand(6, 30, generator=rng) < 0.3
@@ -407,5 +407,5 @@ def test_autocast_cpu(rng):
             loss = fastnotes.multilabel_ce(logits, targets)
         (grad,) = torch.autograd.grad(loss, weight)
         expected = oracle(logits.detach(), targets, reduction="mean")
-        assert logits.dtype == loss.dtype == torch.bfloat16 and grad.dtype == torch.float32, name
-        assert abs(loss.double().item() - expected.item()) <= 2e-2 * max(1.0, expected.item()), name
+        assert logits.dtype == torch.bfloat16 and loss.dtype == grad.dtype == torch.float32, name
+        assert abs(loss.double().item() - expected.item()) <= 1e-5 * max(1.0, expected.item()), name
