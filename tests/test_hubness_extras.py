@@ -193,3 +193,86 @@ def test_selfcheck_case_passes():
     check, _ = _selfcheck.OPS["k_occurrence"]
     with fastnotes.use_backend("numba"):
         assert check(torch.device("cpu"), torch.float32) == {"value_error": 0.0, "grad_error": 0.0}
+
+
+# ---- properties (hypothesis) ------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_hubness import assert_exact, float64_slack, true_distances  # noqa: E402
+
+PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def knn_problems(draw):
+    """Random sizes, k from 1 to its largest legal value, an offset and a scale from 1e-20 to 1e15,
+    one set or a reference set, contiguous or strided rows, float32 or float64."""
+    n, d = draw(st.integers(3, 40)), draw(st.integers(1, 6))
+    m = draw(st.none() | st.integers(2, 40))
+    exclude_self = draw(st.booleans())
+    candidates = n - 1 if (m is None and exclude_self) else (m or n)
+    k = draw(st.integers(1, candidates - 1))
+    scale = 10.0 ** draw(st.integers(-20, 15))
+    offset = draw(st.sampled_from([0.0, 1.0, -3e3, 1e5])) * scale * draw(st.sampled_from([1, 1000]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def points(rows):
+        wide = offset + scale * torch.randn(rows, 2 * d, generator=gen, dtype=torch.float64)
+        wide[torch.rand(rows, generator=gen) < 0.1] = offset  # duplicates
+        return wide.to(dtype)[:, ::2] if draw(st.booleans()) else wide.to(dtype)[:, :d].contiguous()
+
+    return points(n), None if m is None else points(m), k, exclude_self, draw(st.sampled_from(hubness.METRICS))
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "reference"])
+@PROPERTY
+@given(problem=knn_problems())
+def test_knn_property_exact(backend_name, problem):
+    """Every list is exact to the rounding of the output dtype (float32 subnormals included), counts
+    are the lists' bincount, and nothing is NaN."""
+    x, ref, k, exclude_self, metric = problem
+    with fastnotes.use_backend(backend_name):
+        distances, indices = hubness.knn(x, k, reference=ref, metric=metric, exclude_self=exclude_self)
+        counts = hubness.k_occurrence(x, k, reference=ref, metric=metric, exclude_self=exclude_self)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    true = true_distances(x, x if ref is None else ref, metric)
+    slack = float64_slack(x, true, metric) if out_dtype == torch.float64 else 2.0 ** -149
+    assert not distances.isnan().any()
+    assert_exact(distances, indices, true, k, exclude_self and ref is None, out_dtype, slack)
+    assert torch.equal(counts, torch.bincount(indices.reshape(-1), minlength=true.shape[1]))
+
+
+@PROPERTY
+@given(n=st.integers(3, 12), d=st.integers(1, 4), k=st.integers(-2, 14),
+       bad=st.sampled_from(["nan_x", "inf_reference", "x_3d", "int_x", "reference_width", "k_float", "metric"]))
+def test_knn_property_bad_input_names_the_argument(n, d, k, bad):
+    """Bad inputs raise ValueError/TypeError naming the argument, before any kernel runs; a k out of
+    range names k."""
+    x, ref, metric, kk = torch.randn(n, d), None, "sqeuclidean", 1
+    if bad == "nan_x":
+        x[n // 2, 0] = float("nan")
+    elif bad == "inf_reference":
+        ref = torch.randn(n + 1, d)
+        ref[0, -1] = float("inf")
+    elif bad == "x_3d":
+        x = x[None]
+    elif bad == "int_x":
+        x = x.long()
+    elif bad == "reference_width":
+        ref = torch.randn(n, d + 1)
+    elif bad == "k_float":
+        kk = 1.0
+    else:
+        metric = "l2"
+    name = {"nan_x": "x", "inf_reference": "reference", "x_3d": "x", "int_x": "x", "reference_width": "reference",
+            "k_float": "k", "metric": "metric"}[bad]
+    for fn in (hubness.knn, hubness.k_occurrence):
+        with pytest.raises((ValueError, TypeError)) as error:
+            fn(x, kk, reference=ref, metric=metric)
+        assert f"{name} " in str(error.value)
+    good = torch.randn(n, d)
+    if not 1 <= k < n - 1:
+        with pytest.raises(ValueError, match="k must satisfy"):
+            hubness.knn(good, k)
