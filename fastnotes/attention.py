@@ -6,14 +6,13 @@ matrix (Lq + Lk - 1 entries): the table gathers, the ALiBi term and the causal m
 in plain torch, so their gradients (tables, slopes) follow from the kernels' diagonal gradients by
 autograd, and the [Lq, Lk] matrix never exists.
 """
-import contextlib
 import importlib
 import math
 
 import torch
 
 from . import _checks, _dispatch
-from ._autograd import once_differentiable
+from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
 from .reference import attention as reference
 
 _OP = "relpos_attention"
@@ -21,7 +20,6 @@ _KERNELS = {"numba": "fastnotes.kernels.numba.attention", "triton": "fastnotes.k
 NORMALIZERS = reference.NORMALIZERS
 TRITON_MAX_HEAD_DIM = 128
 TRITON_FP32_MAX_HEAD_DIM = 64  # float32 tiles spill registers above this (kernels/triton/attention.py)
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 
 def _check_buckets(op, num_buckets, max_distance, bidirectional):
@@ -148,21 +146,6 @@ def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table
     return bias, post, key_bias
 
 
-def _autocast_dtype(device):
-    """autocast's lower-precision dtype when autocast is on for `device`'s type, else None."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
-
-
-def _autocast_off(device):
-    """A context with autocast off for `device`'s type (a no-op where it is off already)."""
-    if _autocast_dtype(device) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
 class _RelPosAttentionFunction(torch.autograd.Function):
     """Attention output [B, H, Lq, E] through a fused kernel module; gradients for q, k, v and the
     diagonal vectors (which autograd folds into the tables and slopes)."""
@@ -178,7 +161,7 @@ class _RelPosAttentionFunction(torch.autograd.Function):
     @once_differentiable(_OP)  # a double backward raises (the kernels' backward has no graph)
     def backward(ctx, grad_out):
         q, k, v, bias_diag, post_diag, key_bias, out, stat = ctx.saved_tensors
-        with _autocast_off(q.device):  # a backward called inside autocast: the launchers' torch ops as in forward
+        with autocast_off(q.device):  # a backward called inside autocast: the launchers' torch ops as in forward
             dq, dk, dv, dbias, dpost = ctx.kernels.attention_backward(
                 q, k, v, bias_diag, post_diag, key_bias, ctx.scale, ctx.normalizer, ctx.causal, out, stat, grad_out)
         needs = ctx.needs_input_grad
@@ -218,10 +201,10 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
     (as for a matmul; float64 stays), so the output is in that dtype; the kernels accumulate in
     float32 and the tables and slopes keep their dtype.
     """
-    lower = _autocast_dtype(q.device) if isinstance(q, torch.Tensor) else None
+    lower = autocast_dtype(q.device) if isinstance(q, torch.Tensor) else None
     if lower is not None:
-        q, k, v = (t.to(lower) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in (q, k, v))
-        with _autocast_off(q.device):
+        q, k, v = (t.to(lower) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_CASTS else t for t in (q, k, v))
+        with autocast_off(q.device):
             return relpos_attention(q, k, v, causal=causal, scale=scale, rel_bias=rel_bias, rel_buckets=rel_buckets,
                                     alibi_slopes=alibi_slopes, post_table=post_table, normalizer=normalizer,
                                     key_padding_mask=key_padding_mask)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import _checks, _dispatch
+from ._autograd import once_differentiable
 from .reference import exact as reference
 
 _OP = "exact_loss"
@@ -51,38 +52,6 @@ def _autocast_float32(fn):
     return wrapper
 
 
-class _RaiseWhenDifferentiated(torch.autograd.Function):
-    """A copy of a first-order gradient whose own derivative raises."""
-
-    @staticmethod
-    def forward(ctx, grad, anchor):
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(f"{_OP}: trying to differentiate twice the fused kernel's backward (it is "
-                           "once_differentiable); the 'reference' backend has second derivatives")
-
-
-def _once_differentiable(backward):
-    """torch's once_differentiable makes a second derivative raise only when the incoming gradient
-    requires grad. With a constant upstream (loss = 1 - P) the first derivative would come back as a
-    plain tensor, and a gradient penalty mixed with other terms would silently lose this op's part.
-    So under create_graph the gradients are also tied to an input that requires grad."""
-    backward = torch.autograd.function.once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        outputs = backward(ctx, *grads)
-        anchor = next((t for t in ctx.saved_tensors if t.requires_grad), None)
-        if not torch.is_grad_enabled() or anchor is None:
-            return outputs
-        return tuple(g if g is None or g.requires_grad else _RaiseWhenDifferentiated.apply(g, anchor)
-                     for g in outputs)
-
-    return wrapper
-
-
 class _ExpectedAccuracyFunction(torch.autograd.Function):
     """P(correct) per row [B] through a fused kernel module; gradients for logits and sigma_rows."""
 
@@ -94,7 +63,7 @@ class _ExpectedAccuracyFunction(torch.autograd.Function):
         return prob
 
     @staticmethod
-    @_once_differentiable
+    @once_differentiable(_OP)
     def backward(ctx, grad_prob):
         logits, labels, sigma_rows, log_terms = ctx.saved_tensors
         grad_logits, grad_sigma = ctx.kernels.exact_backward(

@@ -5,8 +5,8 @@ import math
 import torch
 
 from . import _checks, _dispatch, reference
-from .kernels import _buffers
 from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, loss_dtype, once_differentiable
+from .kernels import _buffers
 
 _OP = "multilabel_ce"
 _KERNELS = {"numba": "fastnotes.kernels.numba.zlpr", "triton": "fastnotes.kernels.triton.zlpr"}

@@ -4,35 +4,18 @@ A frozen backbone runs without an autograd graph; a narrow side network (width D
 hidden states through ladders, o = mu s + (1 - mu) (h W^T + b) with mu = sigmoid(alpha / T), and only
 the side network trains. ladder_merge is that merge as one fused op with the closed-form backward.
 """
-import contextlib
 import importlib
 import math
 
 import torch
 
 from . import _checks, _dispatch, reference
-from ._autograd import once_differentiable
+from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
 
 _OP = "ladder_merge"
 _KERNELS = {"numba": "fastnotes.kernels.numba.lst", "triton": "fastnotes.kernels.triton.lst"}
 
 
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
-
-
-def _autocast_dtype(device):
-    """autocast's lower-precision dtype when autocast is on for `device`'s type, else None."""
-    kind = device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
-
-
-def _autocast_off(device):
-    """A context with autocast off for `device`'s type (a no-op where it is off already)."""
-    if _autocast_dtype(device) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
 
 
 class _LadderMergeFunction(torch.autograd.Function):
@@ -49,7 +32,7 @@ class _LadderMergeFunction(torch.autograd.Function):
     @once_differentiable(_OP)  # a double backward raises (the kernels' backward has no graph)
     def backward(ctx, grad_out):
         s, h, weight, bias, alpha = ctx.saved_tensors
-        with _autocast_off(s.device):  # a backward called inside autocast: the launchers' GEMMs as in forward
+        with autocast_off(s.device):  # a backward called inside autocast: the launchers' GEMMs as in forward
             grad_s, grad_w, grad_b, grad_alpha = ctx.kernels.ladder_merge_backward(
                 grad_out.contiguous(), s, h, weight, bias, alpha, ctx.temperature)
             grad_h = None
@@ -103,11 +86,11 @@ def ladder_merge(s, h, weight, bias=None, alpha=None, *, temperature=0.1):
     cast to autocast's dtype (as for nn.Linear; float64 stays, alpha keeps its dtype), so the output
     is in that dtype; the kernels accumulate in float32.
     """
-    lower = _autocast_dtype(s.device) if isinstance(s, torch.Tensor) else None
+    lower = autocast_dtype(s.device) if isinstance(s, torch.Tensor) else None
     if lower is not None:
-        s, h, weight, bias = (x.to(lower) if isinstance(x, torch.Tensor) and x.dtype in _AUTOCAST_CASTS else x
+        s, h, weight, bias = (x.to(lower) if isinstance(x, torch.Tensor) and x.dtype in AUTOCAST_CASTS else x
                               for x in (s, h, weight, bias))
-        with _autocast_off(s.device):
+        with autocast_off(s.device):
             return ladder_merge(s, h, weight, bias, alpha, temperature=temperature)
     _check_arguments(s, h, weight, bias, alpha, temperature)
     if h.dtype != s.dtype:
