@@ -29,9 +29,11 @@ from numba import njit, prange
 from ._math import JIT_OPTIONS, like
 
 _JIT = dict(JIT_OPTIONS, cache=True)
-HP_FIELDS = ("lr", "lr_eta", "sqrt_lr", "sqrt_lr_eta", "beta", "bias_correction", "c_coef", "d_coef",
-             "extra_l2", "epsilon", "clip", "momentum", "max")
-(_LR, _LR_ETA, _SQRT_LR, _SQRT_LR_ETA, _BETA, _BIAS, _C, _D, _L2, _EPS, _CLIP, _MU,
+# 1 - beta and 1 - momentum come from the host in float64: in float32 they cancel (1 - 0.999f loses
+# 1e-5 relative)
+HP_FIELDS = ("lr", "lr_eta", "sqrt_lr", "sqrt_lr_eta", "beta", "one_minus_beta", "bias_correction", "c_coef",
+             "d_coef", "extra_l2", "epsilon", "clip", "momentum", "one_minus_momentum", "max")
+(_LR, _LR_ETA, _SQRT_LR, _SQRT_LR_ETA, _BETA, _BETA1, _BIAS, _C, _D, _L2, _EPS, _CLIP, _MU, _MU1,
  _MAX) = range(len(HP_FIELDS))
 SPLIT_CHUNK = 65536         # chunk of a long row when there are too few rows to share out
 COL_STRIP = 64              # columns per parallel task in the cols kernel
@@ -42,9 +44,15 @@ def _clipped(x, clip):
     return min(max(x, -clip), clip)
 
 
-# Without fast-math: reassociated, x * unit * unit would form unit^2, which overflows. Not inlined by
-# numba, so LLVM keeps these instructions exact; a unit of 1 still folds away.
+# Without fast-math: reassociated, x * unit * unit would form unit^2, which overflows, and
+# lr^2 bias g2 / guarded would form lr^2 g2, which can go subnormal. Not inlined by numba, so LLVM
+# keeps these instructions exact; a unit of 1 still folds away.
 _EXACT = dict(_JIT, fastmath=False)
+
+
+@njit(**_EXACT)
+def _quotient(x, y):
+    return x / y
 
 
 @njit(**_EXACT)
@@ -63,10 +71,10 @@ def _slot_update(sum_sq, count, unit, v, b, hp):
     entries: unit is 1, or the slot's largest |g| where the plain squares overflow."""
     one = like(hp, 1.0)
     g2 = sum_sq / like(hp, count)                                # mean g^2 / unit^2
-    u = hp[_BETA] * _to_units(v, unit) + (one - hp[_BETA]) * g2   # new v / unit^2
+    u = hp[_BETA] * _to_units(v, unit) + hp[_BETA1] * g2   # new v / unit^2
     guarded = max(u, _to_units(hp[_EPS], unit))                   # max(new v, epsilon) / unit^2
     # r = bias / (guarded unit^2): gamma takes r g^2, the step sqrt(r) g
-    gamma = hp[_LR] * hp[_LR] * (hp[_BIAS] * g2 / guarded) / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
+    gamma = hp[_LR] * hp[_LR] * hp[_BIAS] * _quotient(g2, guarded) / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
     delta = one / (one + hp[_D] * hp[_SQRT_LR_ETA] * b)
     decay = delta * (gamma * like(hp, 0.5) + hp[_L2])
     scale = delta * hp[_LR_ETA] * np.sqrt(hp[_BIAS] / guarded) / unit
@@ -84,10 +92,10 @@ def _apply(theta, g, m, decay, scale, hp):
             t = theta[k]
             theta[k] = t - decay * t - scale * _clipped(g[k], clip)
     else:
-        mu = hp[_MU]
+        mu, mu1 = hp[_MU], hp[_MU1]
         for k in range(theta.shape[0]):
             t = theta[k]
-            mk = mu * m[k] + (like(hp, 1.0) - mu) * (-decay * t - scale * _clipped(g[k], clip))
+            mk = mu * m[k] + mu1 * (-decay * t - scale * _clipped(g[k], clip))
             m[k] = mk
             theta[k] = t + mk
 
@@ -158,7 +166,7 @@ def _full_chunk(theta, g, m, v, b, hp):
         t = theta[k]
         d = -decay * t - scale * x
         if m is not None:
-            d = hp[_MU] * m[k] + (like(hp, 1.0) - hp[_MU]) * d
+            d = hp[_MU] * m[k] + hp[_MU1] * d
             m[k] = d
         theta[k] = t + d
 
@@ -208,7 +216,7 @@ def _apply_strip_row(theta, g, m, decay, scale, hp):
         t = theta[j]
         d = -decay[j] * t - scale[j] * _clipped(g[j], clip)
         if m is not None:
-            d = hp[_MU] * m[j] + (like(hp, 1.0) - hp[_MU]) * d
+            d = hp[_MU] * m[j] + hp[_MU1] * d
             m[j] = d
         theta[j] = t + d
 
@@ -286,12 +294,13 @@ def amos_step_tensor(param, grad, m, v, b, step, layout, hyper):
     v, b (and m) of the same dtype as the math; step is the already incremented count tensor."""
     dtype = v.dtype
     t = float(step)
-    lr, eta = hyper["lr"], hyper["eta"]
+    lr, eta, beta = hyper["lr"], hyper["eta"], hyper["beta"]
     clip = hyper["clip_value"]
-    hp = np.array([lr, lr * eta, lr ** 0.5, (lr * eta) ** 0.5, hyper["beta"], 1 - hyper["beta"] ** t,
+    mu = 0.0 if hyper["momentum"] is None else hyper["momentum"]
+    hp = np.array([lr, lr * eta, lr ** 0.5, (lr * eta) ** 0.5, beta, 1 - beta, 1 - beta ** t,
                    hyper["c_coef"], hyper["d_coef"], hyper["extra_l2"], hyper["epsilon"],
-                   np.inf if clip is None else clip, 0.0 if hyper["momentum"] is None else hyper["momentum"],
-                   torch.finfo(dtype).max], dtype=np.float32 if dtype == torch.float32 else np.float64)
+                   np.inf if clip is None else clip, mu, 1 - mu, torch.finfo(dtype).max],
+                  dtype=np.float32 if dtype == torch.float32 else np.float64)
     in_place = param.is_contiguous() and param.dtype == dtype
     work = param.detach() if in_place else param.detach().to(dtype).contiguous()
     grad = grad.to(dtype).contiguous()
