@@ -243,3 +243,13 @@ def test_autocast_cpu(rng):
     loss.backward()
     assert logits.dtype == torch.bfloat16 and loss.dtype == weight.grad.dtype == torch.float32
     assert abs(loss.double().item() - expected.item()) <= 1e-5 * max(1.0, expected.abs().item())
+
+
+def test_a_class_without_competitors(backend, rng):
+    """Every class but the target at -inf: p = 1, the task adds nothing and has zero gradient."""
+    logits = torch.randn(2, 3, 4, generator=rng, dtype=torch.float64).to(backend_dtype(backend))
+    targets = torch.tensor([[0, 1, 2], [3, 3, 0]])
+    alone = torch.ones(2, 3, 4, dtype=torch.bool)
+    alone.scatter_(-1, targets.unsqueeze(-1), False)
+    alone[1, 2] = False  # one task keeps its competitors
+    check(logits.masked_fill(alone, float("-inf")), targets, rng)

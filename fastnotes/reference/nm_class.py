@@ -24,7 +24,11 @@ def nm_class_ce(logits, targets, reduction="mean"):
     m = work.shape[-1]
     ninf = torch.tensor(float("-inf"), dtype=work.dtype, device=work.device)
     others = torch.where(torch.eye(m, dtype=torch.bool, device=work.device), ninf, work.unsqueeze(-2))
-    log_odds = torch.logsumexp(others, dim=-1) - work  # log(1/p_ij - 1)
+    # a class whose competitors are all -inf has p = 1 (log-odds -inf); logsumexp's gradient over
+    # an all -inf row is NaN, so such rows take a dummy 0 that the where below discards
+    alone = torch.isneginf(others).all(-1)
+    lse_others = torch.logsumexp(torch.where(alone.unsqueeze(-1), 0.0, others), dim=-1)
+    log_odds = torch.where(alone, ninf, lse_others) - work  # log(1/p_ij - 1)
     # the safe log keeps the unselected branch (t = 0) out of the gradient
     z = torch.where(t > 0, torch.log(torch.where(t > 0, t, 1)) + log_odds, ninf)
     zero_row = torch.zeros(z.shape[:-2] + (1, m), dtype=work.dtype, device=work.device)
