@@ -8,8 +8,9 @@ from ._dispatch import BACKENDS, BackendUnsupportedError, use_backend
 from .attention import RelPosSelfAttention, T5RelativeBias, relpos_attention, t5_bucket
 from .diffusion import NoiseSchedule, sampler_step
 from .exact import ExactLoss, GradientNormalizer, exact_loss, expected_accuracy, smooth_accuracy_loss
-from .losses import (FusedLinearMultilabelCE, MultilabelCE, fused_linear_multilabel_ce, multilabel_ce,
-                     nm_class_ce, sparse_multilabel_ce)
+from .nm_class import nm_class_ce
+from .zlpr import (FusedLinearMultilabelCE, MultilabelCE, fused_linear_multilabel_ce, multilabel_ce,
+                   sparse_multilabel_ce)
 from .lst import LadderSideNetwork, ladder_merge
 from .optim import Amos
 

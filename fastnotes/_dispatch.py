@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from ._registry import BACKEND_REQUIRES
+
 BACKENDS = ("triton", "cuda", "numba", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("numba", "reference")}
 _forced = contextvars.ContextVar("fastnotes_backend", default=None)
@@ -87,28 +89,32 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _missing_requirement(backend):
+    for module in BACKEND_REQUIRES[backend]:
+        if _missing_module(module):
+            return ("fastnotes was built without its CUDA extension" if module == "fastnotes._C"
+                    else _missing_module(module))
+    return None
+
+
 def availability(backend, device_type):
     """None if `backend` can run on `device_type` here, else the reason it cannot."""
     if backend == "reference":
         return None
+    if backend not in BACKEND_REQUIRES:
+        raise ValueError(f"unknown backend {backend!r}")
+    missing = _missing_requirement(backend)
+    if missing:
+        return missing
     if backend == "numba":
-        if device_type != "cpu":
-            return "numba runs on CPU tensors only"
-        return _missing_module("numba") or _numba_fork_problem
+        return "numba runs on CPU tensors only" if device_type != "cpu" else _numba_fork_problem
     if backend == "triton":
-        missing = _missing_module("triton")
-        if missing:
-            return missing
         if device_type == "cpu" and not triton_interpreted():
             return "triton needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for testing)"
         if device_type not in ("cpu", "cuda"):
             return f"triton does not run on {device_type} tensors"
         return None
-    if backend == "cuda":
-        if device_type != "cuda":
-            return "the cuda backend needs CUDA tensors"
-        return _missing_module("fastnotes._C") and "fastnotes was built without its CUDA extension"
-    raise ValueError(f"unknown backend {backend!r}")
+    return None if device_type == "cuda" else "the cuda backend needs CUDA tensors"
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -117,15 +123,20 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def float_kernel_reason(backend, tensor, name):
     """Why `backend` cannot take the floating tensor `name`, by the rules every float op shares:
     triton runs float32/float16/bfloat16 (float64 goes to numba and reference), its CPU interpreter
-    float32 only, and there is no CUDA C++ kernel unless an op brings one. None if it can."""
+    float32 only. None if it can."""
     if backend == "triton":
         if tensor.dtype not in _TRITON_DTYPES:
             return f"triton takes float32/float16/bfloat16 {name} (float64 runs on numba and reference)"
         if tensor.device.type == "cpu" and tensor.dtype != torch.float32:
             return "the Triton interpreter (CPU) runs float32 only"
-    if backend == "cuda":
-        return "no CUDA C++ kernel for this op (triton covers it)"
     return None
+
+
+def kernel_reason(family, backend, tensor, name, **call):
+    """Why `backend` cannot run this call of `family` (a _registry.Family): whether the family has
+    such kernels and their own limits (`unsupported(**call)` in the kernel module), then the rules
+    every float op shares for its floating tensor `name`. None if it can."""
+    return family.unsupported(backend, **call) or float_kernel_reason(backend, tensor, name)
 
 
 def select(op_name, device_type, why_not):

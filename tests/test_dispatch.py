@@ -65,7 +65,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 
 def test_environment_variable_end_to_end():
     """FASTNOTES_BACKEND reaches the op in a fresh process."""
-    code = ("import torch, fastnotes, fastnotes.losses as L\n"
+    code = ("import torch, fastnotes\n"
             "import fastnotes._dispatch as D\n"
             "seen = []\n"
             "orig = D.select\n"

@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from ..losses import nm_class_ce
+from ..nm_class import nm_class_ce
 from ._common import fresh_generator
 
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..losses import fused_linear_multilabel_ce, multilabel_ce, sparse_multilabel_ce
+from ..zlpr import fused_linear_multilabel_ce, multilabel_ce, sparse_multilabel_ce
 from ._common import fresh_generator
 
 
