@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from conftest import available_backends
-from helpers import oracle_with_grad
+from zlpr_cases import oracle_with_grad
 
 import fastnotes
 from fastnotes import buffers

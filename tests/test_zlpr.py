@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from helpers import assert_close_to_oracle, make_inputs, oracle, oracle_with_grad, run_op
+from oracle import FLOORS, assert_close_to_oracle
+from zlpr_cases import make_inputs, oracle, oracle_with_grad, run_op
 
 import fastnotes
 from fastnotes import reference
-
-FLOORS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def backend_dtype(backend):

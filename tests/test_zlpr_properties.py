@@ -10,6 +10,7 @@ import torch
 from conftest import DEVICE, available_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import PROPERTY_FLOORS, assert_close_to_oracle
 
 import fastnotes
 from fastnotes import reference
@@ -65,26 +66,6 @@ def zlpr_case(draw, backend):
     return logits, targets, mask, upstream
 
 
-def _close_or_same_nonfinite(got, exact, composite, floor, what):
-    """Where the float64 reference is finite: within 2x the same-dtype composite's error + a floor
-    (relative to the magnitude); where it is not finite, the same inf / NaN."""
-    got, exact, composite = got.detach().cpu().double(), exact.detach().double(), composite.detach().double()
-    assert torch.equal(got.isnan(), exact.isnan()), f"{what}: NaN where the reference has none (or not where it has)"
-    infinite = exact.isinf()
-    assert torch.equal(got[infinite], exact[infinite]), f"{what}: infinities differ"
-    finite = torch.isfinite(exact)
-    if not finite.any():
-        return
-    err = (got[finite] - exact[finite]).abs()
-    composite_err = (composite[finite] - exact[finite]).abs().nan_to_num(0.0, 0.0, 0.0)
-    scale = exact[finite].abs().clamp(min=1.0)
-    bound = 2 * composite_err.max() + floor * scale
-    assert (err <= bound).all(), f"{what}: error {err.max().item():.3g} above the bound"
-
-
-FLOORS = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_multilabel_ce_properties(backend_name):
     @SETTINGS
@@ -105,8 +86,9 @@ def test_multilabel_ce_properties(backend_name):
             ref.backward(upstream.to(dtype))
             results.append((ref, xr.grad))
         (exact, exact_grad), (same, same_grad) = results
-        _close_or_same_nonfinite(loss, exact, same, FLOORS[logits.dtype], "loss")
-        _close_or_same_nonfinite(x.grad, exact_grad, same_grad, FLOORS[logits.dtype], "grad")
+        for name, got, ex, comp in (("loss", loss, exact, same), ("grad", x.grad, exact_grad, same_grad)):
+            assert_close_to_oracle(got, ex, comp, PROPERTY_FLOORS[logits.dtype], name, entrywise=True,
+                                   same_nonfinite=True)
 
     check()
 
