@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from ._math import JIT_OPTIONS, like
+from ._math import FASTMATH, JIT_OPTIONS, like
 
 _JIT = dict(JIT_OPTIONS, cache=True)
 # 1 - beta and 1 - momentum come from the host in float64: in float32 they cancel (1 - 0.999f loses
@@ -44,42 +44,29 @@ def _clipped(x, clip):
     return min(max(x, -clip), clip)
 
 
-# Without fast-math: reassociated, x * unit * unit would form unit^2, which overflows, and
-# lr^2 bias g2 / guarded would form lr^2 g2, which can go subnormal. Not inlined by numba, so LLVM
-# keeps these instructions exact; a unit of 1 still folds away.
-_EXACT = dict(_JIT, fastmath=False)
-
-
-@njit(**_EXACT)
-def _quotient(x, y):
-    return x / y
-
-
-@njit(**_EXACT)
-def _to_units(x, unit):
-    return x / unit / unit
-
-
-@njit(**_EXACT)
-def _from_units(x, unit):
-    return x * unit * unit
-
-
-@njit(inline="always", **_JIT)
-def _slot_update(sum_sq, count, unit, v, b, hp):
+def _slot_update_py(sum_sq, count, unit, v, b, hp):
     """(new v, new b, decay, scale) of one slot from the sum of (clipped g / unit)^2 over `count`
     entries: unit is 1, or the slot's largest |g| where the plain squares overflow."""
     one = like(hp, 1.0)
-    g2 = sum_sq / like(hp, count)                                # mean g^2 / unit^2
-    u = hp[_BETA] * _to_units(v, unit) + hp[_BETA1] * g2   # new v / unit^2
-    guarded = max(u, _to_units(hp[_EPS], unit))                   # max(new v, epsilon) / unit^2
+    g2 = sum_sq / like(hp, count)                          # mean g^2 / unit^2
+    u = hp[_BETA] * (v / unit / unit) + hp[_BETA1] * g2    # new v / unit^2
+    guarded = max(u, hp[_EPS] / unit / unit)               # max(new v, epsilon) / unit^2
     # r = bias / (guarded unit^2): gamma takes r g^2, the step sqrt(r) g
-    gamma = hp[_LR] * hp[_LR] * hp[_BIAS] * _quotient(g2, guarded) / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
+    gamma = hp[_LR] * hp[_LR] * hp[_BIAS] * (g2 / guarded) / np.sqrt(one + hp[_C] * hp[_SQRT_LR] * b)
     delta = one / (one + hp[_D] * hp[_SQRT_LR_ETA] * b)
     decay = delta * (gamma * like(hp, 0.5) + hp[_L2])
     scale = delta * hp[_LR_ETA] * np.sqrt(hp[_BIAS] / guarded) / unit
-    v_new = _from_units(u, unit)
+    v_new = u * unit * unit
     return hp[_MAX] if v_new > hp[_MAX] else v_new, b + gamma * (one + b), decay, scale
+
+
+# The slot update must keep its order: reassociated, u * unit * unit would form unit^2 (which
+# overflows) and lr^2 bias (g2 / guarded) would form lr^2 bias g2 (which can go subnormal). Once per
+# slot it is a call compiled without fast-math; per entry (full slots) it is inlined into a kernel
+# compiled without 'reassoc' (it has no reductions to vectorise).
+_slot_update = njit(**dict(_JIT, fastmath=False))(_slot_update_py)
+_slot_update_inline = njit(inline="always", **_JIT)(_slot_update_py)
+_NO_REASSOC = dict(_JIT, fastmath=FASTMATH - {"reassoc"})
 
 
 @njit(inline="always", **_JIT)
@@ -153,22 +140,50 @@ def _rows_step(theta, g, m, v, b, n_cols, hp):
 
 
 @njit(inline="always", **_JIT)
+def _full_entry(t, x, m, decay, scale, hp):
+    """(theta, m) after the step of one entry with its own slot."""
+    d = -decay * t - scale * x
+    if m is not None:
+        d = hp[_MU] * m + hp[_MU1] * d
+        return t + d, d
+    return t + d, m
+
+
+@njit(inline="always", **_JIT)
 def _full_chunk(theta, g, m, v, b, hp):
-    """One slot per entry: the slot update and the apply fused per element (views from 0)."""
+    """One slot per entry: the slot update and the apply fused per element (views from 0). Entries
+    whose square overflows keep their values here; returns whether there were any."""
     clip = hp[_CLIP]
     one = like(hp, 1.0)
+    overflow = False
     for k in range(theta.shape[0]):
         x = _clipped(g[k], clip)
-        sq = x * x
-        over = sq > hp[_MAX]  # then (x / |x|)^2 = 1 in units of x^2
-        v[k], b[k], decay, scale = _slot_update(one if over else sq, 1, abs(x) if over else one,
-                                                v[k], b[k], hp)
+        over = x * x > hp[_MAX]
+        overflow |= over
+        v_new, b_new, decay, scale = _slot_update_inline(x * x, 1, one, v[k], b[k], hp)
         t = theta[k]
-        d = -decay * t - scale * x
-        if m is not None:
-            d = hp[_MU] * m[k] + hp[_MU1] * d
-            m[k] = d
-        theta[k] = t + d
+        if m is None:
+            t_new, m_new = _full_entry(t, x, None, decay, scale, hp)
+        else:
+            t_new, m_new = _full_entry(t, x, m[k], decay, scale, hp)
+            m[k] = m[k] if over else m_new
+        v[k] = v[k] if over else v_new
+        b[k] = b[k] if over else b_new
+        theta[k] = t if over else t_new
+    return overflow
+
+
+@njit(**_JIT)
+def _full_overflow(theta, g, m, v, b, hp):
+    """The entries of a chunk whose square overflows: (x / |x|)^2 = 1 in units of x^2 (rare)."""
+    for k in range(theta.shape[0]):
+        x = _clipped(g[k], hp[_CLIP])
+        if x * x > hp[_MAX]:
+            v[k], b[k], decay, scale = _slot_update(like(hp, 1.0), 1, abs(x), v[k], b[k], hp)
+            if m is None:
+                theta[k], _ = _full_entry(theta[k], x, None, decay, scale, hp)
+            else:
+                theta[k], m[k] = _full_entry(theta[k], x, m[k], decay, scale, hp)
 
 
 def _full_step(theta, g, m, v, b, hp):
@@ -177,7 +192,8 @@ def _full_step(theta, g, m, v, b, hp):
     for chunk in prange((n + SPLIT_CHUNK - 1) // SPLIT_CHUNK):
         lo = chunk * SPLIT_CHUNK
         hi = min(n, lo + SPLIT_CHUNK)
-        _full_chunk(theta[lo:hi], g[lo:hi], _part(m, lo, hi), v[lo:hi], b[lo:hi], hp)
+        if _full_chunk(theta[lo:hi], g[lo:hi], _part(m, lo, hi), v[lo:hi], b[lo:hi], hp):
+            _full_overflow(theta[lo:hi], g[lo:hi], _part(m, lo, hi), v[lo:hi], b[lo:hi], hp)
 
 
 @njit(parallel=True, **_JIT)
@@ -251,7 +267,7 @@ def _cols_step(theta, g, m, v, b, n_rows, hp):
 # waking the thread pool costs more than the work (milliseconds on a loaded machine).
 PARALLEL_MIN_ELEMENTS = 1 << 16
 rows_step, rows_step_serial = njit(parallel=True, **_JIT)(_rows_step), njit(**_JIT)(_rows_step)
-full_step, full_step_serial = njit(parallel=True, **_JIT)(_full_step), njit(**_JIT)(_full_step)
+full_step, full_step_serial = njit(parallel=True, **_NO_REASSOC)(_full_step), njit(**_NO_REASSOC)(_full_step)
 cols_step, cols_step_serial = njit(parallel=True, **_JIT)(_cols_step), njit(**_JIT)(_cols_step)
 
 
