@@ -6,20 +6,16 @@ matrix (Lq + Lk - 1 entries): the table gathers, the ALiBi term and the causal m
 in plain torch, so their gradients (tables, slopes) follow from the kernels' diagonal gradients by
 autograd, and the [Lq, Lk] matrix never exists.
 """
-import importlib
 import math
 
 import torch
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _registry
 from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
 from .reference import attention as reference
 
 _OP = "relpos_attention"
-_KERNELS = {"numba": "fastnotes.kernels.numba.attention", "triton": "fastnotes.kernels.triton.attention"}
 NORMALIZERS = reference.NORMALIZERS
-TRITON_MAX_HEAD_DIM = 128
-TRITON_FP32_MAX_HEAD_DIM = 64  # float32 tiles spill registers above this (kernels/triton/attention.py)
 
 
 def _check_buckets(op, num_buckets, max_distance, bidirectional):
@@ -106,20 +102,6 @@ def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes
         if key_padding_mask.shape != (batch, k.shape[2]):
             raise ValueError(f"{_OP}: key_padding_mask must be bool [batch={batch}, Lk={k.shape[2]}] (True = keep), "
                              f"got {tuple(key_padding_mask.shape)}")
-
-
-def _why_not(backend, q, v):
-    if backend == "numba":  # its tile products are np.dot (scipy's BLAS), limited to one thread per tile
-        missing = _dispatch._missing_module("scipy") or _dispatch._missing_module("threadpoolctl")
-        if missing:
-            return missing
-    if backend == "triton":
-        dim = max(q.shape[3], v.shape[3])
-        if dim > TRITON_MAX_HEAD_DIM:
-            return f"triton takes head dims up to {TRITON_MAX_HEAD_DIM}"
-        if q.dtype == torch.float32 and q.device.type == "cuda" and dim > TRITON_FP32_MAX_HEAD_DIM:
-            return f"triton takes float32 head dims up to {TRITON_FP32_MAX_HEAD_DIM} (bfloat16/float16 up to 128)"
-    return _dispatch.float_kernel_reason(backend, q, "q")
 
 
 def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table, key_padding_mask):
@@ -213,12 +195,13 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
     if rel_buckets is not None:
         rel_buckets = tuple(rel_buckets)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    backend = _dispatch.select(_OP, q.device.type, lambda b: _why_not(b, q, v))
+    backend = _dispatch.select(_OP, q.device.type,
+                               lambda b: _dispatch.kernel_reason(_registry.ATTENTION, b, q, "q", q=q, v=v))
     if backend == "reference":
         return reference.relpos_attention(q, k, v, causal=causal, scale=scale, rel_bias=rel_bias,
                                           rel_buckets=rel_buckets, alibi_slopes=alibi_slopes, post_table=post_table,
                                           normalizer=normalizer, key_padding_mask=key_padding_mask)
-    kernels = importlib.import_module(_KERNELS[backend])
+    kernels = _registry.ATTENTION.kernels(backend)
     bias_diag, post_diag, key_bias = diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table,
                                                     key_padding_mask)
     return _RelPosAttentionFunction.apply(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,

@@ -1,18 +1,16 @@
 """EXACT: train for accuracy directly (Karpukhin et al. 2022; Su, kexue.fm/archives/9098).
 Math: docs/exact.md."""
 import functools
-import importlib
 import math
 
 import numpy as np
 import torch
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _registry
 from ._autograd import once_differentiable
 from .reference import exact as reference
 
 _OP = "exact_loss"
-_KERNELS = {"numba": "fastnotes.kernels.numba.exact", "triton": "fastnotes.kernels.triton.exact"}
 AGGREGATIONS = ("mean", "meanlog")
 MEANLOG_FLOOR = 1e-6
 
@@ -23,12 +21,6 @@ def gauss_hermite(nodes):
     t, w = np.polynomial.hermite_e.hermegauss(nodes)
     w = w / math.sqrt(2 * math.pi)
     return torch.from_numpy(t), torch.from_numpy(w)
-
-
-def _why_not(backend, logits, nodes):
-    if backend == "triton" and nodes not in (16, 32, 64):
-        return "triton compiles nodes in {16, 32, 64}"
-    return _dispatch.float_kernel_reason(backend, logits, "logits")
 
 
 def _autocast_float32(fn):
@@ -136,11 +128,12 @@ def expected_accuracy(logits, target, *, sigma=1.0, margin=None, nodes=32, ignor
     labels = torch.where(ignored, -1, torch.where(invalid, 0, target)).to(torch.int64).contiguous()
     sigma_rows = torch.where(invalid, 1.0, sigma_rows)
     node_values, weights = gauss_hermite(nodes)
-    backend = _dispatch.select(_OP, logits.device.type, lambda b: _why_not(b, logits, nodes))
+    backend = _dispatch.select(_OP, logits.device.type,
+                               lambda b: _dispatch.kernel_reason(_registry.EXACT, b, logits, "logits", nodes=nodes))
     if backend == "reference":
         prob = reference.expected_accuracy(logits, labels, sigma_rows, margin, node_values, weights)
     else:
-        kernels = importlib.import_module(_KERNELS[backend])
+        kernels = _registry.EXACT.kernels(backend)
         prob = _ExpectedAccuracyFunction.apply(
             logits.contiguous(), labels, sigma_rows, math.inf if margin is None else float(margin),
             node_values, torch.log(weights), kernels)

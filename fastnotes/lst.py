@@ -4,16 +4,14 @@ A frozen backbone runs without an autograd graph; a narrow side network (width D
 hidden states through ladders, o = mu s + (1 - mu) (h W^T + b) with mu = sigmoid(alpha / T), and only
 the side network trains. ladder_merge is that merge as one fused op with the closed-form backward.
 """
-import importlib
 import math
 
 import torch
 
-from . import _checks, _dispatch, reference
+from . import _checks, _dispatch, _registry, reference
 from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
 
 _OP = "ladder_merge"
-_KERNELS = {"numba": "fastnotes.kernels.numba.lst", "triton": "fastnotes.kernels.triton.lst"}
 
 
 
@@ -96,11 +94,12 @@ def ladder_merge(s, h, weight, bias=None, alpha=None, *, temperature=0.1):
     if h.dtype != s.dtype:
         h = h.to(s.dtype)  # the same cast serves forward and backward (dW uses the saved h)
 
-    backend = _dispatch.select(_OP, s.device.type, lambda b: _dispatch.float_kernel_reason(b, s, "s"))
+    backend = _dispatch.select(_OP, s.device.type,
+                               lambda b: _dispatch.kernel_reason(_registry.LST, b, s, "s"))
     alpha0 = None if alpha is None else alpha.reshape(())
     if backend == "reference":
         return reference.lst.ladder_merge(s, h, weight, bias, alpha0, temperature)
-    kernels = importlib.import_module(_KERNELS[backend])
+    kernels = _registry.LST.kernels(backend)
     d, D = weight.shape
     lead = s.shape[:-1]
     bias_arg = bias if bias is not None else torch.zeros(d, dtype=s.dtype, device=s.device)

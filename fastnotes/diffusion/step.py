@@ -12,20 +12,18 @@ with z either given or drawn inside the kernel (fastnotes/diffusion/_rng.py). Wi
 reconstruction of x0_hat/eps_hat is folded into A and M in float64, so nothing divides by a_t in the
 working precision (specs edge cases 3 and 4).
 """
-import importlib
 import math
 import numbers
 
 import numpy as np
 import torch
 
-from .. import _checks, _dispatch
+from .. import _checks, _dispatch, _registry
 from ..reference import diffusion as reference
 from . import _rng
 from .schedule import NoiseSchedule
 
 _OP = "sampler_step"
-_KERNELS = {"numba": "fastnotes.kernels.numba.diffusion", "triton": "fastnotes.kernels.triton.diffusion"}
 METHODS = reference.METHODS
 PREDICTIONS = reference.PREDICTIONS
 DETERMINISTIC = ("ode-euler",)
@@ -306,7 +304,8 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     if stochastic and noise is None:
         keys = _rng.keys_from_seed(_rng.draw_seed(generator))
 
-    backend = _dispatch.select(_OP, device.type, lambda b: _dispatch.float_kernel_reason(b, x_t, "x_t"))
+    backend = _dispatch.select(_OP, device.type,
+                               lambda b: _dispatch.kernel_reason(_registry.DIFFUSION, b, x_t, "x_t"))
     if backend == "reference":
         if stochastic and noise is None:
             noise = reference.counter_normal(x_t.shape, keys, dtype=torch.float64, device=device)
@@ -320,7 +319,7 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
             return result
         return out.copy_(result)
 
-    kernels = importlib.import_module(_KERNELS[backend])
+    kernels = _registry.DIFFUSION.kernels(backend)
     coef = step_coefficients(logab, t_idx, s_idx, method=method, eta=float(eta), prediction=prediction,
                              gamma_t=gamma_t, clip_range=clip_range, sigma2_max=sigma2_max)
     if on_host and device.type == "cpu":

@@ -4,43 +4,19 @@ The fused kernels never hold the [n_q, n_r] distance matrix: tiles of distances 
 per-row top-k of candidates under the total order (value, index); _exact.py centres the data for
 them and turns the candidates into the exact k nearest; the counts are taken from those.
 """
-import importlib
-import importlib.util
-
 import torch
 
-from .. import _checks, _dispatch
+from .. import _checks, _dispatch, _registry
 from ..reference import hubness as reference_impl
 from . import _exact
 
 METRICS = reference_impl.METRICS
-_KERNELS = {"numba": "fastnotes.kernels.numba.hubness", "triton": "fastnotes.kernels.triton.hubness",
-            "cuda": "fastnotes.kernels.cuda.hubness"}
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _module_missing(backend):
-    try:
-        found = importlib.util.find_spec(_KERNELS[backend]) is not None
-    except ImportError:
-        found = False
-    return None if found else f"{_KERNELS[backend]} is not available"
 
 
 def _why_not(backend, x, k):
-    if backend == "reference":
-        return None
-    missing = _module_missing(backend)
-    if missing:
-        return missing
     if backend == "cuda":
-        if x.dtype not in _GPU_DTYPES:
-            return "cuda takes float32/float16/bfloat16 x (float64 runs on numba and reference)"
-        max_k = getattr(importlib.import_module(_KERNELS["cuda"]), "MAX_K", None)
-        if max_k is not None and k + _exact.MARGIN > max_k:
-            return f"cuda keeps k <= {max_k - _exact.MARGIN}"
-        return None
-    return _dispatch.float_kernel_reason(backend, x, "x")
+        return _registry.HUBNESS.unsupported("cuda", candidates=k + _exact.MARGIN, dtype=x.dtype)
+    return _dispatch.kernel_reason(_registry.HUBNESS, backend, x, "x")
 
 
 def _check_arguments(op, x, reference, k, metric, exclude_self):
@@ -91,7 +67,7 @@ def _run(op, x, k, reference, metric, exclude_self):
         if backend == "reference":
             distances, indices = reference_impl.knn(xc, None if same else ref, k, metric, exclude_self, out_dtype)
             return backend, distances.to(out_dtype), indices
-        kernels = importlib.import_module(_KERNELS[backend])
+        kernels = _registry.HUBNESS.kernels(backend)
         compute_dtype = out_dtype  # float64 only on numba, for float64 input
         problem = _exact.prepare(xc, ref, metric, exclude_self and same, compute_dtype, out_dtype,
                                  getattr(kernels, "paired_distances", None))
@@ -149,5 +125,5 @@ def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=Tru
     backend, _, indices = _run("k_occurrence", x, k, reference, metric, exclude_self)
     n_ref = x.shape[0] if reference is None else reference.shape[0]
     if backend == "cuda":  # the extension's integer-atomic count
-        return importlib.import_module(_KERNELS["cuda"]).count(indices, n_ref)
+        return _registry.HUBNESS.kernels("cuda").count(indices, n_ref)
     return torch.bincount(indices.reshape(-1), minlength=n_ref)

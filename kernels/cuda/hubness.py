@@ -17,6 +17,15 @@ import torch
 MAX_K = 1024  # fastnotes._C.TOPK_MAX_K: each warp keeps its row's k keys in shared memory
 
 
+def unsupported(candidates, dtype):
+    """Why these kernels cannot keep `candidates` per row of `dtype` rows, or None."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "cuda takes float32/float16/bfloat16 x (float64 runs on numba and reference)"
+    if candidates > MAX_K:
+        return f"cuda keeps at most {MAX_K} candidates per row, asked for {candidates}"
+    return None
+
+
 def _extension():
     try:
         return importlib.import_module("fastnotes._C")

@@ -33,7 +33,18 @@ TILES = {
 }
 
 
+MAX_HEAD_DIM = 128
 FP32_MAX_HEAD_DIM = 64
+
+
+def unsupported(q, v):
+    """Why these kernels cannot take q [B, H, Lq, D] and v [B, H, Lk, Dv], or None."""
+    dim = max(q.shape[3], v.shape[3])
+    if dim > MAX_HEAD_DIM:
+        return f"triton takes head dims up to {MAX_HEAD_DIM}"
+    if q.dtype == torch.float32 and q.device.type == "cuda" and dim > FP32_MAX_HEAD_DIM:
+        return f"triton takes float32 head dims up to {FP32_MAX_HEAD_DIM} (bfloat16/float16 up to {MAX_HEAD_DIM})"
+    return None
 
 
 def tiles(kernel, dtype, dim_pad):

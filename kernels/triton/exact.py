@@ -17,6 +17,14 @@ NUM_WARPS = 4
 R_MAX = tl.constexpr(1e4)  # as in kernels/numba/exact.py
 
 
+NODES = (16, 32, 64)  # quadrature sizes compiled (tl.arange needs a power of two)
+
+
+def unsupported(nodes):
+    """Why these kernels cannot take `nodes` quadrature nodes, or None."""
+    return None if nodes in NODES else f"triton compiles nodes in {{{', '.join(map(str, NODES))}}}"
+
+
 @triton.jit
 def _log_ndtr(x):
     z = tl.abs(x) * 0.70710678118654752
@@ -149,7 +157,7 @@ def _aot_configs():
     for logits_ty in ("fp32", "fp16", "bf16"):
         common = {"logits_ptr": f"*{logits_ty}", "labels_ptr": "*i64", "inv_sigma_ptr": "*fp32",
                   "nodes_ptr": "*fp32", "log_weights_ptr": "*fp32", "log_terms_ptr": "*fp32"}
-        for n_nodes in (16, 32, 64):
+        for n_nodes in NODES:
             constexprs = {"K": n_nodes, "BLOCK": BLOCK}
             configs.append((exact_forward_kernel,
                             {**common, "prob_ptr": "*fp32", "n_cols": "i32", "stride": "i32", "margin": "fp32",
