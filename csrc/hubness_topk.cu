@@ -1,4 +1,4 @@
-// Exact k-NN selection and k-occurrence counting on the GPU (specs/hubness.md section 6).
+// Exact k-NN selection and k-occurrence counting on the GPU (docs/hubness.md).
 //
 // The distances arrive as int64 keys, one per (query row, reference column), written by the Triton
 // distance tile (kernels/triton/hubness.py): key = (order-preserving int32 of the fp32 distance) << 32
