@@ -19,7 +19,8 @@ in that dtype (see HP_FIELDS). No temporaries the size of a tensor.
 Large gradients: a square overflows above ~1.8e19 in float32 (1.3e154 in float64). A slot whose plain
 sum of squares comes out inf is summed again as (g / unit)^2 with unit its largest |g|, and its v
 and epsilon guard are carried in units of unit^2 (_slot_update); v is stored saturated at the
-dtype's largest value. The common path is unchanged: one comparison per slot.
+dtype's largest value. The common path is unchanged: one comparison per slot (full slots: entries
+whose square overflows are skipped and redone after their chunk).
 """
 import numba
 import numpy as np
@@ -64,9 +65,10 @@ def _slot_update_py(sum_sq, count, unit, v, b, hp):
 # overflows) and lr^2 bias (g2 / guarded) would form lr^2 bias g2 (which can go subnormal). Once per
 # slot it is a call compiled without fast-math; per entry (full slots) it is inlined into a kernel
 # compiled without 'reassoc' (it has no reductions to vectorise).
-_slot_update = njit(**dict(_JIT, fastmath=False))(_slot_update_py)
-_slot_update_inline = njit(inline="always", **_JIT)(_slot_update_py)
+_EXACT = dict(_JIT, fastmath=False)
 _NO_REASSOC = dict(_JIT, fastmath=FASTMATH - {"reassoc"})
+_slot_update = njit(**_EXACT)(_slot_update_py)
+_slot_update_inline = njit(inline="always", **_JIT)(_slot_update_py)
 
 
 @njit(inline="always", **_JIT)
@@ -96,10 +98,10 @@ def _sum_sq(g, clip):
     return acc
 
 
-@njit(**_JIT)
+@njit(**_EXACT)
 def _rescaled_sum_sq(g, clip):
     """(sum of (clipped g / unit)^2, unit) with unit the largest |clipped g|: for a slot whose plain
-    sum of squares overflowed (rare, so not inlined)."""
+    sum of squares overflowed (rare: not inlined, and divided as written: 1 / unit can be subnormal)."""
     unit = like(g, 0.0)
     for k in range(g.shape[0]):
         unit = max(unit, abs(_clipped(g[k], clip)))
