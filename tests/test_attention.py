@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from helpers import assert_close_to_oracle
+from oracle import FLOORS, assert_close_to_oracle
 
 import fastnotes
 from fastnotes.reference import attention as reference
@@ -199,11 +199,12 @@ def check_against_reference(backend, gen, *shape, dtype=None, causal=False, norm
     exact = run_with_grads(reference_fn, tensors, kwargs, upstream, F64, "cpu")
     composite = run_with_grads(reference_fn, tensors, kwargs, upstream, dtype, "cpu")
     got = run_with_grads(op_fn, tensors, kwargs, upstream, dtype, DEVICE)
-    floor = 1e-12 if dtype == F64 else 2e-6
+    floor = FLOORS[dtype]
     pairs = shape[0] * shape[3] * shape[4]  # what a table or slope gradient entry sums over, at most
     for name in exact:
         summed = pairs if name in ("drel_bias", "dpost_table", "dalibi_slopes") and dtype != F64 else 1
-        assert_close_to_oracle(got[name], exact[name], composite[name], floor, f"{backend} {name}", summed)
+        assert_close_to_oracle(got[name], exact[name], composite[name], floor, f"{backend} {name}",
+                               summed_terms=summed)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -237,7 +238,7 @@ def test_half_inputs_numba(rng, dtype):
     exact = run_with_grads(reference_fn, tensors, kwargs, upstream, F64, "cpu")
     assert got["out"].dtype == dtype and got["dq"].dtype == dtype and got["dpost_table"].dtype == dtype
     for name in exact:
-        assert_close_to_oracle(got[name], exact[name], composite[name], 1e-2, name)
+        assert_close_to_oracle(got[name], exact[name], composite[name], FLOORS[dtype], name)
 
 
 # ---- masking edge cases, determinism, gradcheck ---------------------------------------------------
@@ -419,7 +420,8 @@ def _autocast_run(fn, tensors, kwargs, upstream):
 def test_cpu_autocast_bfloat16(backend_name, rng):
     """Under autocast the op runs in bfloat16 (as a matmul composite would: output bfloat16) with
     float32 accumulation; the gradients keep the leaves' dtype; values within bfloat16 rounding of
-    the float64 oracle (at most 2x the autocast composite's error plus 2^-7 of the largest value).
+    the float64 oracle (at most 2x the autocast composite's error plus the bfloat16 floor, 2^-7, of
+    the largest value).
     The Triton interpreter runs float32 only."""
     tensors, kwargs = make_case(rng, 2, 4, 2, 20, 33, 8, 8)
     kwargs["causal"] = True
@@ -432,7 +434,8 @@ def test_cpu_autocast_bfloat16(backend_name, rng):
     for name in exact:
         if name != "out":
             assert got[name].dtype == torch.float32, name
-        assert_close_to_oracle(got[name], exact[name], composite[name], 2 ** -7, f"autocast {name}")
+        assert_close_to_oracle(got[name], exact[name], composite[name], FLOORS[torch.bfloat16],
+                               f"autocast {name}")
 
 
 def _blas_threads():
@@ -509,10 +512,11 @@ def test_off_default_parameters(backend, rng):
     exact = run_with_grads(reference_fn, tensors, kwargs, upstream, F64, "cpu")
     composite = run_with_grads(reference_fn, tensors, kwargs, upstream, dtype, "cpu")
     got = run_with_grads(op_fn, tensors, kwargs, upstream, dtype, DEVICE)
-    floor = 1e-12 if dtype == F64 else 2e-6
+    floor = FLOORS[dtype]
     for name in exact:
         summed = 20 * 35 if name in ("drel_bias", "dpost_table") and dtype != F64 else 1
-        assert_close_to_oracle(got[name], exact[name], composite[name], floor, f"{backend} {name}", summed)
+        assert_close_to_oracle(got[name], exact[name], composite[name], floor, f"{backend} {name}",
+                               summed_terms=summed)
 
 
 def test_alibi_slopes_values():
