@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICE, available_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import EXACT_FLOORS, assert_close_to_oracle
 
 import fastnotes
 from fastnotes.exact import gauss_hermite
@@ -98,18 +99,6 @@ def reference_fn(nodes, margin):
     return fn
 
 
-def check_close(name, got, exact, composite, floor):
-    """Error vs the float64 oracle <= 2x the same-dtype composite's (where it is finite) + floor * scale."""
-    assert torch.isfinite(got).all() == torch.isfinite(exact).all(), f"{name}: finiteness differs"
-    finite = torch.isfinite(exact)
-    err = (got - exact)[finite].abs().max().item() if finite.any() else 0.0
-    comp = (composite - exact)[finite].abs()
-    comp_err = comp[torch.isfinite(comp)].max().item() if torch.isfinite(comp).any() else 0.0
-    scale = max(1.0, exact[finite].abs().max().item() if finite.any() else 1.0)
-    bound = 2 * comp_err + floor * scale
-    assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (composite {comp_err:.3g})"
-
-
 def check(backend, case):
     logits, labels, sigma, upstream, gen = build(case)
     dtype = case["dtype"]
@@ -125,10 +114,10 @@ def check(backend, case):
     kept = labels != -100
     assert (got["P"][~kept] == 1).all() and (got["dlogits"][~kept] == 0).all(), "ignored rows take no part"
     assert (got["dlogits"][torch.isinf(logits)] == 0).all(), "no gradient reaches an infinite logit"
-    floor = 1e-10 if dtype == F64 else 3e-6
     for name in ("P", "dlogits", "dsigma"):
         if exact[name] is not None:
-            check_close(f"{backend} {name}", got[name], exact[name], composite[name], floor)
+            assert_close_to_oracle(got[name], exact[name], composite[name], EXACT_FLOORS[compute],
+                                   f"{backend} {name}", same_nonfinite=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
