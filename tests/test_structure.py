@@ -31,6 +31,7 @@ def test_family_has_every_part(name):
         assert not missing, f"{path.relative_to(ROOT)} lacks the launchers {sorted(missing)}"
     for part in (f"fastnotes/reference/{name}.py", f"docs/{name}.md"):
         assert (ROOT / part).is_file(), f"{name}: missing {part}"
+    assert f"({name}.md)" in (ROOT / "docs" / "index.md").read_text(), f"docs/index.md does not list {name}"
     selfcheck = importlib.import_module(f"fastnotes._selfcheck.{name}")
     assert selfcheck.CASES, f"{name}: fastnotes/_selfcheck/{name}.py has no CASES"
 
