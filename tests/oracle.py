@@ -26,7 +26,8 @@ PROPERTY_FLOORS = {**FLOORS, F32: 1e-5}
 EXACT_FLOORS = {**FLOORS, F64: 1e-10, F32: 3e-6}
 # sampler_step: float32 steps take coefficients rounded from the float64 schedule
 DIFFUSION_FLOORS = {**FLOORS, F32: 3e-6}
-# ladder_merge: tighter in float32 (a short matmul and one blend per output), and in bfloat16
+# ladder_merge: tighter in float32 (a short matmul and one blend per output) and for bfloat16
+# inputs (not under autocast, which keeps FLOORS)
 LST_FLOORS = {**FLOORS, F32: 1e-6, BF16: 2 ** -8}
 
 

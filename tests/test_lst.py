@@ -2,6 +2,7 @@
 docs/lst.md, 'Worked examples', and LadderSideNetwork (frozen backbone, saved-activation memory)."""
 import pytest
 import torch
+from oracle import FLOORS, LST_FLOORS, assert_close_to_oracle
 
 import fastnotes
 from fastnotes import reference
@@ -47,18 +48,6 @@ def test_spec_oracles(backend):
     assert abs(dalpha.item() - 1.05508651) < 10 * tol
 
 
-def _assert_close(got, exact, composite, floor, what, terms=0.0):
-    """err <= 2x the float32 composite's error + floor * max(1, |exact|), plus 8 float32 roundoffs
-    of `terms`, the summed size of what a reduction adds up (a sum that cancels differs by that much
-    between summation orders)."""
-    err = (got.double() - exact).abs().max().item()
-    composite_err = (composite.double() - exact).abs().max().item()
-    scale = max(1.0, exact.abs().max().item())
-    bound = 2 * composite_err + floor * scale + 8 * torch.finfo(torch.float32).eps / 2 * terms
-    assert torch.isfinite(got).all(), f"{what}: non-finite"
-    assert err <= bound, f"{what}: error {err:.3g}, composite {composite_err:.3g}, bound {bound:.3g}"
-
-
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("shape", [(37, 20, 45), (1, 8, 16), (2, 5, 33, 24)], ids=str)
 def test_merge_matches_float64_reference(backend, rng, gated, shape):
@@ -73,13 +62,14 @@ def test_merge_matches_float64_reference(backend, rng, gated, shape):
     fp32 = [x.float() if x is not None else None for x in (s, h, w, b, alpha, g)]
     comp_out, comp_grads = _reference_with_grads(*fp32)
     out, grads = run_merge(*fp32[:4], fp32[4], fp32[5])
-    _assert_close(out, exact_out, comp_out, 1e-6, "out")
+    assert_close_to_oracle(out, exact_out, comp_out, LST_FLOORS[torch.float32], "out")
     # dalpha = mu (1 - mu) / T sum g (s - z), z = h W^T + b, computed z-free as
     # sum(g s) - <W, g^T h> - <b, sum g>: the size of the terms it adds up
     mu = torch.sigmoid(alpha / T) if gated else torch.tensor(0.0, dtype=torch.float64)
     alpha_terms = (mu * (1 - mu) / T * (g.abs() * (s.abs() + h.abs() @ w.abs().T + b.abs())).sum()).item()
     for name, got, exact, comp in zip(("ds", "dW", "db", "dalpha"), grads, exact_grads, comp_grads):
-        _assert_close(got, exact, comp, 1e-6, name, alpha_terms if name == "dalpha" else 0.0)
+        assert_close_to_oracle(got, exact, comp, LST_FLOORS[torch.float32], name,
+                               terms=alpha_terms if name == "dalpha" else 0.0)
     if backend != "triton":  # the float64 path
         out64, grads64 = run_merge(s, h, w, b, alpha, g)
         torch.testing.assert_close(out64, exact_out, rtol=0, atol=1e-12)
@@ -396,9 +386,9 @@ def test_cpu_autocast_bfloat16(backend_name, rng, gated):
         out, grads = under_autocast(lambda *x: ladder_merge(*x, temperature=T))
     assert out.dtype == torch.bfloat16
     assert all(x.dtype == torch.float32 for x in grads)
-    _assert_close(out, exact_out, comp_out, 2 ** -7, "out")
+    assert_close_to_oracle(out, exact_out, comp_out, FLOORS[torch.bfloat16], "out")
     for name, got, exact, comp in zip(("ds", "dW", "db", "dalpha"), grads, exact_grads, comp_grads):
-        _assert_close(got, exact, comp, 2 ** -7, name)
+        assert_close_to_oracle(got, exact, comp, FLOORS[torch.bfloat16], name)
 
 
 # ---- parameters off their defaults, paths the shapes above miss -------------------------------------
@@ -425,6 +415,6 @@ def test_off_default_temperature_no_bias_and_tiles(backend, rng, rows, d, D):
     got = grads(lambda *x: ladder_merge(*x[:5], temperature=x[5]), dtype)
     mu = torch.sigmoid(alpha / temperature)
     alpha_terms = (mu * (1 - mu) / temperature * (g.abs() * (s.abs() + h.abs() @ w.abs().T)).sum()).item()
-    floor = 1e-12 if dtype == torch.float64 else 1e-6
     for name, a, e, c in zip(("out", "ds", "dW", "dalpha"), got, exact, composite):
-        _assert_close(a, e, c, floor, name, alpha_terms if name == "dalpha" else 0.0)
+        assert_close_to_oracle(a, e, c, LST_FLOORS[dtype], name,
+                               terms=alpha_terms if name == "dalpha" else 0.0)

@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICE, available_backends
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
+from oracle import LST_FLOORS, assert_close_to_oracle
 
 import fastnotes
 from fastnotes import reference
@@ -81,17 +82,13 @@ def check(backend, case):
     mu = torch.sigmoid(alpha / T) if alpha is not None else torch.tensor(0.0, dtype=F64)
     z = h @ w.T + (b if b is not None else 0)
     alpha_terms = (mu * (1 - mu) / T * (g.abs() * (s.abs() + h.abs() @ w.abs().T + z.abs())).sum()).item()
-    eps = {F64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2 ** -8}[dtype]
+    floor = LST_FLOORS[dtype]
     names = ["ds", "dW"] + (["db"] if b is not None else []) + (["dalpha"] if alpha is not None else []) + \
         (["dh"] if case["h_grad"] else [])
     for name, got, exact, comp in zip(["out"] + names, [out, *grads], [exact_out, *exact_grads],
                                       [comp_out, *comp_grads]):
-        err = (got.double() - exact).abs().max().item()
-        bound = 2 * (comp.double() - exact).abs().max().item() + eps * max(1.0, exact.abs().max().item())
-        if name == "dalpha":
-            bound += 8 * eps * alpha_terms
-        assert torch.isfinite(got).all(), f"{backend} {name}: non-finite"
-        assert err <= bound, f"{backend} {name}: error {err:.3g} > bound {bound:.3g}"
+        assert_close_to_oracle(got, exact, comp, floor, f"{backend} {name}",
+                               terms=alpha_terms if name == "dalpha" else 0.0, roundoff=8 * floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
