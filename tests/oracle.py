@@ -19,7 +19,7 @@ EPS32 = torch.finfo(F32).eps
 # one or two epsilons of float16 / bfloat16, ~17 of float32, ~4500 of float64.
 FLOORS = {F64: 1e-12, F32: 2e-6, F16: 2e-3, BF16: 2 ** -7}
 
-# Per-family overrides, where a family's tests need another floor (never one looser than they had).
+# Per-family overrides, where a family's tests need another floor than FLOORS.
 # hypothesis cases (zlpr, attention): extreme logits and biases on the float32 paths
 PROPERTY_FLOORS = {**FLOORS, F32: 1e-5}
 # expected_accuracy: a Gauss-Hermite quadrature sum over nodes and classes per row, in float64 too
