@@ -61,14 +61,14 @@ def _slot_update_py(sum_sq, count, unit, v, b, hp):
     return hp[_MAX] if v_new > hp[_MAX] else v_new, b + gamma * (one + b), decay, scale
 
 
-# The slot update must keep its order: reassociated, u * unit * unit would form unit^2 (which
-# overflows) and lr^2 bias (g2 / guarded) would form lr^2 bias g2 (which can go subnormal). Once per
-# slot it is a call compiled without fast-math; per entry (full slots) it is inlined into a kernel
-# compiled without 'reassoc' (it has no reductions to vectorise).
+# With a unit of 1 (the common path) the update is inlined into the kernels; with a larger unit it
+# runs in a pass of its own after them, compiled without fast-math: reassociated, u * unit * unit
+# would form unit^2, which overflows. Full slots run it per entry in a kernel without 'reassoc'
+# (there are no reductions there to vectorise), which keeps its written order.
 _EXACT = dict(_JIT, fastmath=False)
 _NO_REASSOC = dict(_JIT, fastmath=FASTMATH - {"reassoc"})
-_slot_update = njit(**_EXACT)(_slot_update_py)
-_slot_update_inline = njit(inline="always", **_JIT)(_slot_update_py)
+_slot_update = njit(inline="always", **_JIT)(_slot_update_py)
+_slot_update_scaled = njit(**_EXACT)(_slot_update_py)
 
 
 @njit(inline="always", **_JIT)
@@ -100,9 +100,10 @@ def _sum_sq(g, clip):
 
 @njit(**_EXACT)
 def _rescaled_sum_sq(g, clip):
-    """(sum of (clipped g / unit)^2, unit) with unit the largest |clipped g|: for a slot whose plain
-    sum of squares overflowed (rare: not inlined, and divided as written: 1 / unit can be subnormal)."""
-    unit = like(g, 0.0)
+    """(sum of (clipped g / unit)^2, unit) with unit the largest |clipped g|, at least 1 (a smaller
+    unit would overflow v / unit^2): for slots whose plain sum of squares overflowed (rare: not
+    inlined, and divided as written: 1 / unit can be subnormal)."""
+    unit = like(g, 1.0)
     for k in range(g.shape[0]):
         unit = max(unit, abs(_clipped(g[k], clip)))
     acc = like(g, 0.0)
@@ -113,32 +114,44 @@ def _rescaled_sum_sq(g, clip):
 
 
 @njit(inline="always", **_JIT)
-def _slot_sum_sq(g, hp):
-    """(sum, unit) for _slot_update over the entries g of one slot."""
-    acc = _sum_sq(g, hp[_CLIP])
-    if acc > hp[_MAX]:
-        return _rescaled_sum_sq(g, hp[_CLIP])
-    return acc, like(hp, 1.0)
-
-
-@njit(inline="always", **_JIT)
-def _part(array, lo, hi):
-    """array[lo:hi], or None for None."""
+def _part(array, lo, hi, step=1):
+    """array[lo:hi:step], or None for None."""
     if array is None:
         return None
-    return array[lo:hi]
+    return array[lo:hi:step]
 
 
-def _rows_step(theta, g, m, v, b, n_cols, hp):
-    """Flat contiguous theta, g (and m) of n_slots * n_cols entries; v, b [n_slots]."""
+@njit(**_EXACT)
+def _redo_skipped(theta, g, m, v, b, reduced, inner, hp, skipped):
+    """The slots a kernel skipped because their plain sum of squares overflowed: summed again as
+    (g / unit)^2 with unit their largest |g|, updated in units of unit^2, and applied (rare)."""
+    for slot in range(skipped.shape[0]):
+        if skipped[slot]:
+            start = (slot // inner) * reduced * inner + slot % inner
+            stop = start + reduced * inner
+            gs = g[start:stop:inner]
+            sum_sq, unit = _rescaled_sum_sq(gs, hp[_CLIP])
+            v[slot], b[slot], decay, scale = _slot_update_scaled(sum_sq, reduced, unit, v[slot], b[slot], hp)
+            _apply(theta[start:stop:inner], gs, _part(m, start, stop, inner), decay, scale, hp)
+
+
+def _rows_step(theta, g, m, v, b, n_cols, hp, skipped):
+    """Flat contiguous theta, g (and m) of n_slots * n_cols entries; v, b, skipped [n_slots]. A slot
+    whose sum of squares overflows is left as it is and flagged in skipped (_redo_skipped)."""
+    one = like(hp, 1.0)
     for s in prange(v.shape[0]):
         lo = s * n_cols
         hi = lo + n_cols
         gs = g[lo:hi]
-        sum_sq, unit = _slot_sum_sq(gs, hp)
-        v[s], b_new, decay, scale = _slot_update(sum_sq, n_cols, unit, v[s], b[s], hp)
-        b[s] = b_new
-        _apply(theta[lo:hi], gs, _part(m, lo, hi), decay, scale, hp)
+        sum_sq = _sum_sq(gs, hp[_CLIP])
+        over = sum_sq > hp[_MAX]
+        skipped[s] = over
+        v_new, b_new, decay, scale = _slot_update(sum_sq, n_cols, one, v[s], b[s], hp)
+        # selects, not a branch around the apply (which halves the speed of narrow rows)
+        v[s] = v[s] if over else v_new
+        b[s] = b[s] if over else b_new
+        end = lo if over else hi
+        _apply(theta[lo:end], gs, _part(m, lo, end), decay, scale, hp)
 
 
 @njit(inline="always", **_JIT)
@@ -162,7 +175,7 @@ def _full_chunk(theta, g, m, v, b, hp):
         x = _clipped(g[k], clip)
         over = x * x > hp[_MAX]
         overflow |= over
-        v_new, b_new, decay, scale = _slot_update_inline(x * x, 1, one, v[k], b[k], hp)
+        v_new, b_new, decay, scale = _slot_update(x * x, 1, one, v[k], b[k], hp)
         t = theta[k]
         if m is None:
             t_new, m_new = _full_entry(t, x, None, decay, scale, hp)
@@ -181,7 +194,7 @@ def _full_overflow(theta, g, m, v, b, hp):
     for k in range(theta.shape[0]):
         x = _clipped(g[k], hp[_CLIP])
         if x * x > hp[_MAX]:
-            v[k], b[k], decay, scale = _slot_update(like(hp, 1.0), 1, abs(x), v[k], b[k], hp)
+            v[k], b[k], decay, scale = _slot_update_scaled(like(hp, 1.0), 1, abs(x), v[k], b[k], hp)
             if m is None:
                 theta[k], _ = _full_entry(theta[k], x, None, decay, scale, hp)
             else:
@@ -221,9 +234,9 @@ def _split_slots(g, partial, n_cols, v, b, hp, decay, scale):
     for s in range(v.shape[0]):
         # the chunk sums are added in a fixed order: deterministic
         sum_sq, unit = partial[s].sum(), like(hp, 1.0)
-        if sum_sq > hp[_MAX]:
+        if sum_sq > hp[_MAX]:  # a few slots, serial: rescaled here
             sum_sq, unit = _rescaled_sum_sq(g[s * n_cols:(s + 1) * n_cols], hp[_CLIP])
-        v[s], b[s], decay[s], scale[s] = _slot_update(sum_sq, n_cols, unit, v[s], b[s], hp)
+        v[s], b[s], decay[s], scale[s] = _slot_update_scaled(sum_sq, n_cols, unit, v[s], b[s], hp)
 
 
 @njit(inline="always", **_JIT)
@@ -239,8 +252,10 @@ def _apply_strip_row(theta, g, m, decay, scale, hp):
         theta[j] = t + d
 
 
-def _cols_step(theta, g, m, v, b, n_rows, hp):
-    """Flat contiguous theta, g (and m) of n_rows * n_slots entries, row-major; v, b [n_slots]."""
+def _cols_step(theta, g, m, v, b, n_rows, hp, skipped):
+    """Flat contiguous theta, g (and m) of n_rows * n_slots entries, row-major; v, b, skipped
+    [n_slots]. A strip with a slot whose sum of squares overflows is left as it is and its slots are
+    flagged in skipped (_redo_skipped)."""
     n_slots = v.shape[0]
     clip = hp[_CLIP]
     for strip in prange((n_slots + COL_STRIP - 1) // COL_STRIP):
@@ -252,14 +267,17 @@ def _cols_step(theta, g, m, v, b, n_rows, hp):
             for j in range(width):
                 x = _clipped(gr[j], clip)
                 acc[j] += x * x
+        over = False
+        for j in range(width):
+            over |= acc[j] > hp[_MAX]
         decay = np.empty(width, dtype=v.dtype)
         scale = np.empty(width, dtype=v.dtype)
         for j in range(width):
-            sum_sq, unit = acc[j], like(hp, 1.0)
-            if sum_sq > hp[_MAX]:
-                sum_sq, unit = _rescaled_sum_sq(g[lo + j::n_slots], clip)
-            v[lo + j], b[lo + j], decay[j], scale[j] = _slot_update(sum_sq, n_rows, unit, v[lo + j], b[lo + j], hp)
-        for i in range(n_rows):
+            skipped[lo + j] = over
+            v_new, b_new, decay[j], scale[j] = _slot_update(acc[j], n_rows, like(hp, 1.0), v[lo + j], b[lo + j], hp)
+            v[lo + j] = v[lo + j] if over else v_new
+            b[lo + j] = b[lo + j] if over else b_new
+        for i in range(0 if over else n_rows):
             start = i * n_slots + lo
             _apply_strip_row(theta[start:start + width], g[start:start + width], _part(m, start, start + width),
                              decay, scale, hp)
@@ -290,17 +308,22 @@ def amos_step(theta, g, m, v, b, layout, hp):
     parallel = theta.shape[0] >= PARALLEL_MIN_ELEMENTS
     if reduced == 1:
         (full_step if parallel else full_step_serial)(theta, g, m, v, b, hp)
-    elif inner > 1:
+        return
+    if inner == 1 and parallel and outer < 4 * numba.get_num_threads():  # a few long rows: split them
+        _split_rows_step(theta, g, m, v, b, reduced, hp)
+        return
+    skipped = np.empty(outer * inner, dtype=np.bool_)
+    if inner > 1:
         size = reduced * inner
         cols = cols_step if parallel and inner > COL_STRIP else cols_step_serial
         for o in range(outer):
             part = slice(o * size, (o + 1) * size)
             slots = slice(o * inner, (o + 1) * inner)
-            cols(theta[part], g[part], None if m is None else m[part], v[slots], b[slots], reduced, hp)
-    elif parallel and outer < 4 * numba.get_num_threads():  # a few long rows: split them
-        _split_rows_step(theta, g, m, v, b, reduced, hp)
+            cols(theta[part], g[part], None if m is None else m[part], v[slots], b[slots], reduced, hp, skipped[slots])
     else:
-        (rows_step if parallel else rows_step_serial)(theta, g, m, v, b, reduced, hp)
+        (rows_step if parallel else rows_step_serial)(theta, g, m, v, b, reduced, hp, skipped)
+    if skipped.any():
+        _redo_skipped(theta, g, m, v, b, reduced, inner, hp, skipped)
 
 
 def _flat_numpy(t):
