@@ -7,15 +7,13 @@ moment v and a monotone slot b of the same small shape. One step per tensor:
     theta <- theta + delta (-(gamma/2 + extra_l2) theta - lr eta sqrt(r) g);  b <- b + gamma (1 + b)
 so the step is ~lr * eta per entry, the weight decay ~lr^2/2 at first, and both decay as b grows.
 """
-import importlib
 import math
 
 import torch
 
-from .. import _dispatch, reference
+from .. import _dispatch, _registry, reference
 
 _OP = "Amos"
-_KERNELS = {"numba": "fastnotes.kernels.numba.amos", "triton": "fastnotes.kernels.triton.amos"}
 SLOT_RULES = ("row", "column", "scalar", "full")
 _FLOAT32_TINY = 2.0 ** -126
 
@@ -185,7 +183,7 @@ class Amos(torch.optim.Optimizer):
                 else:
                     batches.setdefault(backend, []).append(item)
             for backend, items in batches.items():
-                importlib.import_module(_KERNELS[backend]).amos_step_tensors(items, _hyper(group))
+                _registry.AMOS.kernels(backend).amos_step_tensors(items, _hyper(group))
         return loss
 
     def _prepare(self, p, group):
@@ -200,9 +198,7 @@ class Amos(torch.optim.Optimizer):
                 return None
             if layout is None:
                 return "the reduced axes of the slot are not one contiguous run"
-            if backend == "numba" and p.dtype not in (torch.float32, torch.float64):
-                return "numba takes float32/float64 parameters"
-            return _dispatch.float_kernel_reason(backend, p, "parameters")
+            return _dispatch.kernel_reason(_registry.AMOS, backend, p, "parameters", dtype=p.dtype)
 
         backend = _dispatch.select(_OP, p.device.type, why_not)
         state["step"] += 1

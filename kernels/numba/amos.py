@@ -351,6 +351,11 @@ def amos_step_tensor(param, grad, m, v, b, step, layout, hyper):
         param.copy_(work)
 
 
+def unsupported(dtype):
+    """Why these kernels cannot step parameters of `dtype`, or None."""
+    return None if dtype in (torch.float32, torch.float64) else "numba takes float32/float64 parameters"
+
+
 def amos_step_tensors(items, hyper):
     """One Amos step for a parameter group: items are (param, grad, m or None, v, b, step, layout,
     eta); hyper the group's settings. One fused pass per tensor (a numba call costs ~1 us)."""
