@@ -1,16 +1,16 @@
 """Property tests of fastnotes.optim.Amos (hypothesis): random shapes (0-d, 1-d, empty, up to 4-d,
 strided), dtypes, slot kinds (row, column, scalar, full, a callable over a run of axes), gradient
 magnitudes from 1e-30 to 1e30 with spikes up to the dtype's range, every hyper-parameter, mid-run
-state, on every backend, against the long double oracle of test_amos; bad hyper-parameters raise
+state, on every backend, against the long double oracle of amos_cases; bad hyper-parameters raise
 errors that name them. Tiny shapes and small budgets (the Triton interpreter costs ~3 ms a program)."""
 import math
 
 import pytest
 import torch
+from amos_cases import SPEC_DEFAULTS, as_float64, assert_path_close, wide_run
 from conftest import available_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_amos import SPEC_DEFAULTS, as_float64, assert_path_close, wide_run
 
 import fastnotes
 from fastnotes.optim import Amos

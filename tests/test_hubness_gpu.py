@@ -13,7 +13,7 @@ import fastnotes
 from fastnotes import hubness
 from fastnotes.kernels.cuda import hubness as cuda_hubness
 from fastnotes.kernels.triton import hubness as triton_hubness
-from test_hubness import assert_exact, true_distances
+from hubness_cases import assert_exact, true_distances
 
 METRICS = ["sqeuclidean", "cosine", "ip"]
 HAS_EXTENSION = importlib.util.find_spec("fastnotes._C") is not None
