@@ -311,6 +311,15 @@ def test_overflowing_distances_rank_as_infinity():
     assert counts.sum().item() == 120 and counts[:4].tolist() == [39, 39, 39, 3]
 
 
+def test_ip_distances_that_overflow_are_refused():
+    """-<x, y> of float32 rows of -3e19 is -9e38: beyond float32, where no ranking is right."""
+    x = torch.full((4, 1), -3e19)
+    with pytest.raises(ValueError, match="can overflow float32"):
+        hubness.knn(x, 1, metric="ip")
+    distances, _ = hubness.knn(x.double(), 1, metric="ip")
+    assert torch.allclose(distances, torch.full((4, 1), -9e38, dtype=torch.float64))
+
+
 # ---- exactness away from the origin (issue 18 item 2) ------------------------------------------------
 
 def assert_counts(counts, true, k, exclude_self):

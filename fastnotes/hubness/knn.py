@@ -47,11 +47,26 @@ def _check_arguments(op, x, reference, k, metric, exclude_self):
                 else f"a reference set of {n_ref} points")
         raise ValueError(f"{op}: k must satisfy 1 <= k < {candidates} for {what}, got k = {k}")
     if x.device.type == "cpu":  # on CUDA this would be a host sync; the kernels treat NaN as +inf there
-        for name, t in (("x", x), ("reference", None if same else reference)):
+        largest = {}
+        for name, t in (("x", x), ("reference", x if same else reference)):
             # in row blocks: isfinite on the whole tensor makes [n, d] temporaries
-            if t is not None and not all(bool(torch.isfinite(rows).all()) for rows in t.split(8192)):
+            blocks = [rows.detach().abs().max() for rows in t.split(8192)]
+            largest[name] = float(torch.stack(blocks).max()) if blocks else 0.0
+            if not largest[name] < float("inf"):
                 raise ValueError(f"{op}: {name} contains NaN or infinite values")
+        _check_distance_range(op, metric, x.shape[1], largest["x"], largest["reference"], x.dtype)
     return same
+
+
+def _check_distance_range(op, metric, dim, x_max, ref_max, dtype):
+    """ip distances come out in the input's dtype (float32 for 16-bit input) and can overflow it to
+    either infinity, where no ranking is right: refuse such data. (sqeuclidean distances overflow only
+    to +inf, and rank as tied +inf by index: the rounded distances' order.)"""
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if metric == "ip" and dim * x_max * ref_max > torch.finfo(out_dtype).max:
+        raise ValueError(f"{op}: x and reference hold values up to {max(x_max, ref_max):.3g}: their {metric} "
+                         f"distances can overflow {str(out_dtype).replace('torch.', '')}; pass float64 tensors "
+                         "(or rescale the data)")
 
 
 def _run(op, x, k, reference, metric, exclude_self):
