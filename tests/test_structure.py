@@ -70,3 +70,12 @@ def test_no_reference_leaves_the_repository():
     """Docstrings point to docs/, which ships with the code (../shared/specs does not)."""
     for path in [*ROOT.glob("fastnotes/**/*.py"), *ROOT.glob("kernels/**/*.py"), *ROOT.glob("csrc/*")]:
         assert "specs/" not in path.read_text(), f"{path.relative_to(ROOT)} points to specs/"
+
+
+def test_tests_do_not_import_each_other():
+    """Shared test code lives in oracle.py and the <family>_cases.py modules, never in a test file."""
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            assert not any(name.startswith("test_") for name in names), f"tests/{path.name} imports {names}"
