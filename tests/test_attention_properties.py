@@ -93,16 +93,23 @@ def run(fn, tensors, kwargs, upstream, dtype, layout=None, gen=None):
     return {"out": out.detach().cpu(), **{f"d{n}": t.grad for n, t in leaves.items()}}
 
 
-def cancelled_size(tensors, upstream, out, kwargs):
-    """dq and dk sum scale dS q, dS k with dS = a (C dP - D) (spec section 6): they carry rounding
-    of the size of those terms even where they cancel to 0 (one key: softmax has no gradient)."""
-    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+def score_gradient_size(tensors, upstream, out):
+    """The size of the terms of dS = a (C dP - D) (docs/attention.md): the table and slope gradients
+    sum dS over pairs, and carry rounding of that size even where the terms cancel to 0 (one key, or
+    the l2 normaliser of one weight: no gradient at all)."""
+    q, v = tensors["q"], tensors["v"]
     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     dp = (upstream @ v.transpose(-1, -2)).abs().max()
     row_dot = (upstream * out).sum(-1).abs().max()
     post = tensors["post_table"].abs().max() if "post_table" in tensors else 1.0
+    return max(1.0, (post * dp + row_dot).item())
+
+
+def cancelled_size(tensors, upstream, out, kwargs):
+    """dq and dk sum scale dS k, scale dS q: rounding of the size of those terms, as above."""
+    q, k = tensors["q"], tensors["k"]
     scale = kwargs["scale"] or q.shape[-1] ** -0.5
-    return max(1.0, (scale * (post * dp + row_dot) * max(q.abs().max(), k.abs().max())).item())
+    return max(1.0, scale * score_gradient_size(tensors, upstream, out) * max(q.abs().max(), k.abs().max()).item())
 
 
 def check(backend, case):
@@ -118,7 +125,13 @@ def check(backend, case):
     pairs = case["batch"] * case["lq"] * case["lk"]  # terms a table or slope gradient entry sums, at most
     for name in exact:
         summed = pairs if name in ("drel_bias", "dpost_table", "dalibi_slopes") and dtype != F64 else 1
-        size = cancelled_size(tensors, upstream, exact["out"], kwargs) if name in ("dq", "dk") else 1.0
+        size = 1.0
+        if name in ("dq", "dk"):
+            size = cancelled_size(tensors, upstream, exact["out"], kwargs)
+        elif name == "drel_bias":
+            size = score_gradient_size(tensors, upstream, exact["out"])
+        elif name == "dalibi_slopes":  # dS times the distance i - j
+            size = score_gradient_size(tensors, upstream, exact["out"]) * (case["lq"] + case["lk"])
         assert_close_to_oracle(got[name], exact[name], composite[name], floor * size, f"{backend} {name}",
                                summed_terms=summed)
     if case["padding"] == "one row empty":  # every key of the last batch row padded: 0, and no NaN
