@@ -13,10 +13,11 @@ def check_tensor(op, name, value, dtypes=None):
         raise TypeError(f"{op}: {name} must have dtype {names}; got {str(value.dtype).replace('torch.', '')}")
 
 
-def check_same_device(op, reference_name, reference, **others):
+def check_same_device(op, anchor_name, anchor, **others):
+    """Every tensor in `others` (None allowed) is on the device of `anchor`, the op's main input."""
     for name, value in others.items():
-        if value is not None and value.device != reference.device:
-            raise ValueError(f"{op}: {name} is on {value.device} but {reference_name} is on {reference.device}")
+        if value is not None and value.device != anchor.device:
+            raise ValueError(f"{op}: {name} is on {value.device} but {anchor_name} is on {anchor.device}")
 
 
 def check_reduction(op, reduction):

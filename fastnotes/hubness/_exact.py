@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from ..reference import hubness as reference_impl
+from ..reference import hubness as oracle
 
 MARGIN = 8  # candidates beyond k: on Gaussian and offset data (d 8..512) fewer than 0.1% of rows go to the fallback
 _ROWS = 4096  # rows per float64 chunk in prepare
@@ -63,7 +63,7 @@ class Problem:
 
 def _rows64(t, metric):
     t = t.double()
-    return reference_impl.unit_rows(t) if metric == "cosine" else t
+    return oracle.unit_rows(t) if metric == "cosine" else t
 
 
 def _centre(ref, metric):
@@ -151,7 +151,7 @@ def _exact(p, rows, indices, invalid):
         with torch.no_grad():
             for start in range(0, indices.shape[0], step):
                 part = slice(start, start + step)
-                out[part] = reference_impl.paired_distances(p.x[rows[part], None, :], p.ref[safe[part]], p.metric)
+                out[part] = oracle.paired_distances(p.x[rows[part], None, :], p.ref[safe[part]], p.metric)
     out = torch.nan_to_num(out.to(p.out_dtype).double(), nan=float("inf"))
     return torch.where(invalid, float("inf"), out), torch.where(invalid, m, indices)
 

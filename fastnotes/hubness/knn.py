@@ -7,10 +7,10 @@ them and turns the candidates into the exact k nearest; the counts are taken fro
 import torch
 
 from .. import _checks, _dispatch, _registry
-from ..reference import hubness as reference_impl
+from ..reference import hubness as oracle
 from . import _exact
 
-METRICS = reference_impl.METRICS
+METRICS = oracle.METRICS
 
 
 def _why_not(backend, x, k):
@@ -80,7 +80,7 @@ def _run(op, x, k, reference, metric, exclude_self):
     # float32 by design: autocast would turn the kernels' GEMMs (numba's torch.mm) into bfloat16
     with torch.autocast(x.device.type, enabled=False):
         if backend == "reference":
-            distances, indices = reference_impl.knn(xc, None if same else ref, k, metric, exclude_self, out_dtype)
+            distances, indices = oracle.knn(xc, None if same else ref, k, metric, exclude_self, out_dtype)
             return backend, distances.to(out_dtype), indices
         kernels = _registry.HUBNESS.kernels(backend)
         compute_dtype = out_dtype  # float64 only on numba, for float64 input
@@ -123,7 +123,7 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
     _, distances, indices = _run("knn", x, k, reference, metric, exclude_self)
     if torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad)):
         ref = x if reference is None else reference
-        exact = reference_impl.paired_distances(x[:, None, :], ref[indices], metric)
+        exact = oracle.paired_distances(x[:, None, :], ref[indices], metric)
         return exact.to(distances.dtype), indices
     return distances, indices
 
