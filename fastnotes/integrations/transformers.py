@@ -1,0 +1,264 @@
+"""Hugging Face transformers adapter: T5-family attention through fastnotes.relpos_attention.
+
+    from fastnotes.integrations.transformers import apply_to_t5
+    model = T5ForConditionalGeneration.from_pretrained(...)   # or built from a config
+    apply_to_t5(model)                                          # in place; returns the model
+
+Every attention layer of a T5 / MT5 / UMT5 model (T5Model, T5ForConditionalGeneration,
+T5EncoderModel, the MT5 and UMT5 equivalents and the other heads built on their stacks) then runs
+relpos_attention: the model's own bucket table indexed inside the op (bidirectional buckets in
+the encoder, causal buckets in the decoder, UMT5's per-layer tables, T5's sharing of the first
+layer's table across the stack), no bias in cross-attention, T5's unscaled logits (scale=1.0),
+the padding masks as key_padding_mask, and the decoder's KV cache (Lq = 1 against a growing Lk
+during generate). The [1, H, Lq, Lk] position bias and the [B, 1, Lq, Lk] additive mask of
+transformers are never built: the model's mask hook returns the 2-D padding mask.
+
+Attention-probability dropout is not fused. A model with dropout_rate > 0 raises in training
+mode unless apply_to_t5(..., attention_dropout=0.0) is given, which drops only the dropout on
+the attention probabilities (the residual and feed-forward dropout of the model stay).
+
+urpe=True adds a learnable URPE table C [H, num_buckets] to every self-attention layer (the
+post-softmax factor of Luo et al. 2022, indexed by the same buckets as the bias), initialised
+to 1 so the patched model's outputs equal the original's. One table per layer, not shared like
+T5's bias table: the factor multiplies each layer's attention probabilities after the softmax,
+so a table shared across layers would force one correction on layers that attend differently;
+the cost is H x num_buckets parameters per layer. It is the parameter
+``<self-attention module>.urpe_table`` (e.g. ``encoder.block.0.layer.0.SelfAttention.urpe_table``),
+so it trains with the model and is in its state_dict / save_pretrained checkpoint; a plain
+``from_pretrained`` does not know it (it reports the keys as unexpected and drops them), so load
+a URPE checkpoint with ``load_urpe_pretrained``.
+"""
+try:
+    import transformers
+except ImportError as error:  # pragma: no cover - exercised without transformers
+    raise ImportError("fastnotes.integrations.transformers needs Hugging Face transformers: "
+                      "pip install 'fastnotes[hf]'") from error
+try:
+    from transformers.cache_utils import EncoderDecoderCache
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as error:  # pragma: no cover - transformers 4.x
+    raise ImportError(f"fastnotes.integrations.transformers needs transformers >= 5 (found "
+                      f"{getattr(transformers, '__version__', '?')}): pip install 'fastnotes[hf]'") from error
+
+import torch
+
+from ..attention import relpos_attention
+
+__all__ = ["ATTN_IMPLEMENTATION", "apply_to_t5", "load_urpe_pretrained"]
+
+ATTN_IMPLEMENTATION = "fastnotes_t5"
+_OP = "apply_to_t5"
+
+
+def _padding_mask(batch_size, q_length, kv_length, attention_mask=None, **_):
+    """The mask hook of the patched models: the 2-D bool padding mask of the keys (True = keep),
+    or None when nothing is padded; never an [Lq, Lk] tensor (causality is the op's flag)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def _not_called(module, *args, **kwargs):
+    raise RuntimeError(f"{ATTN_IMPLEMENTATION}: this attention implementation only runs inside layers patched by "
+                       "fastnotes.integrations.transformers.apply_to_t5")
+
+
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
+AttentionInterface.register(ATTN_IMPLEMENTATION, _not_called)
+
+
+def _key_mask(mask, batch, lk):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.shape != (batch, lk):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{_OP}: the patched attention takes a 2-D padding attention_mask [batch={batch}, "
+                         f"keys={lk}] (1 = attend); got {shape} (4-D custom masks are not supported)")
+    return mask.to(torch.bool)
+
+
+class _Patched:
+    """Mixin put in front of a T5-family attention class; the forward wrappers below translate
+    each library's calling convention into _attend."""
+
+    def _attend(self, hidden_states, kv_states, mask, cache, table, kwargs):
+        if self.training and self.dropout > 0:
+            raise RuntimeError(f"{_OP}: attention dropout ({self.dropout}) is not supported by the fused attention; "
+                               "call apply_to_t5(model, attention_dropout=0.0) to drop only the attention-probability "
+                               "dropout (residual dropout stays), or set config.dropout_rate=0")
+        batch, lq = hidden_states.shape[:2]
+        heads, dim = self.n_heads, self.key_value_proj_dim
+        q = self.q(hidden_states).view(batch, lq, heads, dim).transpose(1, 2)
+        cross = kv_states is not None
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        past = int(past)
+        current = cache
+        reuse = False
+        if isinstance(cache, EncoderDecoderCache):
+            reuse = cross and bool(cache.is_updated.get(self.layer_idx))
+            current = cache.cross_attention_cache if cross else cache.self_attention_cache
+        if reuse:
+            k, v = current.layers[self.layer_idx].keys, current.layers[self.layer_idx].values
+        else:
+            source = kv_states if cross else hidden_states
+            k = self.k(source).view(batch, -1, heads, dim).transpose(1, 2)
+            v = self.v(source).view(batch, -1, heads, dim).transpose(1, 2)
+            if cache is not None:
+                k, v = current.update(k, v, self.layer_idx, kwargs=kwargs)
+                if cross and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
+        lk = k.shape[2]
+        if not cross and lk != past + lq:
+            raise NotImplementedError(f"{_OP}: the self-attention cache must hold exactly the past tokens "
+                                      f"(past {past} + new {lq} != {lk} keys); static caches are not supported")
+        causal = bool(self.is_decoder and not cross)
+        buckets = (self.relative_attention_num_buckets, self.relative_attention_max_distance, not self.is_decoder)
+        post = getattr(self, "urpe_table", None) if not cross else None
+        if table is None and post is None:
+            buckets = None
+        out = relpos_attention(q, k, v, causal=causal, scale=1.0, rel_bias=table,
+                               rel_buckets=buckets, post_table=post, key_padding_mask=_key_mask(mask, batch, lk))
+        return self.o(out.transpose(1, 2).reshape(batch, lq, heads * dim))
+
+    def _own_table(self):
+        return self.relative_attention_bias.weight.t() if self.has_relative_attention_bias else None
+
+
+def _t5_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None,
+                past_key_values=None, **kwargs):
+    """T5Attention / MT5Attention: the stack shares the first layer's bias through position_bias;
+    here position_bias carries that layer's table [H, num_buckets] (None in cross-attention)."""
+    cache = past_key_values if cache is None else cache
+    if key_value_states is not None:
+        table = None
+    elif position_bias is None:
+        table = self._own_table()
+    else:
+        table = position_bias
+        if not (isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[0] == self.n_heads):
+            raise ValueError(f"{_OP}: position_bias must be the shared bias table [H, num_buckets] that a patched "
+                             "first layer passes on; dense [1, H, Lq, Lk] biases are not supported")
+    out = self._attend(hidden_states, key_value_states, mask, cache, table, kwargs)
+    return out, table, None
+
+
+def _umt5_forward(self, hidden_states, encoder_hidden_states=None, cache=None, attention_mask=None,
+                  past_key_values=None, **kwargs):
+    """UMT5Attention: every self-attention layer owns its table."""
+    cache = past_key_values if cache is None else cache
+    table = None if encoder_hidden_states is not None else self._own_table()
+    return self._attend(hidden_states, encoder_hidden_states, attention_mask, cache, table, kwargs), None
+
+
+_PATCHED_CLASSES = {}
+
+
+def _attention_classes():
+    """{original attention class: forward wrapper} for the families this transformers has."""
+    found = {}
+    for module, name, forward in (("t5", "T5Attention", _t5_forward), ("mt5", "MT5Attention", _t5_forward),
+                                  ("umt5", "UMT5Attention", _umt5_forward)):
+        try:
+            mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
+        except ImportError:  # pragma: no cover - older transformers without the family
+            continue
+        if hasattr(mod, name):
+            found[getattr(mod, name)] = forward
+    return found
+
+
+def _patched_class(cls, forward):
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"Fastnotes{cls.__name__}", (_Patched, cls), {"forward": forward})
+    return _PATCHED_CLASSES[cls]
+
+
+def apply_to_t5(model, *, urpe=False, attention_dropout=None):
+    """Make every attention layer of a T5 / MT5 / UMT5 model run fastnotes.relpos_attention, in
+    place (parameters and state_dict keys unchanged, plus the URPE tables with urpe=True).
+
+    Args:
+        model: a transformers model whose attention modules are T5Attention, MT5Attention or
+            UMT5Attention (T5Model, T5ForConditionalGeneration, T5EncoderModel, MT5*, UMT5*, ...).
+        urpe: add a learnable URPE table [H, num_buckets] (initialised to 1) to every
+            self-attention layer, as the parameter ``urpe_table`` of that module.
+        attention_dropout: None (default): a model with dropout_rate > 0 raises in training mode,
+            since dropout on the attention probabilities is not fused; 0.0: no dropout on the
+            attention probabilities (the model's other dropout is unchanged).
+    Returns the model. Applying it twice is a no-op when urpe agrees; urpe=True on a patched
+    model adds the tables, urpe=False on a model that has them raises.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{_OP}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(urpe, bool):
+        raise TypeError(f"{_OP}: urpe must be a bool, got {type(urpe).__name__}")
+    if attention_dropout is not None and not (isinstance(attention_dropout, (int, float)) and attention_dropout == 0):
+        raise ValueError(f"{_OP}: attention_dropout must be None or 0.0 (dropout on the attention probabilities "
+                         f"is not fused), got {attention_dropout!r}")
+    classes = _attention_classes()
+    targets = [m for m in model.modules() if type(m) in classes or isinstance(m, _Patched)]
+    if not targets:
+        raise ValueError(f"{_OP}: model ({type(model).__name__}) has no T5 / MT5 / UMT5 attention layer "
+                         f"(supported: {sorted(c.__name__ for c in classes)})")
+    for m in targets:
+        if not urpe and getattr(m, "urpe_table", None) is not None:
+            raise ValueError(f"{_OP}: model already has URPE tables; urpe=False cannot remove them")
+    cross_ids = {id(m) for name, m in model.named_modules() if name.endswith("EncDecAttention")}
+    for m in targets:
+        if not isinstance(m, _Patched):
+            m.__class__ = _patched_class(type(m), classes[type(m)])
+        if attention_dropout is not None:
+            m.dropout = 0.0
+        if urpe and id(m) not in cross_ids and getattr(m, "urpe_table", None) is None:
+            ref = m.q.weight
+            m.urpe_table = torch.nn.Parameter(torch.ones(m.n_heads, m.relative_attention_num_buckets,
+                                                         dtype=ref.dtype, device=ref.device))
+    configs = {id(model.config): model.config} if hasattr(model, "config") else {}
+    for m in model.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            configs[id(m.config)] = m.config
+    for config in configs.values():
+        config._attn_implementation = ATTN_IMPLEMENTATION
+    return model
+
+
+def load_urpe_pretrained(cls, path, **kwargs):
+    """Load a checkpoint saved from a model patched with urpe=True: ``cls.from_pretrained(path)``,
+    apply_to_t5(urpe=True), then the URPE tables from the checkpoint's state dict."""
+    model = cls.from_pretrained(path, **kwargs)
+    apply_to_t5(model, urpe=True)
+    state = _read_state(path)
+    tables = {k: v for k, v in state.items() if k.endswith("urpe_table")}
+    if not tables:
+        raise ValueError(f"load_urpe_pretrained: {path} holds no urpe_table entries (was it saved with urpe=True?)")
+    unexpected = []
+    own = dict(model.named_parameters())
+    for key, value in tables.items():
+        if key not in own:
+            unexpected.append(key)
+            continue
+        with torch.no_grad():
+            own[key].copy_(value)
+    absent = [k for k in own if k.endswith("urpe_table") and k not in tables]
+    if unexpected or absent:
+        raise ValueError(f"load_urpe_pretrained: URPE tables do not match the model: unexpected {unexpected}, "
+                         f"missing {absent}")
+    return model
+
+
+def _read_state(path):
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"load_urpe_pretrained: no .safetensors file in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
