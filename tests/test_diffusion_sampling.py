@@ -214,7 +214,8 @@ def test_scheduler_loop_equals_sample():
 
 def test_scheduler_analytic_with_gamma_and_optimal_trajectory():
     mixture = ring_mixture()
-    scheduler = AnalyticDPMScheduler(num_train_timesteps=100, beta_end=0.2, trajectory="optimal", clip_sample=False)
+    scheduler = AnalyticDPMScheduler(num_train_timesteps=100, beta_end=0.2, timestep_spacing="optimal",
+                                     clip_sample=False)
     model = mixture.eps_model(scheduler.schedule)
     gamma = estimate_gamma(model, mixture.sample(1000, torch.Generator().manual_seed(1)), scheduler.schedule,
                            n_samples=1000, batch_size=1000, progress=False)
@@ -250,7 +251,7 @@ def test_scheduler_errors_and_outputs():
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(0)
     with pytest.raises(ValueError, match="optimal trajectory"):
-        AnalyticDPMScheduler(method="ddim", trajectory="optimal")
+        AnalyticDPMScheduler(method="ddim", timestep_spacing="optimal")
 
 
 # ---- parity with diffusers (when installed) -------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_steps_match_diffusers(kind, eta, prediction_type):
     cls = diffusers.DDPMScheduler if kind == "ddpm" else diffusers.DDIMScheduler
     theirs = cls(num_train_timesteps=1000, prediction_type=prediction_type)
     theirs.set_timesteps(10)
-    ours = AnalyticDPMScheduler.from_config(theirs.config, method=kind, eta=eta, trajectory="leading")
+    ours = AnalyticDPMScheduler.from_config(theirs.config, method=kind, eta=eta, timestep_spacing="leading")
     ours.set_timesteps(10)
     assert torch.equal(ours.timesteps, theirs.timesteps)
     gen = torch.Generator().manual_seed(0)
@@ -294,7 +295,7 @@ def test_scheduler_runs_a_diffusers_pipeline():
     images = pipe(batch_size=2, num_inference_steps=5, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
 
-    scheduler = AnalyticDPMScheduler(method="analytic-ddpm", gamma=0.5)
+    scheduler = AnalyticDPMScheduler(method="analytic-ddpm", gamma=0.5, timestep_spacing="leading")  # DDPM's
     scheduler.set_timesteps(5)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((2, 1, 8, 8), generator=generator)

@@ -5,7 +5,12 @@ Index conventions: diffusers numbers the noisy timesteps 0..N-1 and the model is
 fastnotes numbers them 1..N (index 0 is clean data). The scheduler's public `timesteps` and the
 `timestep` argument of `step` are in diffusers' numbering; the gamma table is in ours ([N + 1],
 G_0 = 0): estimate it with `estimate_gamma(lambda x, t: unet(x, t - 1).sample, data, scheduler.schedule)`.
+
+This module's class needs no diffusers. With diffusers installed, `fastnotes.diffusion.AnalyticDPMScheduler`
+is fastnotes.integrations.diffusers.AnalyticDPMScheduler: the same scheduler as a diffusers
+SchedulerMixin + ConfigMixin (save_pretrained / from_pretrained / from_config, pipelines save and load).
 """
+import itertools
 import math
 import types
 
@@ -58,131 +63,291 @@ def _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_bet
                      f"got {beta_schedule!r}")
 
 
-class AnalyticDPMScheduler:
-    """A diffusers-style scheduler running fastnotes.diffusion.sampler_step.
+_SPACINGS = ("even", "optimal", "leading", "trailing", "linspace")
+_DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+_NOISE_SOURCES = ("kernel", "diffusers")
+_VARIANCE_TYPES = (None, "fixed_small", "fixed_large")
+_DDIM_FAMILY = ("ddim", "analytic-ddim")
+_INSTALL = "needs diffusers (pip install diffusers; it is in fastnotes' test extra)"
 
-    Args:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule,
-            as in diffusers' DDPMScheduler ('linear' | 'scaled_linear' | 'squaredcos_cap_v2').
-        method: 'analytic-ddpm' (default), 'analytic-ddim', 'ddpm' (beta-tilde variance),
-            'ddpm-large' (beta variance) or 'ddim'.
-        eta: DDIM's eta (ddim, analytic-ddim).
-        gamma: the analytic methods' G_t table, float64 [N + 1] (see the module docstring) or one
-            number; can also be set later as `scheduler.gamma`.
-        prediction_type: 'epsilon' | 'sample' | 'v_prediction'.
-        clip_sample, clip_sample_range: clamp x0_hat to [-range, range] (the analytic variance's
-            covariance bound uses the same range).
-        trajectory: 'even' (Analytic-DPM's ET), 'optimal' (the DP trajectory; needs gamma, DDPM type)
-            or 'leading' (diffusers' default spacing: t = 0, N//K, 2 N//K, ... in its numbering).
 
-    Use: `scheduler.set_timesteps(K)`, then for t in scheduler.timesteps:
-    `sample = scheduler.step(model(sample, t), t, sample, generator=g).prev_sample`.
-    `AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=...)` takes over a diffusers
-    pipeline's schedule.
-    """
+def diffusers_randn(shape, generator, device, dtype):
+    """Standard normal noise drawn exactly as diffusers' randn_tensor draws it: one generator, or a
+    list of one per sample (each draws its sample's [1, ...] slice); a CPU generator for a tensor on
+    another device draws on the CPU and the result is moved."""
+    device = torch.device(device)
+    shape = tuple(shape)
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"AnalyticDPMScheduler.step: generator is a list of {len(generator)} generators for a "
+                             f"batch of {shape[0]} samples (give one per sample)")
+        rand_device = "cpu" if generator[0].device.type == "cpu" else device
+        noise = torch.cat([torch.randn((1,) + shape[1:], generator=g, device=rand_device, dtype=dtype)
+                           for g in generator])
+    else:
+        rand_device = "cpu" if generator is not None and generator.device.type == "cpu" else device
+        noise = torch.randn(shape, generator=generator, device=rand_device, dtype=dtype)
+    return noise.to(device)
+
+
+def _is_generator(value):
+    return isinstance(value, torch.Generator) or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(g, torch.Generator) for g in value))
+
+
+class _AnalyticDPMCore:
+    """What the plain and the diffusers scheduler share (see AnalyticDPMScheduler for the arguments)."""
 
     order = 1
     init_noise_sigma = 1.0
 
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                 trained_betas=None, method="analytic-ddpm", eta=0.0, gamma=None, prediction_type="epsilon",
-                 clip_sample=True, clip_sample_range=1.0, trajectory="even"):
+    def _setup(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, method, eta, gamma,
+               prediction_type, clip_sample, clip_sample_range, timestep_spacing, steps_offset, set_alpha_to_one,
+               variance_type, thresholding, dynamic_thresholding_ratio, sample_max_value, rescale_betas_zero_snr,
+               noise_source):
+        name = "AnalyticDPMScheduler"
         if method not in _METHODS:
-            raise ValueError(f"AnalyticDPMScheduler: method must be one of {_METHODS}, got {method!r}")
+            raise ValueError(f"{name}: method must be one of {_METHODS}, got {method!r}")
         if prediction_type not in _PREDICTIONS:
-            raise ValueError(f"AnalyticDPMScheduler: prediction_type must be one of {tuple(_PREDICTIONS)}, "
-                             f"got {prediction_type!r}")
-        if trajectory not in ("even", "optimal", "leading"):
-            raise ValueError(f"AnalyticDPMScheduler: trajectory must be 'even', 'optimal' or 'leading', "
-                             f"got {trajectory!r}")
-        if trajectory == "optimal" and method != "analytic-ddpm":
-            raise ValueError("AnalyticDPMScheduler: the optimal trajectory is defined for analytic-ddpm only")
-        if not (isinstance(clip_sample_range, (int, float)) and clip_sample_range > 0):
-            raise ValueError(f"AnalyticDPMScheduler: clip_sample_range must be > 0, got {clip_sample_range!r}")
-        self.config = types.SimpleNamespace(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas, method=method, eta=eta,
-            prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-            trajectory=trajectory)
+            raise ValueError(f"{name}: prediction_type must be one of {tuple(_PREDICTIONS)}, got {prediction_type!r}")
+        if timestep_spacing not in _SPACINGS:
+            raise ValueError(f"{name}: timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
+        if timestep_spacing == "optimal" and method != "analytic-ddpm":
+            raise ValueError(f"{name}: the optimal trajectory (timestep_spacing='optimal') is defined for "
+                             "analytic-ddpm only")
+        if not (isinstance(clip_sample_range, (int, float)) and not isinstance(clip_sample_range, bool)
+                and clip_sample_range > 0):
+            raise ValueError(f"{name}: clip_sample_range must be > 0, got {clip_sample_range!r}")
+        if not isinstance(clip_sample, bool):
+            raise ValueError(f"{name}: clip_sample must be a bool, got {clip_sample!r}")
+        if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"{name}: eta must be a finite number >= 0, got {eta!r}")
+        if eta != 0 and method not in _DDIM_FAMILY:
+            raise ValueError(f"{name}: eta is a parameter of ddim and analytic-ddim, not of {method!r}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"{name}: steps_offset must be an int >= 0, got {steps_offset!r}")
+        if steps_offset and timestep_spacing not in _DIFFUSERS_SPACINGS:
+            raise ValueError(f"{name}: steps_offset={steps_offset} applies to diffusers' timestep spacings "
+                             f"{_DIFFUSERS_SPACINGS} (as in diffusers, it shifts 'leading' only), not to "
+                             f"timestep_spacing={timestep_spacing!r}")
+        if not isinstance(set_alpha_to_one, bool):
+            raise ValueError(f"{name}: set_alpha_to_one must be a bool, got {set_alpha_to_one!r}")
+        if variance_type not in _VARIANCE_TYPES:
+            raise ValueError(f"{name}: variance_type {variance_type!r} is not supported; use None, 'fixed_small' or "
+                             "'fixed_large' (learned variances and the log forms are not implemented)")
+        if variance_type == "fixed_small" and method == "ddpm-large":
+            raise ValueError(f"{name}: variance_type='fixed_small' contradicts method='ddpm-large' (use method='ddpm')")
+        if thresholding:
+            raise ValueError(f"{name}: thresholding=True (dynamic thresholding of x0_hat) is not supported; use "
+                             "clip_sample / clip_sample_range, or diffusers' DDPMScheduler / DDIMScheduler")
+        for key, value in (("dynamic_thresholding_ratio", dynamic_thresholding_ratio),
+                           ("sample_max_value", sample_max_value)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: {key} must be a number, got {value!r}")
+        if rescale_betas_zero_snr:
+            raise ValueError(f"{name}: rescale_betas_zero_snr=True is not supported (zero terminal SNR makes "
+                             "alphas_cumprod_N = 0, which the fused step's schedule does not allow)")
+        if noise_source not in _NOISE_SOURCES:
+            raise ValueError(f"{name}: noise_source must be one of {_NOISE_SOURCES}, got {noise_source!r}")
         self.schedule = NoiseSchedule(betas=_betas(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                    trained_betas))
+        self._method = "ddpm-large" if method == "ddpm" and variance_type == "fixed_large" else method
+        self._gamma = None
         self.gamma = gamma
         self.num_inference_steps = None
+        self.custom_timesteps = False
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
-        self._previous = {}
 
-    @classmethod
-    def from_config(cls, config, **overrides):
-        """Build from a diffusers scheduler config (or a dict): the training schedule, prediction
-        type and clipping carry over; `overrides` set the rest (method, gamma, ...)."""
-        config = dict(config)
-        known = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "method", "eta",
-                 "prediction_type", "clip_sample", "clip_sample_range", "trajectory")
-        kwargs = {k: config[k] for k in known if k in config}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+    # ---- gamma ----------------------------------------------------------------------------------
+
+    @property
+    def gamma(self):
+        """Analytic methods' G_t table (float64 [N + 1], fastnotes numbering) or one number, or None."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value):
+        n = self.schedule.num_steps
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"AnalyticDPMScheduler: gamma must be finite and >= 0, got {value!r}")
+            table = None if value is None else float(value)
+        else:
+            try:
+                table = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
+                                                   dtype=np.float64))
+            except (TypeError, ValueError):
+                raise TypeError(f"AnalyticDPMScheduler: gamma must be None, a number or a [{n + 1}] table, got "
+                                f"{type(value).__name__}") from None
+            if table.shape != (n + 1,):
+                raise ValueError(f"AnalyticDPMScheduler: gamma must be a number or have shape [{n + 1}] (G_t for "
+                                 f"t = 0..N), got {tuple(table.shape)}")
+            if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+                raise ValueError("AnalyticDPMScheduler: gamma must be finite and >= 0")
+        self._gamma = table
+        self._record_gamma(table)
+
+    def _record_gamma(self, table):
+        """Hook: the diffusers class writes gamma into its config so that it is saved."""
+
+    def _gamma_or_raise(self):
+        if self._gamma is None:
+            raise ValueError(f"AnalyticDPMScheduler: method {self.config.method!r} needs gamma (G_t = "
+                             "E||eps_theta(x_t, t)||^2 / d, see fastnotes.diffusion.estimate_gamma)")
+        return self._gamma
 
     def __len__(self):
         return self.config.num_train_timesteps
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        """Choose K = num_inference_steps timesteps (diffusers numbering, descending) by the configured
-        trajectory; the last step goes to clean data."""
+    # ---- timesteps ----------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        """Choose the timesteps (diffusers numbering, descending): K = num_inference_steps of them by
+        the configured timestep_spacing, or exactly `timesteps` (a descending list in [0, N - 1])."""
         n = self.schedule.num_steps
-        if not (isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= n):
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("set_timesteps: give exactly one of num_inference_steps and timesteps")
+        if timesteps is not None:
+            values = [int(v) for v in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
+            if not values:
+                raise ValueError("set_timesteps: timesteps must not be empty")
+            if any(b >= a for a, b in itertools.pairwise(values)):
+                raise ValueError(f"set_timesteps: timesteps must be strictly descending, got {values}")
+            if values[0] >= n or values[-1] < 0:
+                raise ValueError(f"set_timesteps: timesteps must lie in [0, {n - 1}], got {values}")
+            self.custom_timesteps = True
+            self.num_inference_steps = len(values)
+            self.timesteps = torch.tensor(values, dtype=torch.int64, device=device)
+            return
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or not (
+                1 <= num_inference_steps <= n):
             raise ValueError(f"set_timesteps: num_inference_steps must be an int in [1, {n}], "
                              f"got {num_inference_steps!r}")
-        k = num_inference_steps
-        if self.config.trajectory == "leading":
-            steps = [i * (n // k) + 1 for i in range(k)]
+        k = int(num_inference_steps)
+        spacing = self.config.timestep_spacing
+        if spacing == "leading":
+            values = [i * (n // k) + self.config.steps_offset for i in reversed(range(k))]
+        elif spacing == "trailing":
+            values = (np.round(np.arange(n, 0, -n / k)).astype(np.int64) - 1).tolist()
+        elif spacing == "linspace":
+            values = np.linspace(0, n - 1, k).round()[::-1].astype(np.int64).tolist()
         elif k == 1:
-            steps = [n]
-        elif self.config.trajectory == "optimal":
-            steps = optimal_trajectory(self.schedule, self._gamma_or_raise(), k)[0]
+            values = [n - 1]
+        elif spacing == "optimal":
+            values = [t - 1 for t in reversed(optimal_trajectory(self.schedule, self._gamma_or_raise(), k)[0])]
         else:
-            steps = even_trajectory(n, k)
+            values = [t - 1 for t in reversed(even_trajectory(n, k))]
+        self.custom_timesteps = False
         self.num_inference_steps = k
-        self._previous = dict(zip(steps, [0] + steps[:-1]))
-        self.timesteps = torch.tensor([t - 1 for t in reversed(steps)], dtype=torch.int64, device=device)
+        self.timesteps = torch.tensor(values, dtype=torch.int64, device=device)
+
+    def previous_timestep(self, timestep):
+        """The timestep (diffusers numbering) a step from `timestep` goes to; -1 means clean data. As
+        DDIMScheduler for ddim / analytic-ddim with diffusers' spacings (timestep - N // K), else the
+        next entry of `timesteps`."""
+        if self.num_inference_steps is None:
+            raise ValueError("AnalyticDPMScheduler: call set_timesteps first")
+        t = int(timestep)
+        listed = self.timesteps.tolist()
+        if t not in listed:
+            raise ValueError(f"AnalyticDPMScheduler.step: timestep {t} is not one of this scheduler's timesteps "
+                             "(see set_timesteps)")
+        if (self._method in _DDIM_FAMILY and self.config.timestep_spacing in _DIFFUSERS_SPACINGS
+                and not self.custom_timesteps):
+            return t - self.config.num_train_timesteps // self.num_inference_steps
+        i = listed.index(t)
+        return listed[i + 1] if i + 1 < len(listed) else -1
 
     def scale_model_input(self, sample, timestep=None):
         return sample
 
-    def _gamma_or_raise(self):
-        if self.gamma is None:
-            raise ValueError(f"AnalyticDPMScheduler: method {self.config.method!r} needs gamma (G_t = "
-                             "E||eps_theta(x_t, t)||^2 / d, see fastnotes.diffusion.estimate_gamma)")
-        return self.gamma
+    # ---- the step --------------------------------------------------------------------------------
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True, variance_noise=None):
-        """One step from `timestep` (diffusers numbering, one of self.timesteps) to the previous one."""
+    def step(self, model_output, timestep, sample, eta=None, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        """One step from `timestep` (diffusers numbering, one of self.timesteps) to previous_timestep.
+
+        Takes what DDPMScheduler.step and DDIMScheduler.step take: eta (ddim methods; None = the
+        config's; a generator in this place is taken as DDPMScheduler's positional generator),
+        use_clipped_model_output, generator (a torch.Generator or a list of one per sample),
+        variance_noise (the noise itself). Noise: noise_source='kernel' draws it inside the fused
+        kernel (a CPU generator seeds it); 'diffusers' draws it as diffusers' schedulers do, so a
+        seed gives diffusers' samples.
+        """
+        if _is_generator(eta):
+            if generator is not None:
+                raise ValueError("AnalyticDPMScheduler.step: got a generator as the 4th positional argument (eta) "
+                                 "and generator=; give it once")
+            eta, generator = None, eta
         if self.num_inference_steps is None:
             raise ValueError("AnalyticDPMScheduler.step: call set_timesteps first")
-        t = int(timestep) + 1
-        if t not in self._previous:
-            raise ValueError(f"AnalyticDPMScheduler.step: timestep {int(timestep)} is not one of this scheduler's "
-                             "timesteps (see set_timesteps)")
-        s = self._previous[t]
-        method = self.config.method
+        method = self._method
+        if eta is None:
+            eta = self.config.eta
+        if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"AnalyticDPMScheduler.step: eta must be a finite number >= 0, got {eta!r}")
+        if eta != 0 and method not in _DDIM_FAMILY:
+            raise ValueError(f"AnalyticDPMScheduler.step: eta is a parameter of ddim and analytic-ddim, not of "
+                             f"{method!r}")
+        if variance_noise is not None and generator is not None:
+            raise ValueError("AnalyticDPMScheduler.step: give generator or variance_noise, not both")
+        if generator is not None and not _is_generator(generator):
+            raise TypeError(f"AnalyticDPMScheduler.step: generator must be a torch.Generator or a list of them, got "
+                            f"{type(generator).__name__}")
+        t_d = int(timestep)
+        prev_d = self.previous_timestep(t_d)
+        t = t_d + 1
+        s = prev_d + 1 if prev_d >= 0 else (0 if self.config.set_alpha_to_one else 1)
         gamma = self._gamma_or_raise() if method.startswith("analytic") else None
-        clip = (-self.config.clip_sample_range, self.config.clip_sample_range) if self.config.clip_sample else False
-        noise = variance_noise
-        if noise is None and generator is not None and generator.device.type != "cpu":
-            noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=sample.dtype)
-            generator = None
-        eta = self.config.eta if method in ("ddim", "analytic-ddim") else 0.0
+        r = self.config.clip_sample_range
+        clip = (-r, r) if self.config.clip_sample else False
         prediction = _PREDICTIONS[self.config.prediction_type]
-        prev = sampler_step(sample, model_output, t, s, self.schedule, method=method, eta=eta,
-                            prediction=prediction, gamma=gamma, clip_denoised=clip, noise=noise,
-                            generator=generator)
-        output = SchedulerOutput(prev, lambda: self._x0_hat(sample, model_output, t, prediction, clip))
-        return output if return_dict else output.to_tuple()
+        x0 = lambda: self._x0_hat(sample, model_output, t, prediction, clip)  # computed when read
+        m, step_prediction = model_output, prediction
+        if use_clipped_model_output and clip:  # eps re-derived from the clipped x0_hat (GLIDE; DDIMScheduler)
+            x0 = x0()
+            m, step_prediction = x0, "x0"
+        if s >= t:
+            x0 = x0() if callable(x0) else x0  # only t = 1 to alphas_cumprod[0] (set_alpha_to_one=False): no noise, x0_hat re-noised
+            logab = float(self.schedule.log_alphas_cumprod[t])
+            a, sg = math.exp(0.5 * logab), math.sqrt(-math.expm1(logab))
+            prev = a * x0 + sg * self._eps_hat(sample, m, t, step_prediction)
+            return self._output(prev, x0, return_dict)
+        stochastic = not (method == "ddim" and eta == 0)
+        noise = variance_noise
+        if noise is None and stochastic:
+            if self.config.noise_source == "diffusers":
+                draws = t_d > 0 if method not in _DDIM_FAMILY else (eta > 0 or method == "analytic-ddim")
+                if draws:
+                    noise = diffusers_randn(model_output.shape, generator, model_output.device, model_output.dtype)
+                    generator = None
+            elif isinstance(generator, (list, tuple)) or (generator is not None and generator.device.type != "cpu"):
+                noise = diffusers_randn(model_output.shape, generator, model_output.device, model_output.dtype)
+                generator = None
+        elif noise is not None:
+            generator = None
+        prev = sampler_step(sample, m, t, s, self.schedule, method=method, eta=float(eta) if method in _DDIM_FAMILY
+                            else 0.0, prediction=step_prediction, gamma=gamma, clip_denoised=clip, noise=noise,
+                            generator=generator if isinstance(generator, torch.Generator) else None)
+        return self._output(prev, x0, return_dict)
+
+    def _output(self, prev, x0, return_dict):
+        if not return_dict:
+            return prev, x0() if callable(x0) else x0
+        return SchedulerOutput(prev, x0)
 
     def _x0_hat(self, x, m, t, prediction, clip):
         logab = float(self.schedule.log_alphas_cumprod[t])
         a, sg = math.exp(0.5 * logab), math.sqrt(-math.expm1(logab))
         x0 = {"eps": lambda: (x - sg * m) / a, "x0": lambda: m, "v": lambda: a * x - sg * m}[prediction]()
         return x0.clamp(*clip) if clip else x0
+
+    def _eps_hat(self, x, m, t, prediction):
+        logab = float(self.schedule.log_alphas_cumprod[t])
+        a, sg = math.exp(0.5 * logab), math.sqrt(-math.expm1(logab))
+        return {"eps": lambda: m, "x0": lambda: (x - a * m) / sg, "v": lambda: a * m + sg * x}[prediction]()
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise at diffusers timesteps [B] (the forward process)."""
@@ -191,3 +356,79 @@ class AnalyticDPMScheduler:
         a = torch.exp(0.5 * logab).to(original_samples.dtype).reshape(shape)
         sg = torch.sqrt(-torch.expm1(logab)).to(original_samples.dtype).reshape(shape)
         return a * original_samples + sg * noise
+
+
+_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                 trained_betas=None, method="analytic-ddpm", eta=0.0, gamma=None, prediction_type="epsilon",
+                 clip_sample=True, clip_sample_range=1.0, timestep_spacing="even", steps_offset=0,
+                 set_alpha_to_one=True, variance_type=None, thresholding=False, dynamic_thresholding_ratio=0.995,
+                 sample_max_value=1.0, rescale_betas_zero_snr=False, noise_source="kernel")
+CONFIG_KEYS = tuple(_DEFAULTS)
+
+
+def check_config_keys(cls_name, keys):
+    """Raise naming every key that is neither a config key of the scheduler nor private ('_...')."""
+    unknown = sorted(k for k in keys if k not in _DEFAULTS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"{cls_name}.from_config: unsupported config key(s) {unknown}; supported: {list(CONFIG_KEYS)}")
+
+
+class AnalyticDPMScheduler(_AnalyticDPMCore):
+    """A diffusers-style scheduler running fastnotes.diffusion.sampler_step (this class needs no
+    diffusers; with diffusers installed fastnotes.diffusion exports the diffusers subclass from
+    fastnotes.integrations.diffusers, which adds save/load).
+
+    Args (each a config key; DDPMScheduler / DDIMScheduler keys mean what they mean there):
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training schedule
+            ('linear' | 'scaled_linear' | 'squaredcos_cap_v2').
+        method: 'analytic-ddpm' (default), 'analytic-ddim', 'ddpm' (beta-tilde variance),
+            'ddpm-large' (beta variance) or 'ddim'.
+        eta: DDIM's eta (ddim, analytic-ddim); step(eta=...) overrides it.
+        gamma: the analytic methods' G_t table, float64 [N + 1] (see the module docstring) or one
+            number; can also be set later as `scheduler.gamma`.
+        prediction_type: 'epsilon' | 'sample' | 'v_prediction'.
+        clip_sample, clip_sample_range: clamp x0_hat to [-range, range] (the analytic variance's
+            covariance bound uses the same range).
+        timestep_spacing: 'even' (Analytic-DPM's ET, the default), 'optimal' (the DP trajectory;
+            needs gamma, analytic-ddpm), or diffusers' 'leading' | 'trailing' | 'linspace'.
+        steps_offset: added to 'leading' timesteps (as diffusers).
+        set_alpha_to_one: the final step goes to clean data (True) or to alphas_cumprod[0] (DDIM's False).
+        variance_type: None | 'fixed_small' | 'fixed_large' (DDPM's; with method='ddpm', fixed_large
+            means 'ddpm-large'; the analytic and ddim methods define their own variance).
+        thresholding: must be False (not implemented); dynamic_thresholding_ratio, sample_max_value
+            are accepted as numbers (unused without thresholding, as in diffusers).
+        rescale_betas_zero_snr: must be False (not implemented).
+        noise_source: 'kernel' (in-kernel counter-based noise, the fast default) or 'diffusers'
+            (noise drawn as diffusers' schedulers draw it: seed-for-seed equal samples).
+
+    Use: `scheduler.set_timesteps(K)`, then for t in scheduler.timesteps:
+    `sample = scheduler.step(model(sample, t), t, sample, generator=g).prev_sample`.
+    """
+
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                 trained_betas=None, method="analytic-ddpm", eta=0.0, gamma=None, prediction_type="epsilon",
+                 clip_sample=True, clip_sample_range=1.0, timestep_spacing="even", steps_offset=0,
+                 set_alpha_to_one=True, variance_type=None, thresholding=False, dynamic_thresholding_ratio=0.995,
+                 sample_max_value=1.0, rescale_betas_zero_snr=False, noise_source="kernel"):
+        args = {k: v for k, v in locals().items() if k in _DEFAULTS}
+        self.config = types.SimpleNamespace(**args)
+        self._setup(**args)
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """Build from a diffusers scheduler config (or a dict); `overrides` set keys too (method, gamma, ...).
+        Every key must be supported (private '_...' keys are skipped)."""
+        config = dict(vars(config) if isinstance(config, types.SimpleNamespace) else config)
+        config.update(overrides)
+        check_config_keys(cls.__name__, config)
+        return cls(**{k: v for k, v in config.items() if k in _DEFAULTS})
+
+    def save_pretrained(self, *args, **kwargs):
+        raise ImportError(f"AnalyticDPMScheduler.save_pretrained {_INSTALL}; then fastnotes.diffusion."
+                          "AnalyticDPMScheduler is the diffusers ConfigMixin class")
+
+    save_config = save_pretrained
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise ImportError(f"AnalyticDPMScheduler.from_pretrained {_INSTALL}")
