@@ -68,7 +68,7 @@ _DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
 _NOISE_SOURCES = ("kernel", "diffusers")
 _VARIANCE_TYPES = (None, "fixed_small", "fixed_large")
 _DDIM_FAMILY = ("ddim", "analytic-ddim")
-_INSTALL = "needs diffusers (pip install diffusers; it is in fastnotes' test extra)"
+_INSTALL = "needs diffusers (pip install 'fastnotes[diffusers]')"
 
 
 def diffusers_randn(shape, generator, device, dtype):

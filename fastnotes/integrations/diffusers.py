@@ -17,8 +17,8 @@ try:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from diffusers.utils import BaseOutput
 except ImportError as error:  # pragma: no cover - exercised without diffusers
-    raise ImportError("fastnotes.integrations.diffusers needs diffusers (pip install diffusers; it is in fastnotes' "
-                      "test extra). Without it, fastnotes.diffusion.AnalyticDPMScheduler still samples but cannot "
+    raise ImportError("fastnotes.integrations.diffusers needs diffusers (pip install 'fastnotes[diffusers]'). "
+                      "Without it, fastnotes.diffusion.AnalyticDPMScheduler still samples but cannot "
                       "be saved or loaded.") from error
 
 from ..diffusion import scheduler as _plain
