@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .. import _dispatch, _registry, reference
+from .. import _dispatch, _distributed, _registry, reference
 
 _OP = "Amos"
 SLOT_RULES = ("row", "column", "scalar", "full")
@@ -135,21 +135,34 @@ class Amos(torch.optim.Optimizer):
         for p in group["params"]:
             if not p.is_floating_point():
                 raise TypeError(f"{_OP}: parameters must be floating point, got {p.dtype}")
-            self._init_state(p, group)
+            if _distributed.is_dtensor(p):
+                _distributed.dim0_shard_group(_OP, "a parameter", p)  # supported placements only
+        etas = _dtensor_default_etas(group["params"]) if group["eta"] is None else {}
+        for p in group["params"]:
+            self._init_state(p, group, etas.get(p))
 
-    def _init_state(self, p, group):
-        eta = group["eta"]
-        eta = default_eta(p) if eta is None else (eta(p) if callable(eta) else eta)
+    def _init_state(self, p, group, eta=None):
+        if eta is None:
+            eta = group["eta"]
+            eta = default_eta(p) if eta is None else (eta(p) if callable(eta) else eta)
         _check_number("eta", eta, 0.0, low_open=True)
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         slot = _slot_shape(group["slot"], p)
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         state["eta"] = float(eta)
-        state["v"] = torch.zeros(slot, dtype=dtype, device=p.device)
-        state["b"] = torch.zeros(slot, dtype=dtype, device=p.device)
+        if _distributed.is_dtensor(p):
+            # slots that follow dim 0 are sharded like p (FSDP2), the others are replicated
+            follows = _slot_follows_dim0(p, slot) and _distributed.dim0_shard_group(_OP, "a parameter", p) is not None
+            local_slot = (p.to_local().shape[0],) + slot[1:] if follows else slot
+            for key in ("v", "b"):
+                zeros = torch.zeros(local_slot, dtype=dtype, device=p.device)
+                state[key] = _distributed.like_dtensor(zeros, p, follows)
+        else:
+            state["v"] = torch.zeros(slot, dtype=dtype, device=p.device)
+            state["b"] = torch.zeros(slot, dtype=dtype, device=p.device)
         if group["momentum"] is not None:
-            state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            state["m"] = _zeros_momentum(p, dtype)
 
     def load_state_dict(self, state_dict):
         # torch casts floating state to the parameter dtype; Amos keeps fp32 slots for fp16/bf16 tensors
@@ -172,26 +185,53 @@ class Amos(torch.optim.Optimizer):
             raise TypeError(f"{_OP}: sparse gradients are not supported")
         for group in self.param_groups:
             batches = {}  # backend -> the group's tensors it steps in one multi-tensor call
+            reduced = {}  # process group -> [(p, partial sums)]: slots reduced across dim-0 shards
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                shard_group = self._check_distributed(p)
+                state = self.state[p]
+                if group["momentum"] is not None and "m" not in state:  # momentum switched on later
+                    state["m"] = _zeros_momentum(p, state["v"].dtype)
+                if shard_group is not None and not _slot_follows_dim0(p, tuple(state["v"].shape)):
+                    state["step"] += 1
+                    if p.numel():
+                        reduced.setdefault(shard_group, []).append((p, _partial_sum_sq(p, state, group)))
+                    continue
                 backend, item = self._prepare(p, group)
-                if p.numel() == 0:  # counted, nothing to update
+                if item[0].numel() == 0:  # counted, nothing to update (an empty tensor or shard)
                     continue
                 if backend == "reference":
-                    _reference_step(p, self.state[p], group)
+                    _reference_step(item, group)
                 else:
                     batches.setdefault(backend, []).append(item)
             for backend, items in batches.items():
                 _registry.AMOS.kernels(backend).amos_step_tensors(items, _hyper(group))
+            if reduced:
+                _distributed.all_reduce_sum({pg: [sums for _, sums in pairs] for pg, pairs in reduced.items()})
+                for pairs in reduced.values():
+                    for p, sums in pairs:
+                        _reduced_slot_step(p, sums, self.state[p], group)
         return loss
 
+    def _check_distributed(self, p):
+        """The dim-0 shard group of a DTensor parameter (None: not sharded, or not a DTensor)."""
+        if not _distributed.is_dtensor(p):
+            return None
+        if not _distributed.is_dtensor(p.grad):
+            raise TypeError(f"{_OP}: a DTensor parameter needs a DTensor gradient, got {type(p.grad).__name__}")
+        if p.grad.placements != p.placements:
+            raise NotImplementedError(f"{_OP}: gradient placements {tuple(p.grad.placements)} differ from the "
+                                      f"parameter's {tuple(p.placements)}")
+        return _distributed.dim0_shard_group(_OP, "a parameter", p)
+
     def _prepare(self, p, group):
-        """Pick the backend for p, count the step, and return (backend, kernel item)."""
+        """Pick the backend for p (its local shard for a DTensor), count the step, and return
+        (backend, kernel item)."""
         state = self.state[p]
-        if group["momentum"] is not None and "m" not in state:  # momentum switched on later
-            state["m"] = torch.zeros_like(p, dtype=state["v"].dtype, memory_format=torch.contiguous_format)
-        layout = kernel_layout(p.shape, state["v"].shape)
+        local = _distributed.local
+        p, grad, v, b = local(p), local(p.grad), local(state["v"]), local(state["b"])
+        layout = kernel_layout(p.shape, v.shape)
 
         def why_not(backend):
             if backend == "reference":
@@ -202,8 +242,8 @@ class Amos(torch.optim.Optimizer):
 
         backend = _dispatch.select(_OP, p.device.type, why_not)
         state["step"] += 1
-        momentum_slot = state.get("m") if group["momentum"] is not None else None
-        return backend, (p, p.grad, momentum_slot, state["v"], state["b"], state["step"], layout, state["eta"])
+        momentum_slot = local(state["m"]) if group["momentum"] is not None else None
+        return backend, (p, grad, momentum_slot, v, b, state["step"], layout, state["eta"])
 
 
 def _hyper(group, state=None):
@@ -215,16 +255,103 @@ def _hyper(group, state=None):
     return hyper
 
 
-def _reference_step(p, state, group):
-    """The plain-torch update in the state dtype, written back into p (and the slots)."""
-    dtype = state["v"].dtype
-    hyper = _hyper(group, state)
+def _reference_step(item, group):
+    """The plain-torch update of one kernel item in the state dtype, written back into the
+    parameter (and the slots)."""
+    p, grad, m_slot, v_slot, b_slot, step, _, eta = item
+    dtype = v_slot.dtype
+    hyper = dict(_hyper(group), eta=eta)
     new_p, v, b, m = reference.amos.amos_update(
-        p.detach().to(dtype), p.grad, state["v"], state["b"], float(state["step"]), m=state.get("m"), **hyper)
+        p.detach().to(dtype), grad, v_slot, b_slot, float(step), m=m_slot, **hyper)
     if hyper["momentum"] is None:
         m = None
     p.copy_(new_p)
-    state["v"].copy_(v)
-    state["b"].copy_(b)
+    v_slot.copy_(v)
+    b_slot.copy_(b)
     if m is not None:
-        state["m"].copy_(m)
+        m_slot.copy_(m)
+
+
+# -- DTensor parameters (FSDP2: dim-0 shards, possibly uneven) ----------------------------------
+# A slot that keeps dim 0 (row, full) is sharded like its parameter: each rank steps its shard with
+# the fused kernels, no communication. A slot that averages over dim 0 (column, scalar, vectors,
+# callables that reduce dim 0) is replicated: each rank sums its shard's squares, one all_reduce per
+# process group packs the sums of all such tensors of a parameter group, and every rank then
+# updates the (small) slot identically and applies it to its shard.
+
+def _slot_follows_dim0(p, slot):
+    """Whether the slot keeps dim 0 of p (so it can be sharded with p along dim 0)."""
+    return p.dim() > 0 and len(slot) == p.dim() and 0 not in reference.amos.reduced_axes(p.shape, slot)
+
+
+def _zeros_momentum(p, dtype):
+    if not _distributed.is_dtensor(p):
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    from torch.distributed.tensor import Shard
+    zeros = torch.zeros(p.to_local().shape, dtype=dtype, device=p.device)
+    sharded = any(isinstance(pl, Shard) for pl in p.placements)
+    return _distributed.like_dtensor(zeros, p, sharded)
+
+
+def _dtensor_default_etas(params):
+    """default_eta of the DTensor matrices among `params`: the global RMS, from local sums of
+    squares reduced with one all_reduce per process group. {param: eta}."""
+    sums, etas = {}, {}
+    for p in params:
+        if not _distributed.is_dtensor(p) or p.dim() < 2 or p.numel() == 0:
+            continue
+        group = _distributed.dim0_shard_group(_OP, "a parameter", p)
+        local_sum = p.to_local().detach().double().pow(2).sum().reshape(1)
+        sums.setdefault(group, []).append((p, local_sum))
+    _distributed.all_reduce_sum({g: [s for _, s in pairs] for g, pairs in sums.items() if g is not None})
+    for pairs in sums.values():
+        for p, total in pairs:
+            rms = math.sqrt(float(total) / p.numel())
+            etas[p] = rms if rms > 0 else math.sqrt(1 / max(1, math.prod(p.shape[1:])))
+    return etas
+
+
+def _partial_sum_sq(p, state, group):
+    """This rank's sums of the clipped g^2 over the slot's reduced axes, in float64, slot-shaped."""
+    g = p.grad.to_local().detach().to(torch.float64)
+    if group["clip_value"] is not None:
+        g = g.clamp(-group["clip_value"], group["clip_value"])
+    axes = reference.amos.reduced_axes(p.shape, tuple(state["v"].shape))
+    return (g * g).sum(dim=axes, keepdim=True).reshape(state["v"].shape)
+
+
+def _reduced_slot_step(p, sums, state, group):
+    """The step of a DTensor parameter whose slot averages over its dim-0 shards, from the global
+    sums of squares: the slot update (as in the kernels, in float64) on every rank, then the apply to
+    the local shard in the state dtype."""
+    v_slot, b_slot = state["v"].to_local(), state["b"].to_local()
+    dtype = v_slot.dtype
+    count = math.prod(p.shape[a] for a in reference.amos.reduced_axes(p.shape, tuple(v_slot.shape)))
+    if dtype == torch.float64 and not bool(torch.isfinite(sums).all()):  # same sums on every rank
+        raise OverflowError(f"{_OP}: the sum of squared gradients of a sharded float64 parameter "
+                            "overflows; clip the gradients (clip_value)")
+    lr, eta, beta, eps = group["lr"], state["eta"], group["beta"], group["epsilon"]
+    bias = 1 - beta ** float(state["step"])
+    g2 = sums / count
+    v, b = v_slot.to(torch.float64), b_slot.to(torch.float64)
+    u = beta * v + (1 - beta) * g2
+    guarded = u.clamp_min(eps)
+    gamma = lr * lr * bias * (g2 / guarded) / torch.sqrt(1 + group["c_coef"] * math.sqrt(lr) * b)
+    delta = 1 / (1 + group["d_coef"] * math.sqrt(lr * eta) * b)
+    decay = (delta * (gamma / 2 + group["extra_l2"])).to(dtype)
+    scale = (delta * lr * eta * torch.sqrt(bias / guarded)).to(dtype)
+    v_slot.copy_(u.clamp_max(torch.finfo(dtype).max))
+    b_slot.copy_(b + gamma * (1 + b))
+    local_p = p.to_local()
+    if local_p.numel() == 0:
+        return
+    theta = local_p.detach().to(dtype)
+    g = p.grad.to_local().to(dtype)
+    if group["clip_value"] is not None:
+        g = g.clamp(-group["clip_value"], group["clip_value"])
+    update = -decay * theta - scale * g
+    if group["momentum"] is not None:
+        m = state["m"].to_local()
+        m.mul_(group["momentum"]).add_(update, alpha=1 - group["momentum"])
+        update = m
+    local_p.copy_(theta + update)

@@ -1,0 +1,70 @@
+"""torch.distributed helpers shared by the ops (../shared/DESIGN.md, "Multiple devices").
+
+Everything here is torch.distributed itself: DTensor parameters from FSDP2 (`fully_shard`, dim-0
+shards, possibly uneven) and process groups. Nothing is imported from torch.distributed until a
+DTensor is actually seen, so single-process use pays nothing.
+"""
+import torch
+
+
+def is_dtensor(tensor):
+    """Whether `tensor` is a torch.distributed DTensor (False where torch.distributed is missing)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(tensor, DTensor)
+
+
+def dim0_shard_group(op, name, tensor):
+    """The process group a DTensor is sharded over along dim 0, or None when it is replicated on
+    every mesh dimension (its local tensor is then the whole tensor). Placements other than
+    Replicate and one Shard(0) raise NotImplementedError naming `name`."""
+    from torch.distributed.tensor import Replicate, Shard
+    shard_dims = []
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            shard_dims.append(mesh_dim)
+        elif not isinstance(placement, Replicate):
+            raise NotImplementedError(
+                f"{op}: {name} is a DTensor with placements {tuple(tensor.placements)}; only dim-0 shards "
+                "(FSDP2's Shard(0)) on one mesh dimension and Replicate are supported")
+    if len(shard_dims) > 1:
+        raise NotImplementedError(
+            f"{op}: {name} is a DTensor sharded along dim 0 on {len(shard_dims)} mesh dimensions "
+            f"{tuple(tensor.placements)}; only one Shard(0) mesh dimension is supported")
+    if not shard_dims or tensor.device_mesh.size(shard_dims[0]) == 1:
+        return None
+    return tensor.device_mesh.get_group(shard_dims[0])
+
+
+def like_dtensor(local, reference, sharded):
+    """`local` wrapped as a DTensor on `reference`'s mesh: with `reference`'s placements and its
+    global dim 0 when `sharded` (a dim-0 shard of a tensor whose other dims are local's), else
+    replicated on every mesh dimension."""
+    from torch.distributed.tensor import DTensor, Replicate
+    mesh = reference.device_mesh
+    if not sharded:
+        return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    shape = (reference.shape[0],) + tuple(local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, reference.placements, run_check=False, shape=shape, stride=stride)
+
+
+def local(tensor):
+    """The local tensor of a DTensor; other tensors as they are."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def all_reduce_sum(tensors_by_group):
+    """Sum float tensors across their process groups in place: one all_reduce per group (the
+    tensors of a group are packed into one float64 buffer). `tensors_by_group`: {group: [tensors]}."""
+    for group, tensors in tensors_by_group.items():
+        if not tensors:
+            continue
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view(t.shape))
+            offset += n

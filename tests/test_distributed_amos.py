@@ -1,0 +1,271 @@
+"""Amos under FSDP2 (DTensor parameters, dim-0 shards) and DDP, and the fused ops under DDP, on
+torch.distributed with gloo: W processes spawned on localhost (world sizes 2 and 3, so shards are
+uneven) compare with the single-process result on the concatenated batch (../shared/DESIGN.md,
+"Multiple devices"). One spawn per world size runs every check: starting processes is what costs."""
+import datetime
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+TIMEOUT_S = 150          # the whole spawn: a hang fails the test instead of the CI job
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+STEPS = 12
+BATCH = 12               # split evenly over 2 and 3 ranks
+IN, HIDDEN, OUT = 7, 10, 5   # 10 and 5 rows: uneven dim-0 shards at world 3 (and 5 at world 2)
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _spawn(world, check, tmp_path):
+    """Run check(rank, world) in `world` spawned processes joined by a gloo group; a failure on any
+    rank re-raises here, a hang past TIMEOUT_S kills them all. The ranks meet through a FileStore
+    (no port to pick); gloo's own connections take free ports from the OS."""
+    store_file = str(tmp_path / f"store-{world}")
+    context = torch.multiprocessing.start_processes(
+        _worker, args=(world, store_file, check), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed check {check.__name__} at world {world} hung for {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def _worker(rank, world, store_file, check):
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_file, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        check(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)).to(dtype)
+
+
+def _data(step, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, IN, generator=gen, dtype=dtype), torch.randn(BATCH, OUT, generator=gen, dtype=dtype)
+
+
+def _loss(model, x, y):
+    return (model(x) - y).pow(2).mean()
+
+
+def _train_single(slot, momentum):
+    import fastnotes
+    model = _mlp()
+    opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, slot=slot, momentum=momentum)
+    for step in range(STEPS):
+        opt.zero_grad()
+        _loss(model, *_data(step)).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def _assert_close_params(got, want, what):
+    for i, (g, w) in enumerate(zip(got, want)):
+        # float32 rounding: gradients summed in another order, slots updated in float64 vs float32;
+        # each of the STEPS steps moves a parameter by about lr * eta, with an error of a few eps of it
+        tol = 4 * EPS32 * STEPS * (1 + w.abs().max().item())
+        err = (g - w).abs().max().item()
+        assert err <= tol, f"{what}: parameter {i} differs from single-process Amos by {err:.3g} > {tol:.3g}"
+
+
+def _row_of_last(param):
+    # a callable slot: one value per entry of the last axis (the column rule), vectors: scalar
+    return (1,) * (param.dim() - 1) + (param.shape[-1],) if param.dim() >= 2 else ()
+
+
+SLOTS = ("row", "column", "scalar", "callable")
+
+
+def _check_fsdp2(rank, world):
+    import fastnotes
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    rows = BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    for slot in SLOTS:
+        rule = _row_of_last if slot == "callable" else slot
+        want, single = _train_single(rule, 0.9)
+        model = _mlp()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, slot=rule, momentum=0.9)
+        # the default eta is the global RMS at construction, not the RMS of this rank's shard
+        etas = [opt.state[p]["eta"] for p in model.parameters()]
+        assert etas == pytest.approx([single.state[p]["eta"] for p in single.param_groups[0]["params"]], rel=1e-12)
+        for step in range(STEPS):
+            opt.zero_grad()
+            x, y = _data(step)
+            _loss(model, x[mine], y[mine]).backward()
+            opt.step()
+        got = [p.full_tensor() for p in model.parameters()]
+        _assert_close_params(got, want, f"FSDP2 world {world} slot {slot}")
+        if slot == "row":  # the row slot of a matrix stays sharded with it
+            w0 = next(model.parameters())
+            assert opt.state[w0]["v"].placements == w0.placements
+
+
+def _check_found_inf(rank, world):
+    # a NaN gradient on one rank only: GradScaler skips the step on every rank
+    import fastnotes
+    from torch.distributed.fsdp import fully_shard
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, slot="column", momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = [p.full_tensor() for p in model.parameters()]
+    x, y = _data(0)
+    scaler.scale(_loss(model, x, y)).backward()
+    if rank == world - 1:
+        next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
+    scaler.step(opt)
+    scaler.update()
+    after = [p.full_tensor() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before)), "a rank stepped on a non-finite gradient"
+    assert scaler.get_scale() == 2.0 ** 7
+    assert all(float(opt.state[p]["step"]) == 0 for p in model.parameters())
+    # the next, finite step goes through on every rank, and stays finite
+    opt.zero_grad()
+    scaler.scale(_loss(model, x, y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
+    after = [p.full_tensor() for p in model.parameters()]
+    assert all(torch.isfinite(a).all() and not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def _check_ddp_amos(rank, world):
+    import fastnotes
+    from torch.nn.parallel import DistributedDataParallel
+    rows = BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    want, _ = _train_single("row", 0.9)
+    model = DistributedDataParallel(_mlp())
+    opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = _data(step)
+        _loss(model, x[mine], y[mine]).backward()
+        opt.step()
+    _assert_close_params([p.detach() for p in model.parameters()], want, f"DDP world {world}")
+
+
+# -- the other fused ops under DDP: gradients equal the single-process ones on the whole batch ----
+
+class _MultilabelHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 9)
+
+    def forward(self, x):
+        import fastnotes
+        targets = torch.sin(x[:, :1] * torch.arange(1, 10, dtype=x.dtype)) > 0.2  # per row, from the row
+        return fastnotes.multilabel_ce(self.linear(x), targets)
+
+
+class _ExactHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        import fastnotes
+        target = (x[:, 0] * 1000).long().remainder(5)
+        return fastnotes.exact_loss(self.linear(x), target, sigma=1.0)
+
+
+class _Attention(torch.nn.Module):
+    HEADS, LENGTH, DIM = 2, 5, 3
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(6, 3 * self.HEADS * self.DIM)
+        self.rel_bias = torch.nn.Parameter(torch.randn(self.HEADS, 2 * self.LENGTH - 1) * 0.3)
+
+    def forward(self, x):
+        import fastnotes
+        b = x.shape[0]
+        tokens = torch.stack([x * (k + 1) / self.LENGTH for k in range(self.LENGTH)], dim=1)  # [b, L, 6]
+        q, k, v = self.qkv(tokens).view(b, self.LENGTH, 3, self.HEADS, self.DIM).permute(2, 0, 3, 1, 4)
+        out = fastnotes.relpos_attention(q, k, v, causal=True, rel_bias=self.rel_bias)
+        return out.pow(2).mean()
+
+
+class _Ladder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.side = torch.nn.Linear(6, 4)
+        self.weight = torch.nn.Parameter(torch.randn(4, 6) * 0.3)
+        self.bias = torch.nn.Parameter(torch.randn(4) * 0.1)
+        self.alpha = torch.nn.Parameter(torch.tensor([0.05]))
+
+    def forward(self, x):
+        import fastnotes
+        out = fastnotes.ladder_merge(self.side(x), x.sin(), self.weight, self.bias, self.alpha)
+        return out.pow(2).mean()
+
+
+OPS = {"multilabel_ce": _MultilabelHead, "exact_loss": _ExactHead, "relpos_attention": _Attention,
+       "ladder_merge": _Ladder}
+
+
+def _check_ddp_ops(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+    rows = BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    x = torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for name, make in OPS.items():
+        torch.manual_seed(0)
+        single = make().double()
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(make().double())
+        single(x).backward()
+        ddp(x[mine]).backward()
+        for (pname, want), got in zip(single.named_parameters(), ddp.parameters()):
+            # float64 throughout: only the order of the sums differs
+            tol = 1e-12 * (1 + want.grad.abs().max().item())
+            err = (got.grad - want.grad).abs().max().item()
+            assert err <= tol, f"{name} under DDP (world {world}): grad of {pname} differs by {err:.3g}"
+
+
+def _check_dim1_rejected(rank, world):
+    # a DTensor sharded along dim 1 (tensor parallel) has no exact slot rule here: it raises
+    import fastnotes
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    with pytest.raises(NotImplementedError, match="placements"):
+        fastnotes.optim.Amos([weight], lr=0.1)
+
+
+def _check_all(rank, world):
+    _check_dim1_rejected(rank, world)
+    _check_fsdp2(rank, world)
+    _check_found_inf(rank, world)
+    _check_ddp_amos(rank, world)
+    _check_ddp_ops(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_amos_fsdp2_ddp_and_ops_under_ddp(world, tmp_path):
+    _spawn(world, _check_all, tmp_path)
