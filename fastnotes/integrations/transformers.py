@@ -41,11 +41,16 @@ except ImportError as error:  # pragma: no cover - transformers 4.x
     raise ImportError(f"fastnotes.integrations.transformers needs transformers >= 5 (found "
                       f"{getattr(transformers, '__version__', '?')}): pip install 'fastnotes[hf]'") from error
 
+import functools
+import inspect
+import types
+
 import torch
 
 from ..attention import relpos_attention
+from ..zlpr import multilabel_ce
 
-__all__ = ["ATTN_IMPLEMENTATION", "apply_to_t5", "load_urpe_pretrained"]
+__all__ = ["ATTN_IMPLEMENTATION", "apply_to_t5", "apply_zlpr", "load_urpe_pretrained", "zlpr_loss"]
 
 ATTN_IMPLEMENTATION = "fastnotes_t5"
 _OP = "apply_to_t5"
@@ -262,3 +267,135 @@ def _read_state(path):
         state.update(load_file(f))
     return state
 
+
+# ---- ZLPR for multi-label heads -------------------------------------------------------------------
+#
+#     trainer = Trainer(model, args, train_dataset=..., compute_loss_func=zlpr_loss)   # either this
+#     apply_zlpr(model)                            # or this: model(..., labels=y).loss is the ZLPR loss
+#     predictions = outputs.logits > 0             # ZLPR's threshold is 0 (sigmoid(2 s) is the probability)
+
+_ZLPR_IGNORE = -100  # transformers' ignore index: such label entries drop that class from that row
+
+
+def _logits_of(op, outputs):
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict):  # ModelOutput is an OrderedDict
+        if "logits" not in outputs:
+            raise ValueError(f"{op}: the model outputs have no 'logits' (keys: {list(outputs.keys())})")
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]  # return_dict=False without labels: logits come first
+    raise TypeError(f"{op}: outputs must be a ModelOutput / dict with 'logits', a tuple starting with the logits, "
+                    f"or a tensor; got {type(outputs).__name__}")
+
+
+def _zlpr(op, logits, labels, num_items_in_batch):
+    if labels is None:
+        raise ValueError(f"{op}: labels is None; ZLPR needs the multi-hot labels [batch, num_labels] "
+                         "(is the dataset column named 'labels'?)")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be a tensor, got {type(labels).__name__}")
+    if labels.shape != logits.shape:
+        raise ValueError(f"{op}: labels must have the shape of the logits {tuple(logits.shape)} (multi-hot, one "
+                         f"column per label), got {tuple(labels.shape)}")
+    labels = labels.to(logits.device)
+    mask = None
+    if labels.dtype != torch.bool:
+        ignored = labels == _ZLPR_IGNORE
+        if bool(ignored.any()):
+            mask, labels = ~ignored, labels.masked_fill(ignored, 0)
+    if num_items_in_batch is None:
+        return multilabel_ce(logits, labels, mask=mask)
+    count = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+    if not count > 0:
+        raise ValueError(f"{op}: num_items_in_batch must be positive, got {count!r}")
+    return multilabel_ce(logits, labels, mask=mask, reduction="sum") * (logits.shape[-1] / count)
+
+
+def zlpr_loss(outputs, labels, num_items_in_batch=None):
+    """ZLPR (fastnotes.multilabel_ce) as a ``transformers.Trainer(compute_loss_func=zlpr_loss)``.
+
+    Trainer calls it as ``zlpr_loss(outputs, labels, num_items_in_batch=...)`` after running the
+    model without labels; ``outputs.logits`` [..., num_labels] are unbounded scores (predict label
+    i when logit_i > 0), labels the multi-hot targets of the same shape (bool, {0, 1} or soft
+    floats in [0, 1]); an entry -100 removes that label from that row.
+
+    Normalisation: without num_items_in_batch the mean over rows (= multilabel_ce(logits,
+    labels)). Trainer passes the number of label entries != -100 in the whole accumulated batch
+    and then does not divide the loss by the accumulation steps itself, so the loss is
+    sum(row losses) * num_labels / num_items_in_batch: the mean over the rows of the accumulated
+    batch when no label is -100 (with -100 entries, each row counts as its kept labels / num_labels).
+    """
+    return _zlpr("zlpr_loss", _logits_of("zlpr_loss", outputs), labels, num_items_in_batch)
+
+
+def _zlpr_forward_factory(original, positional_labels):
+    """A forward that calls `original` (the model class's forward, unbound) without labels and
+    puts the ZLPR loss in front of its outputs. It holds no reference to a model instance, so
+    copy.deepcopy of the model rebinds it to the copy."""
+
+    def forward(self, *args, **kwargs):
+        labels = kwargs.pop("labels", None)
+        if positional_labels is not None and len(args) > positional_labels:
+            if labels is not None:
+                raise TypeError("forward got labels both positionally and as a keyword")
+            labels, args = args[positional_labels], args[:positional_labels] + (None,) + args[positional_labels + 1:]
+        num_items = kwargs.pop("num_items_in_batch", None)
+        outputs = original(self, *args, **kwargs)
+        if labels is None:
+            return outputs
+        loss = _zlpr("apply_zlpr", _logits_of("apply_zlpr", outputs), labels, num_items)
+        if isinstance(outputs, tuple):
+            return (loss, *outputs)
+        fields = {k: v for k, v in outputs.items() if k != "loss"}
+        return type(outputs)(loss=loss, **fields)
+
+    forward._fastnotes_zlpr = True
+    return forward
+
+
+def apply_zlpr(model):
+    """Make a multi-label classification model compute the ZLPR loss instead of BCE, in place.
+
+    For the ``*ForSequenceClassification`` (and similar) heads of transformers with
+    ``config.problem_type = "multi_label_classification"`` (set here when it is None):
+    ``model(..., labels=y)`` runs the model without labels and returns its outputs with
+    ``loss = fastnotes.multilabel_ce(logits, y)`` (labels multi-hot [batch, num_labels], -100
+    drops an entry; under Trainer the loss is normalised by its num_items_in_batch as in
+    zlpr_loss). Predict label i when logits[:, i] > 0 (not sigmoid(logit) > 0.5 as with BCE: ZLPR
+    ties the threshold to 0 for every row). Parameters, state_dict, save_pretrained are
+    unchanged; the patch lives on the instance, so a model loaded again with from_pretrained
+    needs apply_zlpr again. Applying it twice is a no-op. Returns the model.
+    """
+    op = "apply_zlpr"
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "problem_type") or not hasattr(config, "num_labels"):
+        raise ValueError(f"{op}: model ({type(model).__name__}) has no transformers config with problem_type and "
+                         "num_labels; for other models use zlpr_loss / fastnotes.multilabel_ce on the logits")
+    if config.problem_type not in (None, "multi_label_classification"):
+        raise ValueError(f"{op}: model.config.problem_type is {config.problem_type!r}; ZLPR replaces the loss of "
+                         "multi_label_classification heads only")
+    current = model.forward
+    if getattr(getattr(current, "__func__", None), "_fastnotes_zlpr", False):
+        return model
+    if not (isinstance(current, types.MethodType) and current.__self__ is model):
+        raise ValueError(f"{op}: model.forward is not the model's own bound method (already patched by something "
+                         "else?); apply_zlpr would not know what to wrap")
+    signature = inspect.signature(current.__func__)
+    if "labels" not in signature.parameters:
+        raise ValueError(f"{op}: {type(model).__name__}.forward takes no labels argument; it is not a "
+                         "classification head")
+    params = list(signature.parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    index = positional.index("labels") - 1 if "labels" in positional else None  # -1: self
+    forward = _zlpr_forward_factory(current.__func__, index)
+    functools.update_wrapper(forward, current.__func__)
+    del forward.__wrapped__  # the signature below is the one to report, not the unwrapped one
+    forward.__signature__ = signature  # Trainer reads forward's parameters to pick dataset columns
+    forward._fastnotes_zlpr = True
+    config.problem_type = "multi_label_classification"
+    model.forward = types.MethodType(forward, model)
+    return model
