@@ -1,12 +1,17 @@
-"""`python -m fastnotes hubness FILE.npy --k 10 [--metric cosine] [--plot out.png]`: the k-occurrence
-of every row of a saved [n, d] array (self excluded), its hubness statistics, the top hubs and,
-with --plot, the N_k distribution."""
+"""`python -m fastnotes hubness FILE.npy --k 10 [--metric cosine] [--plot out.png] [--out stats.json]
+[--out counts.npy]`: the k-occurrence of every row of a saved [n, d] array (self excluded), its hubness
+statistics, the top hubs and, with --plot, the N_k distribution. float32/float64 files are streamed
+from disk in row blocks (memory-mapped, never loaded whole: fastnotes/hubness/stream.py); other numeric
+files are loaded and converted to float32."""
 import argparse
+import json
+import os
 import sys
 
 import numpy as np
 import torch
 
+from . import stream
 from .knn import METRICS, k_occurrence
 from .stats import hubness_stats
 
@@ -19,6 +24,35 @@ def _load(path):
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise SystemExit(f"hubness: {path} must hold a real [n, d] array, got {array.dtype} {array.shape}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32))
+
+
+def _open(path):
+    """(what k_occurrence takes, n, d): the path itself for a float32/float64 .npy file (streamed),
+    else the array loaded as a tensor."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"hubness: {path}: no such file")
+    try:
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"hubness: cannot read {path}: {error}")
+    if not isinstance(header, np.ndarray):
+        raise SystemExit(f"hubness: {path} must be a .npy file holding one array")
+    if header.ndim == 2 and header.dtype in (np.float32, np.float64) and header.flags.c_contiguous:
+        return path, header.shape[0], header.shape[1]
+    del header
+    x = _load(path)
+    return x, x.shape[0], x.shape[1]
+
+
+def _write_outputs(outputs, counts, summary):
+    for out in outputs:
+        if out.endswith(".json"):
+            with open(out, "w") as f:
+                json.dump(summary, f, indent=2)
+                f.write("\n")
+        else:
+            np.save(out, counts.numpy())
+        print(f"wrote {out}")
 
 
 def plot_distribution(counts, k, path, title):
@@ -49,22 +83,41 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=10, help="how many top hubs to list (default 10)")
     parser.add_argument("--hub-size", type=float, default=2.0, help="hubs have N_k >= hub_size * k (default 2)")
     parser.add_argument("--plot", help="write a histogram of N_k to this PNG")
+    parser.add_argument("--out", action="append", default=[], metavar="FILE.json|FILE.npy",
+                        help="write the statistics and top hubs (.json) or the counts, int64 [n] (.npy); "
+                             "may be given twice")
+    parser.add_argument("--block-rows", type=int, default=None,
+                        help="rows per streamed block of queries and of references (default: 32 MiB of rows)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    for out in args.out:
+        if not out.endswith((".json", ".npy")):
+            parser.error(f"--out must name a .json or a .npy file, got {out!r}")
+    if args.block_rows is not None and args.block_rows < 1:
+        parser.error(f"--block-rows must be a positive int, got {args.block_rows}")
 
-    x = _load(args.file)
+    x, n, d = _open(args.file)
+    streamed = stream.is_streamed(x)
+    options = {"block_rows": args.block_rows, "ref_rows": args.block_rows,
+               "progress": False if args.no_progress else None} if streamed else {}
     try:
-        counts = k_occurrence(x, args.k, metric=args.metric)
+        counts = k_occurrence(x, args.k, metric=args.metric, **options)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"hubness: {error}")
     stats = hubness_stats(counts, args.k, hub_size=args.hub_size)
-    print(f"{args.file}: {x.shape[0]} points, d = {x.shape[1]}, k = {args.k}, metric {args.metric}, self excluded")
+    print(f"{args.file}: {n} points, d = {d}, k = {args.k}, metric {args.metric}, self excluded"
+          + (", streamed from disk" if streamed else ""))
     for name, value in stats.items():
         print(f"  {name:20s} {value:.6g}")
     top = torch.argsort(counts, descending=True, stable=True)[:args.top]
     print(f"top {len(top)} hubs (index: N_{args.k}): " + ", ".join(f"{i}: {counts[i].item()}" for i in top.tolist()))
+    summary = {"file": args.file, "n": n, "d": d, "k": args.k, "metric": args.metric, "exclude_self": True,
+               "hub_size": args.hub_size, "stats": {name: float(value) for name, value in stats.items()},
+               "top_hubs": [{"index": i, "count": counts[i].item()} for i in top.tolist()]}
+    _write_outputs(args.out, counts, summary)
     if args.plot:
         plot_distribution(counts, args.k, args.plot,
-                          f"{args.file.split('/')[-1]}: n = {x.shape[0]}, d = {x.shape[1]}, k = {args.k}, "
+                          f"{args.file.split('/')[-1]}: n = {n}, d = {d}, k = {args.k}, "
                           f"skewness {stats['skewness']:.2f}")
         print(f"N_{args.k} histogram written to {args.plot}")
     return 0

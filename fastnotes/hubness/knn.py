@@ -8,7 +8,7 @@ import torch
 
 from .. import _checks, _dispatch, _registry
 from ..reference import hubness as oracle
-from . import _exact
+from . import _exact, stream
 
 METRICS = oracle.METRICS
 
@@ -91,8 +91,21 @@ def _run(op, x, k, reference, metric, exclude_self):
         return (backend, *_exact.refine(problem, values, candidates, k))
 
 
+def _streamed(op, x, reference, block_rows, ref_rows, progress):
+    """True when x or reference is a file / memmap (fastnotes/hubness/stream.py); the streaming
+    keywords are refused for in-memory tensors."""
+    if stream.is_streamed(x) or stream.is_streamed(reference):
+        return True
+    for name, value in (("block_rows", block_rows), ("ref_rows", ref_rows), ("progress", progress)):
+        if value is not None:
+            raise TypeError(f"{op}: {name} applies to streamed input only (x or reference a numpy.memmap "
+                            f"or a path to a .npy file), got {name}={value!r} with tensors")
+    return False
+
+
 @_dispatch.eager_op
-def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
+def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_rows=None, ref_rows=None,
+        progress=None):
     """The k nearest reference rows of every row of x, exactly.
 
     Args:
@@ -119,7 +132,17 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
     Autograd: when x or reference requires grad, the distances are recomputed from the selected pairs
     in float64 torch ops (O(n k d) memory) and carry the gradient; the selection itself has none.
     Being plain torch ops, they support double backward.
+
+    Out of core: x (and reference) may also be a numpy.memmap or a path to a float32/float64 `.npy`
+    file (opened with mmap_mode="r"); then the rows are read in blocks of `block_rows` queries against
+    tiles of `ref_rows` references (defaults: 32 MiB of rows each), so memory stays O(block_rows (d + k)
+    + ref_rows d + m) plus the [n, k] result, whatever the size of the file; the lists are those of the
+    in-memory call. CPU only, no autograd, numba or triton backend. progress: None shows a tqdm bar
+    (when tqdm is installed) on calls that last more than 3 s, True at once, False never.
     """
+    if _streamed("knn", x, reference, block_rows, ref_rows, progress):
+        return stream.run("knn", x, k, reference, metric, exclude_self, want_lists=True, block_rows=block_rows,
+                          ref_rows=ref_rows, progress=progress)
     _, distances, indices = _run("knn", x, k, reference, metric, exclude_self)
     if torch.is_grad_enabled() and (x.requires_grad or (reference is not None and reference.requires_grad)):
         ref = x if reference is None else reference
@@ -129,14 +152,21 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
 
 
 @_dispatch.eager_op
-def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True):
+def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_rows=None,
+                 ref_rows=None, progress=None):
     """N_k over the reference set: counts[r] = how many rows of x have reference row r among their k
     nearest (arguments, and the exactness of the lists, as in knn). int64 [m]; counts.sum() == k * n.
 
     Fused: tiles of distances feed a running per-row top-k of candidates and the counts come from
     the exact lists, so memory is O(n k + one tile), never the [n, m] distance matrix. On CPU the
     numba backend runs one Python thread per torch thread, each with single-threaded BLAS;
-    torch.get_num_threads() reads 1 while the call runs and is restored after it."""
+    torch.get_num_threads() reads 1 while the call runs and is restored after it.
+
+    Out of core: x (and reference) may be a numpy.memmap or a path to a `.npy` file, streamed in
+    blocks as in knn (block_rows, ref_rows, progress there); the counts equal the in-memory call's."""
+    if _streamed("k_occurrence", x, reference, block_rows, ref_rows, progress):
+        return stream.run("k_occurrence", x, k, reference, metric, exclude_self, want_lists=False,
+                          block_rows=block_rows, ref_rows=ref_rows, progress=progress)
     backend, _, indices = _run("k_occurrence", x, k, reference, metric, exclude_self)
     n_ref = x.shape[0] if reference is None else reference.shape[0]
     if backend == "cuda":  # the extension's integer-atomic count
