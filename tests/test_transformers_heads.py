@@ -234,7 +234,7 @@ def test_lst_from_hooks_trains_without_touching_the_backbone(build):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
     for k, v in backbone.state_dict().items():
