@@ -2,6 +2,7 @@
 torch.distributed with gloo: W processes spawned on localhost (world sizes 2 and 3, so shards are
 uneven) compare with the single-process result on the concatenated batch (../shared/DESIGN.md,
 "Multiple devices"). One spawn per world size runs every check: starting processes is what costs."""
+import copy
 import datetime
 import time
 
@@ -258,12 +259,58 @@ def _check_dim1_rejected(rank, world):
         fastnotes.optim.Amos([weight], lr=0.1)
 
 
+def _check_dcp_to_one_process(rank, world):
+    # torch.distributed.checkpoint's state dicts: saved from FSDP2 at world W (row slots sharded,
+    # the vectors' scalar slots replicated), loaded into one process; training continues on the
+    # same trajectory
+    import fastnotes
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+    rows = BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, momentum=0.9)
+    half = STEPS // 2
+    full = StateDictOptions(full_state_dict=True)
+    for step in range(STEPS):
+        if step == half:
+            # a snapshot, as a checkpoint on disk would be (the step counts are the live tensors)
+            model_state = copy.deepcopy(get_model_state_dict(model, options=full))
+            optim_state = copy.deepcopy(get_optimizer_state_dict(model, opt, options=full))
+        opt.zero_grad()
+        x, y = _data(step)
+        _loss(model, x[mine], y[mine]).backward()
+        opt.step()
+    want = [p.full_tensor() for p in model.parameters()]
+    single = _mlp()
+    single.load_state_dict(model_state)
+    single_opt = fastnotes.optim.Amos(single.parameters(), lr=0.05, momentum=0.9)
+    set_optimizer_state_dict(single, single_opt, optim_state, options=full)
+    w0 = next(single.parameters())
+    assert single_opt.state[w0]["v"].shape == (HIDDEN, 1) and float(single_opt.state[w0]["step"]) == half
+    for step in range(half, STEPS):
+        single_opt.zero_grad()
+        _loss(single, *_data(step)).backward()
+        single_opt.step()
+    _assert_close_params([p.detach() for p in single.parameters()], want, f"DCP world {world} -> 1")
+
+
 def _check_all(rank, world):
     _check_dim1_rejected(rank, world)
     _check_fsdp2(rank, world)
     _check_found_inf(rank, world)
     _check_ddp_amos(rank, world)
     _check_ddp_ops(rank, world)
+    _check_dcp_to_one_process(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])
