@@ -174,7 +174,8 @@ def _full_search(p, rows, k):
     xs = x64 - p.mu
     best_d = torch.full((len(rows), k), float("inf"), dtype=torch.float64, device=rows.device)
     best_i = torch.full((len(rows), k), m, dtype=torch.int64, device=rows.device)
-    cols = max(1, min(m, _ELEMENTS // max(1, len(rows))))
+    # reference rows per chunk: the [rows, cols] distances and the [cols, d] float64 tile both stay bounded
+    cols = max(1, min(m, _ELEMENTS // max(len(rows), p.x.shape[1], 1)))
     for start in range(0, m, cols):
         y64 = _rows64(p.ref[start:start + cols], p.metric)
         if p.metric == "ip":  # float32 products are exact in float64; no shift needed
