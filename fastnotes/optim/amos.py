@@ -119,6 +119,11 @@ class Amos(torch.optim.Optimizer):
     Any finite gradient gives a finite step, however large (squares that would overflow are taken
     scaled by the slot's largest |g|); v saturates at the state dtype's largest value. Empty tensors
     step as no-ops.
+
+    FSDP2 (DTensor parameters sharded on dim 0, uneven allowed) and DDP work as they are: each rank
+    steps its shard; row and full slots are sharded with the matrix, the other slots sum their
+    partial squares with one all_reduce per process group, so every slot (and the default eta, the
+    global RMS) equals the single-process value. Other placements raise NotImplementedError.
     """
 
     def __init__(self, params, lr, *, eta=None, slot="row", beta=0.999, momentum=None, clip_value=None,
