@@ -88,6 +88,29 @@ def _shifted(t, mu, metric, dtype):
     return out, norms
 
 
+def certification_bound(metric, mu, d, x_norms, big, compute_dtype, out_dtype):
+    """The certification margin (module docstring, step 3) in units of v, float64, for query rows with
+    centred norms x_norms (float64); big: the largest centred norm of a ranked (non-zero) reference.
+    +inf where v could overflow the compute dtype (never certified)."""
+    info = torch.finfo(compute_dtype)
+    u, underflow = info.eps / 2, info.tiny * info.eps
+    if metric == "ip":
+        shift = torch.linalg.vector_norm(mu)
+        scale_i = (x_norms + shift) * big  # |<x~, y~>| + |<mu, y~>|
+        magnitude = (x_norms + shift) * (big + shift)  # |<x, y>|
+    else:
+        shift = x_norms.new_zeros(())
+        scale_i = magnitude = (x_norms + big) ** 2
+    err = (d + 8) * (u * scale_i + underflow)
+    if metric == "cosine":  # x/|x| - mu is rounded in float64 before the compute dtype: absolute error
+        eps64 = (d + 2) * 2.0 ** -53
+        err = err + 4 * eps64 * (x_norms + big) + 4 * eps64 ** 2
+    bound = 2 * err + 3 * (torch.finfo(out_dtype).eps / 2) * magnitude
+    # v cannot overflow the compute dtype where every term stays below max / 4
+    safe = 4 * (x_norms + big + shift) ** 2 < info.max
+    return torch.where(safe, bound, float("inf"))
+
+
 def prepare(x, ref, metric, exclude_self, compute_dtype, out_dtype, paired=None):
     """The centred problem for the kernels (module docstring, step 1). `ref is x` for one set;
     paired: a backend's fused version of the direct distances of step 3 (numba), or None (torch)."""
@@ -109,24 +132,8 @@ def prepare(x, ref, metric, exclude_self, compute_dtype, out_dtype, paired=None)
         add = torch.where(zero_r, float("inf"), add)
     add = add.to(compute_dtype)
 
-    info = torch.finfo(compute_dtype)
-    u, underflow = info.eps / 2, info.tiny * info.eps
     big = (r_norms if zero_r is None else torch.where(zero_r, 0.0, r_norms)).max()  # zero rows: not ranked
-    if metric == "ip":
-        shift = torch.linalg.vector_norm(mu)
-        scale_i = (x_norms + shift) * big  # |<x~, y~>| + |<mu, y~>|
-        magnitude = (x_norms + shift) * (big + shift)  # |<x, y>|
-    else:
-        shift = x_norms.new_zeros(())
-        scale_i = magnitude = (x_norms + big) ** 2
-    err = (d + 8) * (u * scale_i + underflow)
-    if metric == "cosine":  # x/|x| - mu is rounded in float64 before the compute dtype: absolute error
-        eps64 = (d + 2) * 2.0 ** -53
-        err = err + 4 * eps64 * (x_norms + big) + 4 * eps64 ** 2
-    bound = 2 * err + 3 * (torch.finfo(out_dtype).eps / 2) * magnitude
-    # v cannot overflow the compute dtype where every term stays below max / 4
-    safe = 4 * (x_norms + big + shift) ** 2 < info.max
-    bound = torch.where(safe, bound, float("inf"))
+    bound = certification_bound(metric, mu, d, x_norms, big, compute_dtype, out_dtype)
     return Problem(x, ref, metric, exclude_self, out_dtype, mu, xc, rc, add, scale, bound, zero_x, zero_r, paired)
 
 
@@ -194,34 +201,43 @@ def _full_search(p, rows, k):
     return best_i
 
 
-def refine(p, values, indices, k):
-    """(distances [n, k] in the output dtype, indices [n, k] int64), each row ascending by (distance,
-    index), from the backend's candidates (values [n, c], indices [n, c], ascending by (v, index);
-    indices >= m mark empty slots). Module docstring, step 3."""
-    n, m = p.x.shape[0], p.ref.shape[0]
-    rows = torch.arange(n, device=indices.device)
+def refine(p, values, indices, k, rows=None, bound=None):
+    """(distances [b, k] in the output dtype, indices [b, k] int64), each row ascending by (distance,
+    index), from the backend's candidates (values [b, c], indices [b, c], ascending by (v, index);
+    indices >= m mark empty slots). Module docstring, step 3.
+    rows: the global indices (into p.x) of the b query rows of a block (stream.py), default all n rows;
+    bound: their certification margins ([b] float64), default p.bound."""
+    m = p.ref.shape[0]
+    if rows is None:
+        rows = torch.arange(p.x.shape[0], device=indices.device)
+        zero_x = p.zero_x
+    else:
+        zero_x = p.zero_x[rows] if p.zero_x is not None else None
+    bound = p.bound if bound is None else bound
+    n = len(rows)
+    zero_count = int(p.zero_r.sum()) if p.zero_r is not None else 0
     candidates, invalid = indices, _invalid(p, rows, indices)
-    if p.zero_r is not None and bool(p.zero_r.any()):  # all at distance 1: the first k + 1 can be needed
+    if zero_count:  # all at distance 1: the first k + 1 can be needed
         extra = torch.nonzero(p.zero_r)[:k + 1, 0].expand(n, -1)
         candidates = torch.cat([candidates, extra], 1)
         invalid = torch.cat([invalid, (extra == rows[:, None]) & p.exclude_self], 1)
     dist, cand = _exact(p, rows, candidates, invalid)
     dist, chosen = _select(dist, cand, k)
 
-    reachable = m - (1 if p.exclude_self else 0) - (int(p.zero_r.sum()) if p.zero_r is not None else 0)
+    reachable = m - (1 if p.exclude_self else 0) - zero_count
     if values.shape[1] < reachable:  # else every reference was a candidate
         v = torch.nan_to_num(values.double(), nan=float("inf"))
-        doubtful = ~(v[:, -1] > v[:, k - 1] + p.bound)
-        if p.zero_x is not None:
-            doubtful &= ~p.zero_x
-        redo_rows = torch.nonzero(doubtful)[:, 0]
-        for redo in redo_rows.split(1024) if len(redo_rows) else ():
-            picked = _full_search(p, redo, k)  # zero references included, self excluded
-            dist[redo], chosen[redo] = _select(*_exact(p, redo, picked, picked >= m), k)
-    if p.zero_x is not None and bool(p.zero_x.any()):  # every distance is 1: the first k indices
-        zero = torch.nonzero(p.zero_x)[:, 0]
+        doubtful = ~(v[:, -1] > v[:, k - 1] + bound)
+        if zero_x is not None:
+            doubtful &= ~zero_x
+        redo_local = torch.nonzero(doubtful)[:, 0]
+        for redo in redo_local.split(1024) if len(redo_local) else ():
+            picked = _full_search(p, rows[redo], k)  # zero references included, self excluded
+            dist[redo], chosen[redo] = _select(*_exact(p, rows[redo], picked, picked >= m), k)
+    if zero_x is not None and bool(zero_x.any()):  # every distance is 1: the first k indices
+        zero = torch.nonzero(zero_x)[:, 0]
         first = torch.arange(k + 1, device=zero.device).expand(len(zero), -1)
-        own = (first == zero[:, None]) & p.exclude_self
+        own = (first == rows[zero][:, None]) & p.exclude_self
         _, chosen[zero] = _select(torch.where(own, float("inf"), 1.0), torch.where(own, m, first), k)
         dist[zero] = 1.0
     return dist.to(p.out_dtype), chosen

@@ -150,28 +150,6 @@ def _query_pass(op, x, metric, rows):
     return zero, largest
 
 
-def _bound(p, x_norms, big, compute_dtype):
-    """The certification margin of _exact.prepare for rows with centred norms x_norms (big: the largest
-    centred reference norm over non-zero references). Kept in step with _exact.prepare."""
-    d = p.x.shape[1]
-    info = torch.finfo(compute_dtype)
-    u, underflow = info.eps / 2, info.tiny * info.eps
-    if p.metric == "ip":
-        shift = torch.linalg.vector_norm(p.mu)
-        scale_i = (x_norms + shift) * big
-        magnitude = (x_norms + shift) * (big + shift)
-    else:
-        shift = x_norms.new_zeros(())
-        scale_i = magnitude = (x_norms + big) ** 2
-    err = (d + 8) * (u * scale_i + underflow)
-    if p.metric == "cosine":
-        eps64 = (d + 2) * 2.0 ** -53
-        err = err + 4 * eps64 * (x_norms + big) + 4 * eps64 ** 2
-    bound = 2 * err + 3 * (torch.finfo(p.out_dtype).eps / 2) * magnitude
-    safe = 4 * (x_norms + big + shift) ** 2 < info.max
-    return torch.where(safe, bound, float("inf"))
-
-
 def _candidates(p, kernels, xc, rows, width, add, reference_tiles):
     """Each query row's best `width` references by (v, global index) over all reference tiles; with
     self excluded, one more is searched and reference rows[i] (or the last) dropped."""
@@ -192,37 +170,6 @@ def _candidates(p, kernels, xc, rows, width, add, reference_tiles):
         keep = ~own
         best_v, best_i = best_v[keep].view(len(rows), width), best_i[keep].view(len(rows), width)
     return best_v, best_i
-
-
-def _refine(p, rows, bound, values, indices, k, zero_count):
-    """_exact.refine for the query rows `rows` (global indices into p.x) of one block."""
-    n, m = len(rows), p.ref.shape[0]
-    candidates, invalid = indices, _exact._invalid(p, rows, indices)
-    if zero_count:
-        extra = torch.nonzero(p.zero_r)[:k + 1, 0].expand(n, -1)
-        candidates = torch.cat([candidates, extra], 1)
-        invalid = torch.cat([invalid, (extra == rows[:, None]) & p.exclude_self], 1)
-    dist, cand = _exact._exact(p, rows, candidates, invalid)
-    dist, chosen = _exact._select(dist, cand, k)
-
-    zero_x = p.zero_x[rows] if p.zero_x is not None else None
-    reachable = m - (1 if p.exclude_self else 0) - zero_count
-    if values.shape[1] < reachable:
-        v = torch.nan_to_num(values.double(), nan=float("inf"))
-        doubtful = ~(v[:, -1] > v[:, k - 1] + bound)
-        if zero_x is not None:
-            doubtful &= ~zero_x
-        redo_local = torch.nonzero(doubtful)[:, 0]
-        for redo in redo_local.split(1024) if len(redo_local) else ():
-            picked = _exact._full_search(p, rows[redo], k)
-            dist[redo], chosen[redo] = _exact._select(*_exact._exact(p, rows[redo], picked, picked >= m), k)
-    if zero_x is not None and bool(zero_x.any()):
-        zero = torch.nonzero(zero_x)[:, 0]
-        first = torch.arange(k + 1).expand(len(zero), -1)
-        own = (first == rows[zero][:, None]) & p.exclude_self
-        _, chosen[zero] = _exact._select(torch.where(own, float("inf"), 1.0), torch.where(own, m, first), k)
-        dist[zero] = 1.0
-    return dist.to(p.out_dtype), chosen
 
 
 def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=None, ref_rows=None,
@@ -274,7 +221,6 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
             zero_x, x_max = _query_pass(op, x, metric, block_rows)
         _check_distance_range(op, metric, d, x_max, ref_max, x.dtype)
         big = (r_norms if zero_r is None else torch.where(zero_r, 0.0, r_norms)).max()
-        zero_count = int(zero_r.sum()) if zero_r is not None else 0
         p = _exact.Problem(x, ref, metric, exclude_self, out_dtype, mu, xc=None, rc=None, add=add,
                            scale=-1.0 if metric == "ip" else -2.0, bound=None, zero_x=zero_x, zero_r=zero_r,
                            paired=getattr(kernels, "paired_distances", None))
@@ -302,8 +248,8 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
                 xc, x_norms = _exact._shifted(x[start:start + block_rows], mu, metric, compute_dtype)
                 values, cand = _candidates(p, kernels, xc, rows, width, add, reference_tiles)
                 del xc
-                dist, chosen = _refine(p, rows, _bound(p, x_norms, big, compute_dtype), values, cand, k,
-                                       zero_count)
+                bound = _exact.certification_bound(metric, mu, d, x_norms, big, compute_dtype, out_dtype)
+                dist, chosen = _exact.refine(p, values, cand, k, rows=rows, bound=bound)
                 if want_lists:
                     distances[start:start + len(rows)] = dist
                     indices[start:start + len(rows)] = chosen
