@@ -68,3 +68,33 @@ def all_reduce_sum(tensors_by_group):
             n = t.numel()
             t.copy_(flat[offset:offset + n].view(t.shape))
             offset += n
+
+
+def check_group(op, group):
+    """Raise (locally, before any collective) unless `group` is a torch.distributed ProcessGroup of
+    an initialised default group that this rank belongs to. Returns (rank in group, group size)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{op}: group= needs torch.distributed initialised (init_process_group) first")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{op}: group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"{op}: group= does not contain this rank (global rank {dist.get_rank()})")
+    return rank, dist.get_world_size(group)
+
+
+def gather_checked(op, group, error, value):
+    """All-gather (error, value) over `group` (one all_gather_object) and return the values in group
+    rank order. When any rank brings an exception, every rank raises the same one: the lowest such
+    rank's message, as ValueError / TypeError (RuntimeError for other kinds), naming that rank. This is how
+    a rank-local validation failure becomes the same error everywhere instead of a hang."""
+    payload = None if error is None else (type(error).__name__, str(error))
+    gathered = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, (payload, value), group=group)
+    for rank, (bad, _) in enumerate(gathered):
+        if bad is not None:
+            kind = {"ValueError": ValueError, "TypeError": TypeError}.get(bad[0], RuntimeError)
+            message = bad[1] if bad[1].startswith(op) else f"{op}: {bad[1]}"
+            raise kind(f"{message} (raised on rank {rank} of the group)")
+    return [v for _, v in gathered]

@@ -3,50 +3,19 @@ torch.distributed with gloo: W processes spawned on localhost (world sizes 2 and
 uneven) compare with the single-process result on the concatenated batch (../shared/DESIGN.md,
 "Multiple devices"). One spawn per world size runs every check: starting processes is what costs."""
 import copy
-import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_cases import spawn as _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
-TIMEOUT_S = 150          # the whole spawn: a hang fails the test instead of the CI job
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 STEPS = 12
 BATCH = 12               # split evenly over 2 and 3 ranks
 IN, HIDDEN, OUT = 7, 10, 5   # 10 and 5 rows: uneven dim-0 shards at world 3 (and 5 at world 2)
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def _spawn(world, check, tmp_path):
-    """Run check(rank, world) in `world` spawned processes joined by a gloo group; a failure on any
-    rank re-raises here, a hang past TIMEOUT_S kills them all. The ranks meet through a FileStore
-    (no port to pick); gloo's own connections take free ports from the OS."""
-    store_file = str(tmp_path / f"store-{world}")
-    context = torch.multiprocessing.start_processes(
-        _worker, args=(world, store_file, check), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"distributed check {check.__name__} at world {world} hung for {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
-def _worker(rank, world, store_file, check):
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_file, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        check(rank, world)
-    finally:
-        dist.destroy_process_group()
 
 
 def _mlp(dtype=torch.float32):
