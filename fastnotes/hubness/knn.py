@@ -19,6 +19,16 @@ def _why_not(backend, x, k):
     return _dispatch.kernel_reason(_registry.HUBNESS, backend, x, "x")
 
 
+def check_options(op, k, metric, exclude_self):
+    """The non-tensor arguments of knn / k_occurrence, in memory or streamed."""
+    if metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"{op}: exclude_self must be a bool, got {exclude_self!r}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{op}: k must be an int, got {k!r}")
+
+
 def _check_arguments(op, x, reference, k, metric, exclude_self):
     _checks.check_tensor(op, "x", x, _checks.FLOAT_DTYPES)
     if x.dim() != 2:
@@ -33,12 +43,7 @@ def _check_arguments(op, x, reference, k, metric, exclude_self):
             raise TypeError(f"{op}: reference has dtype {reference.dtype} but x has {x.dtype}")
         if reference.device != x.device:
             raise ValueError(f"{op}: reference is on {reference.device} but x is on {x.device}")
-    if metric not in METRICS:
-        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"{op}: exclude_self must be a bool, got {exclude_self!r}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{op}: k must be an int, got {k!r}")
+    check_options(op, k, metric, exclude_self)
     same = reference is None or reference is x
     n_ref = x.shape[0] if same else reference.shape[0]
     candidates = n_ref - 1 if (same and exclude_self) else n_ref

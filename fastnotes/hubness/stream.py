@@ -175,7 +175,7 @@ def _candidates(p, kernels, xc, rows, width, add, reference_tiles):
 def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=None, ref_rows=None,
         progress=None):
     """The streamed op: (distances [n, k], indices [n, k]) when want_lists, else counts [m]."""
-    from .knn import METRICS, _check_distance_range
+    from .knn import _check_distance_range, check_options
 
     x = open_rows(op, "x", x)
     same = reference is None or reference is x
@@ -184,12 +184,7 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
         raise ValueError(f"{op}: reference must be [m, {x.shape[1]}] like x, got shape {tuple(ref.shape)}")
     if not same and ref.dtype != x.dtype:
         raise TypeError(f"{op}: reference has dtype {ref.dtype} but x has {x.dtype}")
-    if metric not in METRICS:
-        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"{op}: exclude_self must be a bool, got {exclude_self!r}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{op}: k must be an int, got {k!r}")
+    check_options(op, k, metric, exclude_self)
     n, d = x.shape
     m = ref.shape[0]
     exclude_self = exclude_self and same
