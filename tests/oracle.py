@@ -11,6 +11,7 @@ right by luck. The options of assert_close_to_oracle add the allowances some res
 whose order differs, sums whose terms cancel, non-finite values).
 """
 import torch
+from hypothesis import HealthCheck, settings
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 EPS32 = torch.finfo(F32).eps
@@ -78,3 +79,10 @@ def assert_close_to_oracle(got, exact, composite, floor, what, *, summed_terms=1
         worst = excess.argmax()
         raise AssertionError(f"{what}: error {err.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} "
                              f"(composite error {_max(composite_err):.3g})")
+
+
+def property_settings(max_examples=25):
+    """The hypothesis settings of the property tests: a bounded budget, no deadline (the first call
+    compiles kernels), no saved examples; the draws follow the profile tests/conftest.py loads."""
+    return settings(max_examples=max_examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

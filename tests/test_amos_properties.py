@@ -9,16 +9,16 @@ import pytest
 import torch
 from amos_cases import SPEC_DEFAULTS, as_float64, assert_path_close, wide_run
 from conftest import available_backends
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from oracle import property_settings
 
 import fastnotes
 from fastnotes.optim import Amos
 from fastnotes.reference.amos import amos_update
 
 BACKENDS = available_backends()
-SETTINGS = settings(max_examples=30, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = property_settings(30)
 SPIKE_EXPONENT = {torch.float32: 38, torch.bfloat16: 38, torch.float64: 307}
 
 

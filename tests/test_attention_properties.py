@@ -5,17 +5,16 @@ The Triton interpreter runs only tiny shapes (it pays per program instance)."""
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
-from oracle import PROPERTY_FLOORS, assert_close_to_oracle
+from oracle import PROPERTY_FLOORS, assert_close_to_oracle, property_settings
 
 import fastnotes
 from fastnotes.reference import attention as reference
 
 F64 = torch.float64
 BACKENDS = available_backends()
-SETTINGS = settings(max_examples=25, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = property_settings(25)
 
 
 @st.composite

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_close_to_oracle
+from oracle import assert_close_to_oracle, property_settings
 
 import fastnotes
 from fastnotes.diffusion import NoiseSchedule, _rng, sampler_step
@@ -20,8 +20,7 @@ from fastnotes.reference import diffusion as reference
 METHODS = ("ddpm", "ddpm-large", "ddim", "analytic-ddpm", "analytic-ddim", "ode-euler")
 SCHEDULES = {"linear": NoiseSchedule.linear(1000), "cosine": NoiseSchedule.cosine(200)}
 BACKENDS = available_backends()
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = property_settings(25)
 
 
 def dtypes_for(backend):

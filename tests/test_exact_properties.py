@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from oracle import EXACT_FLOORS, assert_close_to_oracle
+from oracle import EXACT_FLOORS, assert_close_to_oracle, property_settings
 
 import fastnotes
 from fastnotes.exact import gauss_hermite
@@ -17,8 +17,7 @@ from fastnotes.reference import exact as reference
 
 F64 = torch.float64
 BACKENDS = available_backends()
-SETTINGS = settings(max_examples=30, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = property_settings(30)
 
 
 @st.composite

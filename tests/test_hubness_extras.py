@@ -198,10 +198,11 @@ def test_selfcheck_case_passes():
 # ---- properties (hypothesis) ------------------------------------------------------------------------
 
 from hubness_cases import assert_exact, float64_slack, true_distances  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from oracle import property_settings  # noqa: E402
 
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = property_settings(25)
 
 
 @st.composite

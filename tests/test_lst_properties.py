@@ -7,17 +7,16 @@ import re
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
-from oracle import LST_FLOORS, assert_close_to_oracle
+from oracle import LST_FLOORS, assert_close_to_oracle, property_settings
 
 import fastnotes
 from fastnotes import reference
 
 F64 = torch.float64
 BACKENDS = available_backends()
-SETTINGS = settings(max_examples=25, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = property_settings(25)
 
 
 @st.composite

@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, available_backends
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from oracle import PROPERTY_FLOORS, assert_close_to_oracle
+from oracle import PROPERTY_FLOORS, assert_close_to_oracle, property_settings
 
 import fastnotes
 from fastnotes import reference
 
 BACKENDS = available_backends()
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = property_settings(25)
 # logit values that take the kernels' special paths: overflow (|s| ~ 88 and beyond), -inf
 SPECIAL_LOGITS = [0.0, 88.5, -88.5, 200.0, -200.0, 1e4, -1e4, float("-inf")]
 
