@@ -3,7 +3,9 @@ trips, save/load of the scheduler and of a DDPMPipeline, output types, and full 
 diffusers' DDPMScheduler / DDIMScheduler given the same noise for each config key; every unsupported
 key raises. Tolerances: diffusers keeps its tables in float32, we in float64: per-step differences
 of a few float32 ulps of values <= ~3, so 1e-4 over a 10-step loop."""
+import inspect
 import json
+import typing
 
 import pytest
 import torch
@@ -123,19 +125,34 @@ def test_a_ddim_pipeline_takes_it():
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
       "set_alpha_to_one": False, "steps_offset": 1}  # Stable Diffusion's DDIM config
+SD_DDPM = {k: v for k, v in SD.items() if k != "set_alpha_to_one"}
+# dynamic thresholding that acts: the tests' model gives |x0_hat| quantiles well above 1 at large t
+THRESHOLD = {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0}
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
 DDPM_CASES = [
     {}, {"steps_offset": 1}, {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"},
-    {"beta_schedule": "scaled_linear"}, {"beta_schedule": "squaredcos_cap_v2"},
+    {"beta_schedule": "scaled_linear"}, {"beta_schedule": "squaredcos_cap_v2"}, {"beta_schedule": "sigmoid"},
+    {"beta_schedule": "laplace"}, {"num_train_timesteps": 500, "beta_end": 0.03},
     {"clip_sample_range": 0.5}, {"clip_sample": False}, {"variance_type": "fixed_large"},
+    {"variance_type": "fixed_small_log"},
     {"trained_betas": torch.linspace(1e-4, 0.03, 1000).tolist()}, {"prediction_type": "v_prediction"},
     {"prediction_type": "sample", "clip_sample_range": 0.7},
+    THRESHOLD, {**THRESHOLD, "prediction_type": "v_prediction", "sample_max_value": 1.5},
+    ZERO_SNR, {**ZERO_SNR, **THRESHOLD}, {"rescale_betas_zero_snr": True},  # 'leading' skips t = 999: eps is fine
+    {**ZERO_SNR, "prediction_type": "sample", "clip_sample": False},
+    SD_DDPM, {**SD_DDPM, "prediction_type": "v_prediction"}, {**SD_DDPM, **ZERO_SNR},
 ]
 DDIM_CASES = [
     ({}, {}), (SD, {}), (SD, {"eta": 0.5}), ({"timestep_spacing": "trailing"}, {"eta": 1.0}),
+    ({**SD, "prediction_type": "v_prediction"}, {}),
     ({"timestep_spacing": "linspace", "set_alpha_to_one": False}, {}),
     ({"clip_sample_range": 0.5}, {"eta": 0.5, "use_clipped_model_output": True}),
     ({"steps_offset": 1, "prediction_type": "v_prediction"}, {"eta": 0.3}),
     ({"set_alpha_to_one": False}, {"eta": 0.3}),
+    (THRESHOLD, {}), (THRESHOLD, {"eta": 0.5}), (THRESHOLD, {"eta": 0.5, "use_clipped_model_output": True}),
+    ({**THRESHOLD, "set_alpha_to_one": False, "prediction_type": "sample"}, {"eta": 0.2}),
+    (ZERO_SNR, {}), (ZERO_SNR, {"eta": 0.7}), ({**SD, **ZERO_SNR}, {}), ({**SD, **ZERO_SNR, **THRESHOLD}, {"eta": 0.3}),
+    ({"rescale_betas_zero_snr": True, "set_alpha_to_one": False}, {"eta": 0.3}),
 ]
 
 
@@ -184,10 +201,11 @@ def test_kernel_noise_is_the_default_and_differs_from_diffusers_noise():
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("thresholding", True, "thresholding"),
-    ("rescale_betas_zero_snr", True, "rescale_betas_zero_snr"),
     ("variance_type", "learned_range", "variance_type"),
-    ("beta_schedule", "sigmoid", "beta_schedule"),
+    ("variance_type", "fixed_large_log", "variance_type"),
+    ("prediction_type", "flow_prediction", "prediction_type"),
+    ("beta_schedule", "exp", "beta_schedule"),
+    ("dynamic_thresholding_ratio", "high", "dynamic_thresholding_ratio"),
     ("timestep_spacing", "karras", "timestep_spacing"),
     ("noise_source", "numpy", "noise_source"),
     ("skip_prk_steps", True, "skip_prk_steps"),

@@ -40,19 +40,36 @@ class NoiseSchedule:
     (Do not include the t = 0 entry; it is added: beta_0 = 0, ab_0 = 1.) Or use
     NoiseSchedule.linear(N) / NoiseSchedule.cosine(N).
 
+    zero_terminal_snr=True (with betas only) declares a schedule whose last beta is exactly 1, so
+    ab_N = 0 (log_alphas_cumprod[N] = -inf): Lin et al. 2023's zero terminal SNR, diffusers'
+    rescale_betas_zero_snr. Steps from t = N then have a_t = 0: the x0 and v predictions step
+    from it with ddpm / ddpm-large / ddim; an eps prediction (x0_hat = (x - sg_t eps)/a_t), the
+    analytic methods (C_t = (1 - ab_t)/ab_t (1 - G_t)) and the ODE methods are refused there.
+
     Attributes (float64 CPU tensors of length N + 1): log_alphas_cumprod, alphas_cumprod, betas.
-    num_steps = N.
+    num_steps = N; zero_terminal_snr.
     """
 
-    def __init__(self, *, betas=None, alphas_cumprod=None):
+    def __init__(self, *, betas=None, alphas_cumprod=None, zero_terminal_snr=False):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError(f"{_OP}: give exactly one of betas and alphas_cumprod")
+        if not isinstance(zero_terminal_snr, bool):
+            raise TypeError(f"{_OP}: zero_terminal_snr must be a bool, got {zero_terminal_snr!r}")
+        if zero_terminal_snr and betas is None:
+            raise ValueError(f"{_OP}: zero_terminal_snr=True needs betas= (the last one exactly 1)")
         if betas is not None:
             b = _as_float64_vector("betas", betas)
-            if not bool(((b > 0) & (b < 1)).all()):
-                bad = int(torch.nonzero(~((b > 0) & (b < 1)))[0]) + 1
-                raise ValueError(f"{_OP}: betas must lie in (0, 1); betas[t={bad}] = {float(b[bad - 1])!r}")
-            logab = torch.cumsum(torch.log1p(-b), 0)
+            inside = (b > 0) & (b < 1)
+            if zero_terminal_snr:
+                if float(b[-1]) != 1.0:
+                    raise ValueError(f"{_OP}: zero_terminal_snr=True needs the last beta to be exactly 1, "
+                                     f"got {float(b[-1])!r}")
+                inside[-1] = True
+            if not bool(inside.all()):
+                bad = int(torch.nonzero(~inside)[0]) + 1
+                raise ValueError(f"{_OP}: betas must lie in (0, 1){' (but the last, 1)' if zero_terminal_snr else ''}; "
+                                 f"betas[t={bad}] = {float(b[bad - 1])!r}")
+            logab = torch.cumsum(torch.log1p(-b), 0)  # log1p(-1) = -inf: ab_N = 0
         else:
             ab = _as_float64_vector("alphas_cumprod", alphas_cumprod)
             if not bool(((ab > 0) & (ab < 1)).all()):
@@ -64,6 +81,7 @@ class NoiseSchedule:
             raise ValueError(f"{_OP}: alphas_cumprod must be strictly decreasing (betas too small to resolve)")
         self.log_alphas_cumprod = torch.cat([torch.zeros(1, dtype=torch.float64), logab])
         self.num_steps = logab.numel()
+        self.zero_terminal_snr = zero_terminal_snr
         self._device_tables = {}
 
     # ---- constructors -----------------------------------------------------------------------

@@ -100,6 +100,23 @@ def noise_variance_cap(clip_pixel, method, op=_OP):
     return (float(clip_pixel) * 2 / 255 * math.sqrt(math.pi / 2)) ** 2
 
 
+def needs_positive_snr(method, prediction):
+    """Whether a step from t divides by a_t = sqrt(ab_t) (so cannot start at a zero-SNR t = N):
+    x0_hat from an eps prediction, the analytic covariance (1 - ab_t)/ab_t, the ODE steps."""
+    return prediction == "eps" or method.startswith("analytic") or method in ("ode-euler", "heun")
+
+
+def check_zero_snr(schedule, t_idx, method, prediction, op=_OP):
+    """Refuse a step from the zero-SNR timestep N that would divide by a_t = 0 (host timesteps;
+    device timesteps get NaN rows from step_coefficients instead)."""
+    if (schedule.zero_terminal_snr and isinstance(t_idx, np.ndarray) and needs_positive_snr(method, prediction)
+            and bool((t_idx == schedule.num_steps).any())):
+        what = "an eps prediction" if prediction == "eps" else f"method {method!r}"
+        raise ValueError(f"{op}: the schedule has zero terminal SNR (ab_N = 0, a_N = 0) and {what} cannot step from "
+                         f"t = N = {schedule.num_steps} (it divides by a_t); use prediction 'v' or 'x0' with ddpm, "
+                         "ddpm-large or ddim there")
+
+
 def _gamma_table(gamma, schedule, method):
     """G_t for t = 0..N as a float64 numpy array, or None."""
     if not method.startswith("analytic"):
@@ -200,6 +217,8 @@ def step_coefficients(logab, t, s, *, method, eta, prediction, gamma_t, clip_ran
     t = t.clip(1, n)
     s = s.clip(0, n)
     lt, ls = logab[t], logab[s]
+    if needs_positive_snr(method, prediction):  # a zero-SNR schedule's t = N (lt = -inf): NaN rows
+        valid = valid & (lt > -math.inf)
     ab_t, oma_t, oma_s = xp.exp(lt), -xp.expm1(lt), -xp.expm1(ls)
     a_t, sg_t, a_s = xp.sqrt(ab_t), xp.sqrt(oma_t), xp.exp(0.5 * ls)
     one, zero = xp.ones_like(lt), xp.zeros_like(lt)
@@ -284,6 +303,7 @@ def sampler_step(x_t, model_output, t, s, schedule, *, method, eta=0.0, predicti
     t_idx = _timesteps("t", t, batch, schedule.num_steps)
     s_idx = _timesteps("s", s, batch, schedule.num_steps)
     _check_order(t_idx, s_idx)
+    check_zero_snr(schedule, t_idx, method, prediction)
     on_host = isinstance(t_idx, np.ndarray) and isinstance(s_idx, np.ndarray)
     if not on_host:  # one of them lives on the device: the prologue runs there
         t_idx, s_idx = (torch.from_numpy(v).to(device, non_blocking=True) if isinstance(v, np.ndarray)
@@ -361,6 +381,7 @@ def heun_step(model, x_t, t, s, schedule, *, prediction="eps", model_output=None
     t_given = _timesteps("t", t, batch, schedule.num_steps)
     s_given = _timesteps("s", s, batch, schedule.num_steps)
     _check_order(t_given, s_given)
+    check_zero_snr(schedule, t_given, "heun", prediction, op="heun_step")
     # the model takes timestep tensors on x_t's device (uploaded without a host sync: pageable memory is
     # staged at once); the fused step takes host values as they are
     t_idx, s_idx = (torch.from_numpy(np.ascontiguousarray(v)).to(x_t.device, non_blocking=True)

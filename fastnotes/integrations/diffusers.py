@@ -52,13 +52,14 @@ class AnalyticDPMScheduler(_plain._AnalyticDPMCore, SchedulerMixin, ConfigMixin)
                  clip_sample_range: float = 1.0, timestep_spacing: str = "even", steps_offset: int = 0,
                  set_alpha_to_one: bool = True, variance_type=None, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 rescale_betas_zero_snr: bool = False, noise_source: str = "kernel"):
+                 rescale_betas_zero_snr: bool = False, noise_source: str = "kernel", clip_pixel=None,
+                 clip_sigma_steps: int = 1):
         if isinstance(trained_betas, torch.Tensor):  # keep the config JSON-serialisable
             self.register_to_config(trained_betas=trained_betas.detach().cpu().double().tolist())
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, method, eta, gamma,
                     prediction_type, clip_sample, clip_sample_range, timestep_spacing, steps_offset,
                     set_alpha_to_one, variance_type, thresholding, dynamic_thresholding_ratio, sample_max_value,
-                    rescale_betas_zero_snr, noise_source)
+                    rescale_betas_zero_snr, noise_source, clip_pixel, clip_sigma_steps)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
