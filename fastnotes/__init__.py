@@ -8,6 +8,7 @@ from ._dispatch import BACKENDS, BackendUnsupportedError, use_backend
 from .attention import relpos_attention, t5_bucket
 from .diffusion import NoiseSchedule, sampler_step
 from .exact import ExactLoss, GradientNormalizer, exact_loss, expected_accuracy, smooth_accuracy_loss
+from .global_pointer import global_pointer_decode, global_pointer_loss
 from .lst import ladder_merge
 from .nm_class import nm_class_ce
 from .nn import LadderSideNetwork, RelPosSelfAttention, T5RelativeBias
@@ -23,6 +24,7 @@ from .zlpr import (
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Amos", "BackendUnsupportedError", "buffers", "ExactLoss", "FusedLinearMultilabelCE", "GradientNormalizer",
            "LadderSideNetwork", "MultilabelCE", "NoiseSchedule", "RelPosSelfAttention", "T5RelativeBias", "diffusion",
-           "exact_loss", "expected_accuracy", "fused_linear_multilabel_ce", "hubness", "ladder_merge", "lst",
+           "exact_loss", "expected_accuracy", "fused_linear_multilabel_ce", "global_pointer_decode",
+           "global_pointer_loss", "hubness", "ladder_merge", "lst",
            "multilabel_ce", "nm_class_ce", "nn", "optim", "relpos_attention", "sampler_step", "smooth_accuracy_loss",
            "sparse_multilabel_ce", "t5_bucket", "use_backend"]
