@@ -76,6 +76,8 @@ def check_group(op, group):
     dist = torch.distributed
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{op}: group= needs torch.distributed initialised (init_process_group) first")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on the ranks it leaves out
+        raise ValueError(f"{op}: group= does not contain this rank (global rank {dist.get_rank()})")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{op}: group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
@@ -98,3 +100,41 @@ def gather_checked(op, group, error, value):
             message = bad[1] if bad[1].startswith(op) else f"{op}: {bad[1]}"
             raise kind(f"{message} (raised on rank {rank} of the group)")
     return [v for _, v in gathered]
+
+
+def all_gather_rows(tensor, counts, group):
+    """Every rank's rows [n_r, ...] concatenated in group rank order, [sum(counts), ...]; `counts`
+    holds every rank's n_r (agreed beforehand). Uneven counts are padded to the largest: one
+    all-gather of world x max(counts) rows."""
+    dist = torch.distributed
+    world, most = len(counts), max(counts)
+    rest = tuple(tensor.shape[1:])
+    padded = tensor.contiguous()
+    if tensor.shape[0] != most:
+        padded = tensor.new_zeros((most,) + rest)
+        padded[:tensor.shape[0]] = tensor
+    out = tensor.new_empty((world * most,) + rest)
+    # all_gather_single is the newer name (recent torch warns on all_gather_into_tensor)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, padded, group=group)
+    if all(n == most for n in counts):
+        return out
+    return torch.cat([out[r * most:r * most + n] for r, n in enumerate(counts)])
+
+
+def reduce_scatter_rows(tensor, counts, group):
+    """The sum over the group of `tensor` [sum(counts), ...] (rows in group rank order), of which
+    this rank gets its own counts[rank] rows: one reduce-scatter (uneven counts padded)."""
+    dist = torch.distributed
+    world, most = len(counts), max(counts)
+    rest = tuple(tensor.shape[1:])
+    padded = tensor.contiguous()
+    if any(n != most for n in counts):
+        padded = tensor.new_zeros((world * most,) + rest)
+        offset = 0
+        for r, n in enumerate(counts):
+            padded[r * most:r * most + n] = tensor[offset:offset + n]
+            offset += n
+    out = tensor.new_empty((most,) + rest)
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
+        out, padded, op=dist.ReduceOp.SUM, group=group)
+    return out[:counts[dist.get_rank(group)]]

@@ -222,17 +222,21 @@ def _workspace(key, shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels, rows_per_chunk, row_scale, needs):
+def _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels, rows_per_chunk, row_scale, needs,
+                       lse=None):
     """One pass over row chunks of hidden: logits chunk = hidden[rows] @ weight.T + bias (a GEMM into a
     reused buffer), the kernel turns it in place into row_scale * dL/dlogits, and two more GEMMs add
     the chunk's share of the gradients. The [N, C] logits never exist.
-    needs = (hidden, weight, bias) flags. Returns (loss rows [N] float32/64, bad-target count,
-    grad_hidden, grad_weight, grad_bias), gradients None where not needed."""
+    needs = (hidden, weight, bias) flags. lse: optional [N, 2] (LA, LB) of the rows, known beforehand
+    (fastnotes.distributed combines them over label shards): the kernel takes them instead of this
+    weight's own. Returns (loss rows [N] float32/64, lse [N, 2], bad-target count, grad_hidden,
+    grad_weight, grad_bias), gradients None where not needed."""
     n_rows, n_classes = hidden.shape[0], weight.shape[0]
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     device = hidden.device
     any_grad = any(needs)
     loss = torch.empty(n_rows, dtype=compute, device=device)
+    lse_out = torch.empty(n_rows, 2, dtype=compute, device=device)
     n_bad = 0
     grad_hidden = _workspace("fused_linear.grad_hidden", hidden.shape, hidden.dtype, device) if needs[0] else None
     grad_weight = _workspace("fused_linear.grad_weight", weight.shape, compute, device).zero_() if needs[1] else None
@@ -250,10 +254,12 @@ def _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels, rows_p
                 torch.addmm(bias, h, weight.t(), out=logits)
         else:  # float16/bfloat16 GEMM, float32 epilogue
             logits.copy_(torch.nn.functional.linear(h, weight, bias))
-        rows_loss, _, bad = kernels.chunk_loss_and_grad(
+        rows_loss, rows_lse, bad = kernels.chunk_loss_and_grad(
             logits, None if targets is None else targets[lo:hi], None if pos_index is None else pos_index[lo:hi],
-            row_scale[lo:hi] if any_grad else torch.zeros(hi - lo, dtype=compute, device=device), any_grad)
+            row_scale[lo:hi] if any_grad else torch.zeros(hi - lo, dtype=compute, device=device), any_grad,
+            lse=None if lse is None else lse[lo:hi])
         loss[lo:hi] = rows_loss
+        lse_out[lo:hi] = rows_lse
         n_bad = n_bad + bad
         if not any_grad:
             continue
@@ -264,7 +270,7 @@ def _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels, rows_p
             grad_weight.addmm_(grad_logits.t(), h.to(compute))
         if needs[2]:
             grad_bias += grad_logits.sum(0)
-    return loss, n_bad, grad_hidden, grad_weight, grad_bias
+    return loss, lse_out, n_bad, grad_hidden, grad_weight, grad_bias
 
 
 class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
@@ -285,7 +291,7 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
         compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         scale = torch.full((n_rows,), 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0, dtype=compute,
                            device=hidden.device)
-        loss, n_bad, *grads = _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels,
+        loss, _, n_bad, *grads = _stream_label_loss(hidden, weight, bias, targets, pos_index, kernels,
                                                  rows_per_chunk, scale, needs if eager else (False,) * 3)
         if hidden.device.type == "cpu" and int(n_bad) > 0:
             raise ValueError(f"{_FUSED_OP}: targets must lie in [0, 1]; {int(n_bad)} value(s) do not")
@@ -308,7 +314,7 @@ class _FusedLinearMultilabelCEFunction(torch.autograd.Function):
             n_rows = hidden.shape[0]
             scale = grad_loss.expand(n_rows) / (n_rows if ctx.reduction == "mean" else 1)
             compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            _, _, *grads = _stream_label_loss(hidden, weight, bias, targets, pos_index, ctx.kernels,
+            _, _, _, *grads = _stream_label_loss(hidden, weight, bias, targets, pos_index, ctx.kernels,
                                               ctx.rows_per_chunk, scale.to(compute).contiguous(), ctx.needs)
         grad_hidden, grad_weight, grad_bias = grads
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),

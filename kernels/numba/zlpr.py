@@ -247,10 +247,13 @@ def _mark(member, indices, value):
 
 
 @njit(**_JIT)
-def _row_loss(s, t, g, need_grad, scratch):
+def _row_loss(s, t, g, need_grad, scratch, given, la, lb):
     """(LA, LB, bad targets) of one row; with need_grad, s is overwritten by g dL/ds (a chunk at a
-    time: each chunk is copied to scratch first, so the overflow path can reread it)."""
-    la, lb, n_bad = _forward_row(s, t, None)
+    time: each chunk is copied to scratch first, so the overflow path can reread it). With given,
+    the row's (LA, LB) are la, lb (combined over label shards) and the forward pass is skipped."""
+    n_bad = 0
+    if not given:
+        la, lb, n_bad = _forward_row(s, t, None)
     if need_grad:
         for lo in range(0, s.shape[0], CHUNK):
             hi = min(lo + CHUNK, s.shape[0])
@@ -261,21 +264,22 @@ def _row_loss(s, t, g, need_grad, scratch):
 
 
 @njit(**_JIT)
-def _indexed_row_loss(logits, targets, pos_index, i, g, need_grad, member, scratch):
+def _indexed_row_loss(logits, targets, pos_index, i, g, need_grad, member, scratch, given, la, lb):
     """_row_loss of row i, its targets dense or, with an empty targets array, from the index list."""
     if targets.shape[0] == 0:
         _mark(member, pos_index[i], 1)
-        result = _row_loss(logits[i], member, g, need_grad, scratch)
+        result = _row_loss(logits[i], member, g, need_grad, scratch, given, la, lb)
         _mark(member, pos_index[i], 0)
         return result
-    return _row_loss(logits[i], targets[i], g, need_grad, scratch)
+    return _row_loss(logits[i], targets[i], g, need_grad, scratch, given, la, lb)
 
 
 @njit(parallel=True, **_JIT)
-def _loss_rows(logits, targets, pos_index, row_scale, need_grad, n_blocks, loss, lse):
+def _loss_rows(logits, targets, pos_index, row_scale, need_grad, n_blocks, loss, lse, given_lse):
     """Per-row loss and (LA, LB) of logits [R, C] with dense targets [R, C], or with positive indices
     [R, K] when targets is empty. With need_grad, logits is overwritten by row_scale[i] dL/ds.
-    Rows go round-robin to n_blocks blocks, each with its own scratch rows."""
+    With given_lse, (LA, LB) are read from lse instead of computed. Rows go round-robin to n_blocks
+    blocks, each with its own scratch rows."""
     n_rows, n_cols = logits.shape
     n_bad = 0
     for block in prange(n_blocks):
@@ -283,7 +287,7 @@ def _loss_rows(logits, targets, pos_index, row_scale, need_grad, n_blocks, loss,
         scratch = np.empty(CHUNK, logits.dtype)
         for i in range(block, n_rows, n_blocks):
             la, lb, bad = _indexed_row_loss(logits, targets, pos_index, i, like(logits, row_scale[i]), need_grad,
-                                            member, scratch)
+                                            member, scratch, given_lse, lse[i, 0], lse[i, 1])
             lse[i, 0] = la
             lse[i, 1] = lb
             loss[i] = la + lb
@@ -318,7 +322,7 @@ def sparse_forward(logits, pos_index):
     loss = torch.empty(work.shape[0], dtype=work.dtype)
     lse = torch.empty(work.shape[0], 2, dtype=work.dtype)
     _loss_rows(_array(work), _NO_TARGETS, pos_index.numpy(), np.zeros(work.shape[0], _array(work).dtype), False,
-               _n_blocks(work.shape[0]), loss.numpy(), lse.numpy())
+               _n_blocks(work.shape[0]), loss.numpy(), lse.numpy(), False)
     return loss, lse
 
 
@@ -331,15 +335,19 @@ def sparse_backward(logits, pos_index, lse, grad_loss):
     return grad_logits.to(logits.dtype)
 
 
-def chunk_loss_and_grad(logits, targets, pos_index, row_scale, need_grad):
+def chunk_loss_and_grad(logits, targets, pos_index, row_scale, need_grad, lse=None):
     """The fused-linear epilogue for one chunk of rows. logits [R, C] float32/float64, contiguous and
     owned by the caller; targets [R, C] or pos_index [R, K] (the other None); row_scale [R].
+    lse: optional [R, 2] (LA, LB) of the rows, known beforehand (the label-parallel head combines
+    them over the label shards): the kernel uses them instead of this chunk's own and skips its
+    forward pass (the bad-target count is then 0: the pass that made lse counted them).
     Returns (loss [R], lse [R, 2], bad-target count); with need_grad, logits now holds
     row_scale[i] dL/dlogits."""
     loss = torch.empty(logits.shape[0], dtype=logits.dtype)
-    lse = torch.empty(logits.shape[0], 2, dtype=logits.dtype)
+    given = lse is not None
+    lse = lse.to(logits.dtype).contiguous() if given else torch.empty(logits.shape[0], 2, dtype=logits.dtype)
     n_bad = _loss_rows(logits.numpy(), _NO_TARGETS if targets is None else _array(targets),
                        _NO_INDEX if pos_index is None else pos_index.numpy(),
                        _array(row_scale.to(logits.dtype).contiguous()), need_grad, _n_blocks(logits.shape[0]),
-                       loss.numpy(), lse.numpy())
+                       loss.numpy(), lse.numpy(), given)
     return loss, lse, n_bad

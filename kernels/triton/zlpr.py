@@ -280,10 +280,20 @@ def sparse_backward(logits, pos_index, lse, grad_loss, out=None):
     return grad_logits
 
 
-def chunk_loss_and_grad(logits, targets, pos_index, row_scale, need_grad):
+def chunk_loss_and_grad(logits, targets, pos_index, row_scale, need_grad, lse=None):
     """The fused-linear epilogue for one chunk of rows (see the numba module): logits [R, C] float32,
-    owned by the caller, is overwritten by row_scale[i] dL/dlogits when need_grad.
+    owned by the caller, is overwritten by row_scale[i] dL/dlogits when need_grad. lse: optional
+    [R, 2] (LA, LB) known beforehand (label-parallel: combined over the shards); the forward kernels
+    are then skipped and the gradient uses them.
     Returns (loss [R], lse [R, 2], bad-target count as a tensor)."""
+    if lse is not None:
+        lse = lse.to(torch.float32).contiguous()
+        if need_grad:
+            if targets is None:
+                sparse_backward(logits, pos_index, lse, row_scale.to(torch.float32), out=logits)
+            else:
+                zlpr_backward(logits, targets, None, lse, row_scale.to(torch.float32), False, out=logits)
+        return lse.sum(1), lse, torch.zeros((), device=logits.device)
     if targets is None:
         loss, lse = sparse_forward(logits, pos_index)
         n_bad = torch.zeros((), device=logits.device)
