@@ -66,15 +66,33 @@ def _rows64(t, metric):
     return oracle.unit_rows(t) if metric == "cosine" else t
 
 
-def _centre(ref, metric):
-    """mu: the reference mean, rounded per column to a multiple of 2^-12 of a power of two below the
-    column's spread (its magnitude for a constant column)."""
-    chunks = ref.split(_ROWS)
-    mean = sum(_rows64(c, metric).sum(0) for c in chunks) / ref.shape[0]
-    spread = torch.stack([(_rows64(c, metric) - mean).abs().amax(0) for c in chunks]).amax(0)
+def column_sum(ref, metric):
+    """float64 [d]: the sum of the rows the centring averages (unit rows for cosine), in _ROWS chunks."""
+    return sum((_rows64(c, metric).sum(0) for c in ref.split(_ROWS)), torch.zeros(ref.shape[1], dtype=torch.float64,
+                                                                                    device=ref.device))
+
+
+def column_spread(ref, metric, mean):
+    """float64 [d]: the largest |row - mean| of each column (0 for no rows)."""
+    spread = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
+    for c in ref.split(_ROWS) if ref.shape[0] else ():
+        spread = torch.maximum(spread, (_rows64(c, metric) - mean).abs().amax(0))
+    return spread
+
+
+def round_centre(mean, spread):
+    """mu: the mean rounded per column to a multiple of 2^-12 of a power of two below the column's
+    spread (its magnitude for a constant column)."""
     spread = torch.where(spread > 0, spread, mean.abs())
     step = torch.exp2(torch.floor(torch.log2(spread)) - 12)
     return torch.where(step > 0, torch.round(mean / step) * step, mean)
+
+
+def _centre(ref, metric):
+    """mu for one process: the reference mean, rounded (round_centre). distributed.py sums the
+    column_sum of every rank's shard instead."""
+    mean = column_sum(ref, metric) / ref.shape[0]
+    return round_centre(mean, column_spread(ref, metric, mean))
 
 
 def _shifted(t, mu, metric, dtype):
@@ -145,21 +163,31 @@ def _select(values, indices, k):
     return by_value.values[:, :k], by_index.values.gather(1, by_value.indices[:, :k])
 
 
+def direct_distances(x, ref, rows, indices, metric, paired=None):
+    """float64 [b, c]: the distance of x[rows[i]] and ref[indices[i, p]] computed directly
+    (reference.paired_distances; `paired` is a backend's fused version of it). indices < len(ref)."""
+    if paired is not None:
+        return paired(x, ref, rows, indices, metric)
+    out = torch.empty(indices.shape, dtype=torch.float64, device=indices.device)
+    step = max(1, _ELEMENTS // max(1, indices.shape[1] * x.shape[1]))
+    with torch.no_grad():
+        for start in range(0, indices.shape[0], step):
+            part = slice(start, start + step)
+            out[part] = oracle.paired_distances(x[rows[part], None, :], ref[indices[part]], metric)
+    return out
+
+
+def rounded(distances, out_dtype):
+    """float64 distances rounded once to the output dtype (and back), NaN as +inf: the ranking key."""
+    return torch.nan_to_num(distances.to(out_dtype).double(), nan=float("inf"))
+
+
 def _exact(p, rows, indices, invalid):
     """Directly computed distances of the (row, indices) pairs, rounded to the output dtype and back
     (NaN and invalid pairs as +inf); invalid indices become m so that they lose every tie."""
     m = p.ref.shape[0]
     safe = torch.where(invalid, 0, indices)
-    if p.paired is not None:
-        out = p.paired(p.x, p.ref, rows, safe, p.metric)
-    else:
-        out = torch.empty(indices.shape, dtype=torch.float64, device=indices.device)
-        step = max(1, _ELEMENTS // max(1, indices.shape[1] * p.x.shape[1]))
-        with torch.no_grad():
-            for start in range(0, indices.shape[0], step):
-                part = slice(start, start + step)
-                out[part] = oracle.paired_distances(p.x[rows[part], None, :], p.ref[safe[part]], p.metric)
-    out = torch.nan_to_num(out.to(p.out_dtype).double(), nan=float("inf"))
+    out = rounded(direct_distances(p.x, p.ref, rows, safe, p.metric, p.paired), p.out_dtype)
     return torch.where(invalid, float("inf"), out), torch.where(invalid, m, indices)
 
 
@@ -173,30 +201,46 @@ def _invalid(p, rows, indices):
     return bad
 
 
+def search_tile(x64, y, start, metric, mu, out_dtype, zero_x=None, self_index=None, sentinel=None):
+    """(distances [r, c] float64, indices [r, c]) of query rows x64 (_rows64 of them) against the
+    reference rows y [c, d] with indices start.., by float64 GEMMs on data centred by mu, rounded to
+    out_dtype (NaN as +inf). cosine: zero_x [r] marks zero query rows (distance 1 to everything).
+    self_index [r]: each row's own reference index, returned as (+inf, sentinel)."""
+    y64 = _rows64(y, metric)
+    if metric == "ip":  # float32 products are exact in float64; no shift needed
+        dist = -(x64 @ y64.T)
+    else:
+        xs, ys = x64 - mu, y64 - mu
+        dist = ((xs * xs).sum(1)[:, None] + (ys * ys).sum(1)[None, :] - 2 * (xs @ ys.T)).clamp_(min=0)
+        if metric == "cosine":
+            zero_y = torch.linalg.vector_norm(y.double(), dim=1) == 0
+            dist = torch.where(zero_x[:, None] | zero_y[None, :], 1.0, dist / 2)
+    index = torch.arange(start, start + dist.shape[1], device=x64.device).expand_as(dist)
+    dist = rounded(dist, out_dtype)
+    if self_index is not None:
+        own = index == self_index[:, None]
+        dist, index = torch.where(own, float("inf"), dist), torch.where(own, sentinel, index)
+    return dist, index
+
+
+def search_columns(rows, d):
+    """Reference rows per search_tile call: the [rows, cols] distances and the [cols, d] float64 tile
+    both stay bounded."""
+    return max(1, _ELEMENTS // max(rows, d, 1))
+
+
 def _full_search(p, rows, k):
     """The k best of every reference for the given rows, with float64 GEMMs on the centred data,
     ranked by (distance rounded to the output dtype, index)."""
     m = p.ref.shape[0]
     x64 = _rows64(p.x[rows], p.metric)
-    xs = x64 - p.mu
     best_d = torch.full((len(rows), k), float("inf"), dtype=torch.float64, device=rows.device)
     best_i = torch.full((len(rows), k), m, dtype=torch.int64, device=rows.device)
-    # reference rows per chunk: the [rows, cols] distances and the [cols, d] float64 tile both stay bounded
-    cols = max(1, min(m, _ELEMENTS // max(len(rows), p.x.shape[1], 1)))
+    zero_x = p.zero_x[rows] if p.zero_x is not None else None
+    cols = min(m, search_columns(len(rows), p.x.shape[1]))
     for start in range(0, m, cols):
-        y64 = _rows64(p.ref[start:start + cols], p.metric)
-        if p.metric == "ip":  # float32 products are exact in float64; no shift needed
-            dist = -(x64 @ y64.T)
-        else:
-            ys = y64 - p.mu
-            dist = ((xs * xs).sum(1)[:, None] + (ys * ys).sum(1)[None, :] - 2 * (xs @ ys.T)).clamp_(min=0)
-            if p.metric == "cosine":
-                dist = torch.where(p.zero_x[rows][:, None] | p.zero_r[start:start + cols][None, :], 1.0, dist / 2)
-        index = torch.arange(start, start + dist.shape[1], device=rows.device).expand_as(dist)
-        dist = torch.nan_to_num(dist.to(p.out_dtype).double(), nan=float("inf"))
-        if p.exclude_self:
-            own = index == rows[:, None]
-            dist, index = torch.where(own, float("inf"), dist), torch.where(own, m, index)
+        dist, index = search_tile(x64, p.ref[start:start + cols], start, p.metric, p.mu, p.out_dtype, zero_x,
+                                  rows if p.exclude_self else None, m)
         best_d, best_i = _select(torch.cat([best_d, dist], 1), torch.cat([best_i, index], 1), k)
     return best_i
 

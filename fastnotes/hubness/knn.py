@@ -8,7 +8,7 @@ import torch
 
 from .. import _checks, _dispatch, _registry
 from ..reference import hubness as oracle
-from . import _exact, stream
+from . import _exact, distributed, stream
 
 METRICS = oracle.METRICS
 
@@ -110,7 +110,7 @@ def _streamed(op, x, reference, block_rows, ref_rows, progress):
 
 @_dispatch.eager_op
 def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_rows=None, ref_rows=None,
-        progress=None):
+        progress=None, group=None):
     """The k nearest reference rows of every row of x, exactly.
 
     Args:
@@ -144,7 +144,19 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_
     + ref_rows d + m) plus the [n, k] result, whatever the size of the file; the lists are those of the
     in-memory call. CPU only, no autograd, numba or triton backend. progress: None shows a tqdm bar
     (when tqdm is installed) on calls that last more than 3 s, True at once, False never.
+
+    Many processes: with group= (a torch.distributed ProcessGroup) every rank passes its contiguous
+    row shard of x (and of reference), in group rank order; shards may be uneven, empty, or shorter
+    than k. Each rank gets the lists of its own rows, with global indices (the shard's offset plus the
+    local index), equal to the single-process op on the concatenated shards; self-exclusion is by
+    global index. The reference shards travel around the ring in transfers of `ref_rows` rows
+    (default 32 MiB), overlapped with the distance tiles (fastnotes/hubness/distributed.py). A shard
+    may be a numpy.memmap / .npy path (read through the map). Every rank raises the same error on bad
+    input. No autograd, and no `reference` backend (the fused kernels run on every rank).
     """
+    if group is not None:
+        return distributed.run("knn", x, k, reference, metric, exclude_self, group, want_lists=True,
+                               ref_rows=ref_rows, unused={"block_rows": block_rows, "progress": progress})
     if _streamed("knn", x, reference, block_rows, ref_rows, progress):
         return stream.run("knn", x, k, reference, metric, exclude_self, want_lists=True, block_rows=block_rows,
                           ref_rows=ref_rows, progress=progress)
@@ -158,7 +170,7 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_
 
 @_dispatch.eager_op
 def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_rows=None,
-                 ref_rows=None, progress=None):
+                 ref_rows=None, progress=None, group=None, counts="all"):
     """N_k over the reference set: counts[r] = how many rows of x have reference row r among their k
     nearest (arguments, and the exactness of the lists, as in knn). int64 [m]; counts.sum() == k * n.
 
@@ -168,7 +180,18 @@ def k_occurrence(x, k, *, reference=None, metric="sqeuclidean", exclude_self=Tru
     torch.get_num_threads() reads 1 while the call runs and is restored after it.
 
     Out of core: x (and reference) may be a numpy.memmap or a path to a `.npy` file, streamed in
-    blocks as in knn (block_rows, ref_rows, progress there); the counts equal the in-memory call's."""
+    blocks as in knn (block_rows, ref_rows, progress there); the counts equal the in-memory call's.
+
+    Many processes: group= as in knn (each rank its row shard). The counts are summed over the ranks:
+    counts="all" (default) gives every rank the [m] counts of the whole reference set (all-reduce),
+    counts="shard" each rank those of its own reference rows, [m_local] (reduce-scatter). Without
+    group= the one process holds every shard, and both give the [m] counts."""
+    if group is not None:
+        return distributed.run("k_occurrence", x, k, reference, metric, exclude_self, group, want_lists=False,
+                               counts=counts, ref_rows=ref_rows,
+                               unused={"block_rows": block_rows, "progress": progress})
+    if counts not in distributed.COUNTS:
+        raise ValueError(f"k_occurrence: counts must be one of {distributed.COUNTS}, got {counts!r}")
     if _streamed("k_occurrence", x, reference, block_rows, ref_rows, progress):
         return stream.run("k_occurrence", x, k, reference, metric, exclude_self, want_lists=False,
                           block_rows=block_rows, ref_rows=ref_rows, progress=progress)
