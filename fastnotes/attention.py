@@ -6,6 +6,7 @@ matrix (Lq + Lk - 1 entries): the table gathers, the ALiBi term and the causal m
 in plain torch, so their gradients (tables, slopes) follow from the kernels' diagonal gradients by
 autograd, and the [Lq, Lk] matrix never exists.
 """
+import functools
 import math
 
 import torch
@@ -104,6 +105,15 @@ def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes
                              f"got {tuple(key_padding_mask.shape)}")
 
 
+@functools.lru_cache(maxsize=256)
+def _diagonal_index(lq, lk, width, rel_buckets, device):
+    """Table column of each diagonal (reference.table_index of delta). Cached: a model calls the op
+    with the same lengths in every layer, and decoding with Lq = 1 repeats each Lk once per layer;
+    the bucket arithmetic would otherwise cost more than a decode step's kernel."""
+    delta = (lk - 1) - torch.arange(lq + lk - 1, device=device)
+    return reference.table_index(delta, width, rel_buckets)
+
+
 def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table, key_padding_mask):
     """(bias_diag [H, Lq + Lk - 1], post_diag [H, Lq + Lk - 1], key_bias [B, Lk]) in the compute
     dtype, entry e for the diagonal j - i = e - (Lq - 1). Differentiable in the tables and slopes."""
@@ -113,13 +123,13 @@ def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table
     delta = (lk - 1) - torch.arange(lq + lk - 1, device=q.device)  # i + (Lk - Lq) - j on each diagonal
     bias = torch.zeros(heads, lq + lk - 1, dtype=work, device=q.device)
     if rel_bias is not None:
-        bias = bias + rel_bias.to(work)[:, reference.table_index(delta, rel_bias.shape[1], rel_buckets)]
+        bias = bias + rel_bias.to(work)[:, _diagonal_index(lq, lk, rel_bias.shape[1], rel_buckets, q.device)]
     if alibi_slopes is not None:
         bias = bias - alibi_slopes.to(work)[:, None] * delta.abs().to(work)
     if causal:
         bias = bias.masked_fill(delta < 0, -math.inf)
     if post_table is not None:
-        post = post_table.to(work)[:, reference.table_index(delta, post_table.shape[1], rel_buckets)]
+        post = post_table.to(work)[:, _diagonal_index(lq, lk, post_table.shape[1], rel_buckets, q.device)]
     else:
         post = torch.ones(heads, lq + lk - 1, dtype=work, device=q.device)
     key_bias = torch.zeros(batch, lk, dtype=work, device=q.device)

@@ -228,6 +228,23 @@ def test_float32_numba_long(rng):
                                 normalizer="l2", bias="t5")
 
 
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba's serial forward for small calls")
+@pytest.mark.parametrize("lq", [1, 70])
+def test_numba_serial_forward_equals_parallel(rng, monkeypatch, lq):
+    """Small calls (decoding) run the forward tasks on the calling thread: the same tasks, so the
+    same bits as the parallel launch, and both against the reference."""
+    from fastnotes.kernels.numba import attention as kernels
+    outs = []
+    for work in (0, 1 << 62):  # everything parallel, then everything serial (also checked below)
+        monkeypatch.setattr(kernels, "SERIAL_FORWARD_WORK", work)
+        with fastnotes.use_backend("numba"), torch.no_grad():
+            tensors, kwargs = make_case(torch.Generator().manual_seed(lq), 2, 4, 2, lq, 300, 16, 8)
+            tensors = {name: t.float() for name, t in tensors.items()}
+            outs.append(op_fn(**tensors, causal=True, **kwargs))
+    assert torch.equal(outs[0], outs[1])
+    check_against_reference("numba", rng, 2, 4, 2, lq, 300, 16, 8, dtype=torch.float32, causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_numba(rng, dtype):
     tensors, kwargs = make_case(rng, 2, 2, 2, 20, 20, 8, 8)

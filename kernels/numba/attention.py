@@ -39,6 +39,10 @@ NORMALIZER_CODES = {"softmax": SOFTMAX, "l2": L2}
 # of both threads stay in L2.
 FORWARD_TILES = (64, 256)
 BACKWARD_TILES = (64, 128)
+# Forward calls with fewer multiply-adds than this (B * H * Lq * Lk * (D + E); a decode step of a
+# t5-small-sized model has ~0.6M) run on the calling thread: tens of microseconds of work, which a
+# parallel launch would spend waking the pool.
+SERIAL_FORWARD_WORK = 1 << 21
 
 
 # The elementwise loops below index every array from 0 through views (a negative index would be
@@ -75,8 +79,10 @@ def _exp_row(row, shift, post, normalizer):
     return total
 
 
-@njit(parallel=True, **_JIT)
-def _forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out, stat):
+@njit(**_JIT)
+def _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out,
+                  stat):
+    """One (batch, head, query tile) of the forward: streams over the key tiles, writes its rows."""
     batch, heads, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     group = heads // k.shape[1]
@@ -85,45 +91,62 @@ def _forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,
     zero = like(q, 0.0)
     ninf = like(q, -np.inf)
     scale = like(q, scale)
-    for task in prange(batch * heads * n_qt):
-        b = task // (heads * n_qt)
-        h = (task // n_qt) % heads
-        i0 = (task % n_qt) * tile_q
-        i1 = min(i0 + tile_q, lq)
-        hk = h // group
-        qt = q[b, h, i0:i1]
-        m = np.full(i1 - i0, ninf)
-        norm = np.zeros(i1 - i0, q.dtype)
-        acc = np.zeros((i1 - i0, dv), q.dtype)
-        # causal: key j is visible from row i iff j <= i + Lk - Lq
-        j_end = min(lk, i1 + lk - lq) if causal else lk
-        for j0 in range(0, j_end, tile_k):
-            j1 = min(j0 + tile_k, j_end)
-            s = np.dot(qt, k[b, hk, j0:j1].T)
-            _score_tile(s, i0, j0, scale, bias_diag[h], key_bias[b], diag0)
-            for r in range(i1 - i0):
-                m_new = max(m[r], row_max(s[r]))
-                shift = m_new if m_new != ninf else zero  # all masked so far: exp(-inf) = 0 below
-                total = _exp_row(s[r], shift, post_diag[h, j0 - (i0 + r) + diag0:], normalizer)
-                corr = fast_exp(m[r] - shift)
-                norm[r] = norm[r] * (corr * corr if normalizer == L2 else corr) + total
-                acc_row = acc[r]
-                for e in range(dv):
-                    acc_row[e] *= corr
-                m[r] = m_new
-            acc += np.dot(s, v[b, hk, j0:j1])
+    b = task // (heads * n_qt)
+    h = (task // n_qt) % heads
+    i0 = (task % n_qt) * tile_q
+    i1 = min(i0 + tile_q, lq)
+    hk = h // group
+    qt = q[b, h, i0:i1]
+    m = np.full(i1 - i0, ninf)
+    norm = np.zeros(i1 - i0, q.dtype)
+    acc = np.zeros((i1 - i0, dv), q.dtype)
+    # causal: key j is visible from row i iff j <= i + Lk - Lq
+    j_end = min(lk, i1 + lk - lq) if causal else lk
+    for j0 in range(0, j_end, tile_k):
+        j1 = min(j0 + tile_k, j_end)
+        s = np.dot(qt, k[b, hk, j0:j1].T)
+        _score_tile(s, i0, j0, scale, bias_diag[h], key_bias[b], diag0)
         for r in range(i1 - i0):
-            if norm[r] > zero:
-                inv = like(q, 1.0) / (norm[r] if normalizer == SOFTMAX else math.sqrt(norm[r]))
-                log_norm = fast_log(norm[r])
-                stat[b, h, i0 + r] = m[r] + (log_norm if normalizer == SOFTMAX else like(q, 0.5) * log_norm)
-            else:  # every key masked: output 0, and a = exp(s - inf) = 0 in the backward
-                inv = zero
-                stat[b, h, i0 + r] = like(q, np.inf)
-            out_row = out[b, h, i0 + r]
+            m_new = max(m[r], row_max(s[r]))
+            shift = m_new if m_new != ninf else zero  # all masked so far: exp(-inf) = 0 below
+            total = _exp_row(s[r], shift, post_diag[h, j0 - (i0 + r) + diag0:], normalizer)
+            corr = fast_exp(m[r] - shift)
+            norm[r] = norm[r] * (corr * corr if normalizer == L2 else corr) + total
             acc_row = acc[r]
             for e in range(dv):
-                out_row[e] = acc_row[e] * inv
+                acc_row[e] *= corr
+            m[r] = m_new
+        acc += np.dot(s, v[b, hk, j0:j1])
+    for r in range(i1 - i0):
+        if norm[r] > zero:
+            inv = like(q, 1.0) / (norm[r] if normalizer == SOFTMAX else math.sqrt(norm[r]))
+            log_norm = fast_log(norm[r])
+            stat[b, h, i0 + r] = m[r] + (log_norm if normalizer == SOFTMAX else like(q, 0.5) * log_norm)
+        else:  # every key masked: output 0, and a = exp(s - inf) = 0 in the backward
+            inv = zero
+            stat[b, h, i0 + r] = like(q, np.inf)
+        out_row = out[b, h, i0 + r]
+        acc_row = acc[r]
+        for e in range(dv):
+            out_row[e] = acc_row[e] * inv
+
+
+@njit(parallel=True, **_JIT)
+def _forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out, stat):
+    tasks = q.shape[0] * q.shape[1] * ((q.shape[2] + tile_q - 1) // tile_q)
+    for task in prange(tasks):
+        _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k,
+                      out, stat)
+
+
+@njit(**_JIT)
+def _forward_serial(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out, stat):
+    """The same tasks on the calling thread: for small calls (decoding, Lq = 1), where waking numba's
+    thread pool costs more than the work, and stalls whenever a core is busy elsewhere."""
+    tasks = q.shape[0] * q.shape[1] * ((q.shape[2] + tile_q - 1) // tile_q)
+    for task in range(tasks):
+        _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k,
+                      out, stat)
 
 
 @njit(**_JIT)
@@ -205,7 +228,7 @@ def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal
 
 _blas_lock = threading.Lock()
 _blas_users = 0  # launches running under the limit, in any Python thread
-_blas_limiter = None
+_blas_saved = None  # [(library controller, its thread count before the first launch)]
 
 
 @contextlib.contextmanager
@@ -214,11 +237,14 @@ def single_threaded_blas():
     oversubscribe the cores (OpenBLAS also warns about the OpenMP loop), so BLAS runs on one thread
     while any launch runs. One process-wide limit, counted: the first launch sets it, the last one
     to finish restores the counts (per-call limits nested across threads restored out of order and
-    left BLAS at one thread)."""
-    global _blas_users, _blas_limiter
+    left BLAS at one thread). The BLAS libraries are looked up once and set directly: a
+    threadpoolctl limit() per launch cost ~40 us, more than a decode step's kernel."""
+    global _blas_users, _blas_saved
     with _blas_lock:
         if _blas_users == 0:
-            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+            _blas_saved = [(lib, lib.get_num_threads()) for lib in _blas_libraries()]
+            for lib, _ in _blas_saved:
+                lib.set_num_threads(1)
         _blas_users += 1
     try:
         yield
@@ -226,13 +252,14 @@ def single_threaded_blas():
         with _blas_lock:
             _blas_users -= 1
             if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
+                for lib, threads in _blas_saved:
+                    lib.set_num_threads(threads)
+                _blas_saved = None
 
 
 @functools.lru_cache(maxsize=None)
-def _blas_controller():
-    return ThreadpoolController()
+def _blas_libraries():
+    return ThreadpoolController().select(user_api="blas").lib_controllers
 
 
 def _arrays(*tensors):
@@ -247,9 +274,10 @@ def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer
     batch, heads, lq, _ = q.shape
     out = torch.empty(batch, heads, lq, v.shape[3], dtype=work[0].dtype)
     stat = torch.empty(batch, heads, lq, dtype=work[0].dtype)
+    small = batch * heads * lq * k.shape[2] * (q.shape[3] + v.shape[3]) < SERIAL_FORWARD_WORK
     with single_threaded_blas():
-        _forward(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer], bool(causal), *FORWARD_TILES,
-                 out.numpy(), stat.numpy())
+        (_forward_serial if small else _forward)(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer],
+                                                 bool(causal), *FORWARD_TILES, out.numpy(), stat.numpy())
     return out.to(q.dtype), stat
 
 
