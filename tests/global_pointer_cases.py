@@ -18,7 +18,7 @@ def random_spans(gen, lengths, heads, per_row, tril=True, diagonal=False):
     spans = torch.full((len(lengths), heads, per_row, 2), -1, dtype=torch.int64)
     for b, length in enumerate(lengths):
         for h in range(heads):
-            count = int(torch.randint(0, per_row + 1, (1,), generator=gen))
+            count = int(torch.randint(0, per_row + 1, (1,), generator=gen)) if length else 0
             pairs = set()
             for _ in range(count):
                 i = int(torch.randint(0, length, (1,), generator=gen))

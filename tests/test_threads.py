@@ -98,7 +98,17 @@ def amos():
     return (weight.detach(),)
 
 
-OPS = [zlpr_dense, zlpr_sparse, zlpr_fused_linear, nm_class, exact, attention, ladder, sampler, knn, amos]
+def global_pointer():
+    g = _gen(12)
+    q, k = (torch.randn(2, 300, 3, 16, generator=g, requires_grad=True) for _ in range(2))
+    spans = torch.tensor([[[[0, 4], [7, 7]]] * 3] * 2)
+    mask = torch.arange(300)[None, :] < torch.tensor([[300], [211]])
+    loss = fastnotes.global_pointer_loss(q, k, spans, mask=mask)
+    return (loss, *torch.autograd.grad(loss, (q, k)), fastnotes.global_pointer_decode(q, k, mask=mask, threshold=2.0))
+
+
+OPS = [zlpr_dense, zlpr_sparse, zlpr_fused_linear, nm_class, exact, attention, ladder, sampler, knn, amos,
+       global_pointer]
 
 
 @pytest.mark.skipif("numba" not in available_backends("cpu"), reason="numba not installed")
