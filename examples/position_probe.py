@@ -7,8 +7,10 @@ read-out per position, trained with MSE against 1..n. Three variants:
   (b) + URPE:             o_i = sum_j a_ij C(i - j) v, no renormalisation: positions separate
   (c) l2 normaliser:      a_ij = exp(s_ij) / sqrt(sum_j exp(2 s_ij)): row l1 norms differ
 The T5 bias is bidirectional (signed buckets): a symmetric bias could not tell i from n + 1 - i.
+train_hf runs (a) and (b) through a one-layer Hugging Face T5EncoderModel patched by
+fastnotes.integrations.transformers.apply_to_t5(urpe=False / True) instead (--hf; needs transformers).
 
-    python examples/position_probe.py
+    python examples/position_probe.py [--hf]
 """
 import contextlib
 
@@ -68,6 +70,47 @@ def train(variant, n=8, steps=400, lr=0.03, seed=0):
         return curve, model()
 
 
+class HFProbeModel(torch.nn.Module):
+    """The probe through a Hugging Face T5EncoderModel (one layer, built from a config) patched by
+    fastnotes.integrations.transformers.apply_to_t5: the same token id at every position -> the
+    encoder (T5 bias, optional URPE tables) -> a linear read-out per position."""
+
+    def __init__(self, n, *, urpe, dim=16, heads=4):
+        super().__init__()
+        import transformers
+
+        from fastnotes.integrations.transformers import apply_to_t5
+
+        config = transformers.T5Config(vocab_size=4, d_model=dim, d_kv=dim // heads, d_ff=2 * dim, num_layers=1,
+                                       num_heads=heads, relative_attention_num_buckets=32,
+                                       relative_attention_max_distance=128, dropout_rate=0.0,
+                                       feed_forward_proj="relu", attn_implementation="eager")
+        self.ids = torch.full((1, n), 2)  # identical inputs: one token id everywhere
+        self.encoder = apply_to_t5(transformers.T5EncoderModel(config), urpe=urpe)
+        self.readout = torch.nn.Linear(dim, 1)
+
+    def forward(self):
+        return self.readout(self.encoder(input_ids=self.ids).last_hidden_state).reshape(-1)
+
+
+def train_hf(urpe, n=8, steps=300, lr=0.03, seed=0):
+    """Returns (per-step MSE list, final outputs [n]) of HFProbeModel."""
+    torch.manual_seed(seed)
+    model = HFProbeModel(n, urpe=urpe)
+    target = torch.arange(1, n + 1, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    curve = []
+    with one_thread():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(), target)
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        with torch.no_grad():
+            return curve, model()
+
+
 def run(n=8, steps=400):
     with one_thread():
         results = {name: train(name, n, steps) for name in VARIANTS}
@@ -83,4 +126,12 @@ def run(n=8, steps=400):
 
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    if "--hf" in sys.argv:
+        for urpe in (False, True):
+            curve, outputs = train_hf(urpe)
+            print(f"HF T5 encoder, urpe={urpe}: final MSE {curve[-1]:.3e}, outputs "
+                  + " ".join(f"{o:6.3f}" for o in outputs.tolist()))
+    else:
+        run()

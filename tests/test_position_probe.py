@@ -4,6 +4,7 @@ var(1..n)); URPE and the l2 normaliser can (MSE at least 100x lower)."""
 import importlib.util
 import pathlib
 
+import pytest
 import torch
 
 
@@ -29,3 +30,18 @@ def test_position_probe(capsys):
         curve, outputs = results[name]
         assert curve[-1] <= curve_a[-1] / 100, f"{name}: final MSE {curve[-1]:.3g} vs softmax {curve_a[-1]:.3g}"
         assert torch.all(outputs[1:] > outputs[:-1]), f"{name}: outputs not increasing: {outputs.tolist()}"
+
+
+def test_position_probe_through_hf_t5():
+    """The same probe through a one-layer Hugging Face T5EncoderModel patched by apply_to_t5:
+    urpe=False is stuck at the floor (identical outputs at every position), urpe=True learns 1..n."""
+    pytest.importorskip("transformers")
+    probe = _load_example()
+    n = 8
+    floor = torch.arange(1, n + 1, dtype=torch.float64).var(unbiased=False).item()
+    curve, outputs = probe.train_hf(urpe=False, n=n, steps=300)
+    assert (outputs.max() - outputs.min()).item() <= 1e-5
+    assert min(curve) >= floor * (1 - 1e-4)
+    curve, outputs = probe.train_hf(urpe=True, n=n, steps=300)
+    assert curve[-1] <= floor / 100, f"urpe=True: final MSE {curve[-1]:.3g} (floor {floor:.3g})"
+    assert torch.all(outputs[1:] > outputs[:-1]), f"urpe=True: outputs not increasing: {outputs.tolist()}"
