@@ -195,26 +195,24 @@ def _forward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, t
 
 @njit(**_JIT)
 def _gradient_row(row, shift, ends, lo, scale_g):
-    """row <- scale_g * exp(row + ends + shift) for c >= lo, 0 below; returns the row's sum."""
-    total = like(row, 0.0)
+    """row <- scale_g * exp(row + ends + shift) for c >= lo, 0 below."""
     for c in range(lo):
         row[c] = like(row, 0.0)
     tail = row[lo:]
     tail_ends = ends[lo:]
     for c in range(tail.shape[0]):
-        x = scale_g * fast_exp(tail[c] + tail_ends[c] + shift)
-        tail[c] = x
-        total += x
-    return total
+        tail[c] = scale_g * fast_exp(tail[c] + tail_ends[c] + shift)
 
 
 @njit(**_JIT)
-def _add_rows(acc, rows):
-    """acc[c] += sum_r rows[r, c] (the column sums of a tile)."""
-    for r in range(rows.shape[0]):
-        row = rows[r]
-        for c in range(acc.shape[0]):
-            acc[c] += row[c]
+def _row_and_column_sums(row, column_sums):
+    """column_sums += row; returns the row's sum (one pass for both bias gradients)."""
+    total = like(row, 0.0)
+    for c in range(row.shape[0]):
+        x = row[c]
+        total += x
+        column_sums[c] += x
+    return total
 
 
 @njit(**_JIT)
@@ -265,6 +263,7 @@ def _backward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, 
                     lse_pos = stats[b, t, 0]
                     lse_neg = stats[b, t, 1]
                     p = _advance(prow, 0, i0 * n + j0)
+                    column_sums = np.zeros(j1 - j0, q.dtype)
                     for r in range(i1 - i0):
                         i = i0 + r
                         start = bias_start[b, t, i]
@@ -273,21 +272,19 @@ def _backward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, 
                             row[:] = zero
                             continue
                         lo = min(max(0, i - j0), j1 - j0) if tril else 0
-                        row_sum = _gradient_row(row, start - lse_neg, ends, lo, g_t)
-                        # the positives of this row: overwrite with -g e^{-s - LP}
+                        _gradient_row(row, start - lse_neg, ends, lo, g_t)
+                        # the positives of this row: overwritten with -g e^{-s - LP} before any sum
+                        # (their negative-form values may be huge or inf)
                         while p < prow.shape[0] and prow[p] >= 0 and prow[p] < i * n + j1:
                             c = prow[p] - i * n - j0
                             if c >= 0:
                                 x = zero
                                 for e in range(d):
                                     x += qr[i, e] * kr[j0 + c, e]
-                                x += start + ends[c]
-                                row_sum -= row[c]
-                                row[c] = -g_t * fast_exp(-x - lse_pos)
-                                row_sum += row[c]
+                                row[c] = -g_t * fast_exp(-(x + start + ends[c]) - lse_pos)
                             p += 1
-                        grad_start[b, t, i] += row_sum
-                    _add_rows(grad_end[b, t, j0:j1], work)
+                        grad_start[b, t, i] += _row_and_column_sums(row, column_sums)
+                    grad_end[b, t, j0:j1] += column_sums
                     if group > 1:
                         _add_tile(ds, work)
                 dq[i0:i1] += np.dot(ds, kr[j0:j1])
