@@ -135,6 +135,79 @@ def test_apply_zlpr_trains_to_logits_above_zero():
     assert torch.equal(predicted, labels.bool())
 
 
+def wide_classifier(cls_name="BertForSequenceClassification", labels=300, seed=0):
+    """A multi-label head with more labels than features (the fused form's use)."""
+    config_name = cls_name.replace("ForSequenceClassification", "Config")
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, num_labels=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        problem_type="multi_label_classification", pad_token_id=1)
+    torch.manual_seed(seed)
+    return getattr(transformers, cls_name)(config)
+
+
+@pytest.mark.parametrize("cls_name, name", [("BertForSequenceClassification", "classifier"),
+                                            ("RobertaForSequenceClassification", "classifier.out_proj")])
+def test_apply_zlpr_fused_equals_unfused(cls_name, name):
+    model = wide_classifier(cls_name).train()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(2, VOCAB, (5, 9), generator=g)
+    labels = (torch.rand(5, 300, generator=g) < 0.05).float()
+    plain = fhf.apply_zlpr(copy.deepcopy(model))
+    fused = fhf.apply_zlpr(copy.deepcopy(model), fused=True)
+    assert fhf.apply_zlpr(fused, fused=True) is fused  # twice: no-op
+    calls = []
+    fused.get_submodule(name).register_forward_hook(lambda m, i, o: calls.append(o.stride()))
+    results = []
+    for m in (plain, fused):
+        out = m(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(2 * labels.numel()))
+        out.loss.backward()
+        results.append(out)
+    assert results[1].logits is None  # no [batch, num_labels] logits in a fused training step
+    assert calls == [(0, 0)]  # the Linear returned its stride-0 placeholder, no GEMM
+    assert_close(results[1].loss, results[0].loss, "fused loss", ulps=256)
+    plain_params = dict(plain.named_parameters())
+    for pname, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, plain_params[pname].grad, rtol=1e-4, atol=1e-6, msg=pname)
+    as_tuple = fused(input_ids=ids, labels=labels, return_dict=False)
+    assert_close(as_tuple[0], results[0].loss * 2, "tuple loss", ulps=256)  # no num_items: the plain mean
+    assert as_tuple[1] is None
+    # eval mode: logits as usual, the loss from them
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        got, expected = fused(input_ids=ids, labels=labels), plain(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
+    assert_close(got.loss, expected.loss, "eval loss")
+
+
+def test_apply_zlpr_fused_errors():
+    model = wide_classifier().train()
+    ids = torch.randint(2, VOCAB, (2, 5))
+    fused = fhf.apply_zlpr(copy.deepcopy(model), fused=True)
+    labels = torch.zeros(2, 300)
+    labels[0, 0] = -100
+    with pytest.raises(ValueError, match="-100"):
+        fused(input_ids=ids, labels=labels)
+    with pytest.raises(ValueError, match="shape of the logits"):
+        fused(input_ids=ids, labels=torch.zeros(2, 299))
+    with pytest.raises(ValueError, match="classifier="):
+        fhf.apply_zlpr(fused)  # another configuration on a patched model
+    with pytest.raises(ValueError, match="only applies with fused=True"):
+        fhf.apply_zlpr(copy.deepcopy(model), classifier="classifier")
+    with pytest.raises(ValueError, match="no submodule"):
+        fhf.apply_zlpr(copy.deepcopy(model), fused=True, classifier="head")
+    with pytest.raises(ValueError, match="must be a torch.nn.Linear"):
+        fhf.apply_zlpr(copy.deepcopy(model), fused=True, classifier="bert")
+    with pytest.raises(TypeError, match="fused"):
+        fhf.apply_zlpr(copy.deepcopy(model), fused=1)
+    # num_labels == hidden size: several candidate Linears, the name is needed
+    square = wide_classifier(labels=HIDDEN)
+    with pytest.raises(ValueError, match="name it with classifier="):
+        fhf.apply_zlpr(copy.deepcopy(square), fused=True)
+    fhf.apply_zlpr(square, fused=True, classifier="classifier").train()
+    assert square(input_ids=ids, labels=torch.zeros(2, HIDDEN)).logits is None
+
+
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, n=16):
         self.ids, self.labels = toy_batch(seed=3, n=n)
@@ -171,22 +244,21 @@ def test_trainer_with_compute_loss_func(tmp_path):
     assert not torch.equal(model.classifier.weight, before)
 
 
-def test_trainer_with_apply_zlpr(tmp_path):
-    model = fhf.apply_zlpr(bert_classifier())
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_trainer_with_apply_zlpr(tmp_path, monkeypatch, fused):
+    model = fhf.apply_zlpr(bert_classifier(), fused=fused)
     seen = []
-    original = fhf._zlpr
+    name = "_fused_zlpr_forward" if fused else "_zlpr"
+    original = getattr(fhf, name)
 
-    def spy(op, logits, labels, num_items):
-        seen.append(op)
-        return original(op, logits, labels, num_items)
+    def spy(*args):
+        seen.append(args[-1])  # num_items_in_batch
+        return original(*args)
 
     before = model.classifier.weight.detach().clone()
-    fhf._zlpr = spy
-    try:
-        result = _trainer(model, tmp_path).train()
-    finally:
-        fhf._zlpr = original
-    assert seen and set(seen) == {"apply_zlpr"}
+    monkeypatch.setattr(fhf, name, spy)
+    result = _trainer(model, tmp_path).train()
+    assert seen and {int(n) for n in seen} == {2 * 4 * LABELS}
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(model.classifier.weight, before)
 

@@ -272,6 +272,7 @@ def _read_state(path):
 #
 #     trainer = Trainer(model, args, train_dataset=..., compute_loss_func=zlpr_loss)   # either this
 #     apply_zlpr(model)                            # or this: model(..., labels=y).loss is the ZLPR loss
+#     apply_zlpr(model, fused=True)                # large label sets: no [batch, num_labels] logits in training
 #     predictions = outputs.logits > 0             # ZLPR's threshold is 0 (sigmoid(2 s) is the probability)
 
 _ZLPR_IGNORE = -100  # transformers' ignore index: such label entries drop that class from that row
@@ -330,10 +331,12 @@ def zlpr_loss(outputs, labels, num_items_in_batch=None):
     return _zlpr("zlpr_loss", _logits_of("zlpr_loss", outputs), labels, num_items_in_batch)
 
 
-def _zlpr_forward_factory(original, positional_labels):
+def _zlpr_forward_factory(original, positional_labels, classifier):
     """A forward that calls `original` (the model class's forward, unbound) without labels and
-    puts the ZLPR loss in front of its outputs. It holds no reference to a model instance, so
-    copy.deepcopy of the model rebinds it to the copy."""
+    puts the ZLPR loss in front of its outputs. With `classifier` (the dotted name of the head's
+    output Linear) and labels in training mode, that Linear only records its input while the model
+    runs and the loss is fastnotes.fused_linear_multilabel_ce of it. It holds no reference to a
+    model instance, so copy.deepcopy of the model rebinds it to the copy."""
 
     def forward(self, *args, **kwargs):
         labels = kwargs.pop("labels", None)
@@ -342,20 +345,94 @@ def _zlpr_forward_factory(original, positional_labels):
                 raise TypeError("forward got labels both positionally and as a keyword")
             labels, args = args[positional_labels], args[:positional_labels] + (None,) + args[positional_labels + 1:]
         num_items = kwargs.pop("num_items_in_batch", None)
+        if classifier is not None and labels is not None and self.training:
+            return _fused_zlpr_forward(self, original, classifier, args, kwargs, labels, num_items)
         outputs = original(self, *args, **kwargs)
         if labels is None:
             return outputs
         loss = _zlpr("apply_zlpr", _logits_of("apply_zlpr", outputs), labels, num_items)
-        if isinstance(outputs, tuple):
-            return (loss, *outputs)
-        fields = {k: v for k, v in outputs.items() if k != "loss"}
-        return type(outputs)(loss=loss, **fields)
+        return _with_loss(outputs, loss)
 
-    forward._fastnotes_zlpr = True
     return forward
 
 
-def apply_zlpr(model):
+def _with_loss(outputs, loss, **replace):
+    if isinstance(outputs, tuple):
+        return (loss, *outputs)
+    fields = {k: v for k, v in outputs.items() if k != "loss"}
+    fields.update(replace)
+    return type(outputs)(loss=loss, **fields)
+
+
+def _fused_zlpr_forward(model, original, classifier, args, kwargs, labels, num_items):
+    """Training forward of apply_zlpr(fused=True): the output Linear hands its input over instead of
+    computing [..., C] logits (it returns a stride-0 zero view of that shape, which the model only
+    passes through), and the loss comes from that input and the Linear's weight and bias."""
+    op = "apply_zlpr"
+    from ..zlpr import fused_linear_multilabel_ce
+
+    linear = model.get_submodule(classifier)
+    inputs = []
+
+    def capture(hidden):
+        inputs.append(hidden)
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], linear.out_features)
+
+    linear.forward = capture  # an instance attribute for this call only: deleted below
+    try:
+        outputs = original(model, *args, **kwargs)
+    finally:
+        del linear.forward
+    if len(inputs) != 1:
+        raise RuntimeError(f"{op}: the classifier {classifier!r} ran {len(inputs)} times in one forward; fused=True "
+                           "needs a head that applies it once to the features")
+    hidden = inputs[0]
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be a tensor, got {type(labels).__name__}")
+    shape = (*hidden.shape[:-1], linear.out_features)
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"{op}: labels must have the shape of the logits {shape} (multi-hot, one column per label), "
+                         f"got {tuple(labels.shape)}")
+    labels = labels.to(hidden.device)
+    if labels.dtype != torch.bool and bool((labels == _ZLPR_IGNORE).any()):
+        raise ValueError(f"{op}: labels hold -100 (ignored entries), which the fused form does not support; use "
+                         "apply_zlpr(model) without fused=True")
+    if num_items is None:
+        loss = fused_linear_multilabel_ce(hidden, linear.weight, labels, bias=linear.bias)
+    else:
+        count = num_items.item() if isinstance(num_items, torch.Tensor) else num_items
+        if not count > 0:
+            raise ValueError(f"{op}: num_items_in_batch must be positive, got {count!r}")
+        loss = fused_linear_multilabel_ce(hidden, linear.weight, labels, bias=linear.bias, reduction="sum") * (
+            linear.out_features / count)
+    if isinstance(outputs, tuple):
+        return (loss, *(None if isinstance(o, torch.Tensor) and o.shape == shape and o.stride()[-1] == 0 else o
+                        for o in outputs))
+    return _with_loss(outputs, loss, logits=None)
+
+
+def _find_classifier(op, model, classifier):
+    """The dotted name of the head's output Linear: `classifier` when given, else the only
+    nn.Linear with config.num_labels outputs."""
+    if classifier is not None:
+        if not isinstance(classifier, str):
+            raise TypeError(f"{op}: classifier must be the dotted name of a submodule, got {type(classifier).__name__}")
+        try:
+            module = model.get_submodule(classifier)
+        except AttributeError as error:
+            raise ValueError(f"{op}: model has no submodule {classifier!r}") from error
+        if type(module) is not torch.nn.Linear:
+            raise ValueError(f"{op}: classifier {classifier!r} must be a torch.nn.Linear, got {type(module).__name__}")
+        return classifier
+    found = [name for name, m in model.named_modules()
+             if type(m) is torch.nn.Linear and m.out_features == model.config.num_labels]
+    if len(found) != 1:
+        raise ValueError(f"{op}: fused=True needs the head's output Linear; found {len(found)} nn.Linear with "
+                         f"num_labels={model.config.num_labels} outputs ({found}): name it with classifier=")
+    return found[0]
+
+
+def apply_zlpr(model, *, fused=False, classifier=None):
     """Make a multi-label classification model compute the ZLPR loss instead of BCE, in place.
 
     For the ``*ForSequenceClassification`` (and similar) heads of transformers with
@@ -366,11 +443,24 @@ def apply_zlpr(model):
     zlpr_loss). Predict label i when logits[:, i] > 0 (not sigmoid(logit) > 0.5 as with BCE: ZLPR
     ties the threshold to 0 for every row). Parameters, state_dict, save_pretrained are
     unchanged; the patch lives on the instance, so a model loaded again with from_pretrained
-    needs apply_zlpr again. Applying it twice is a no-op. Returns the model.
+    needs apply_zlpr again. Applying it twice with the same arguments is a no-op. Returns the model.
+
+    fused=True, for large label sets: in training mode with labels, the head's output Linear
+    (``classifier``, its dotted name, e.g. "classifier" or "classifier.out_proj"; default: the only
+    nn.Linear with num_labels outputs) computes no logits: the loss is
+    fastnotes.fused_linear_multilabel_ce of the Linear's input, weight and bias, so the [batch,
+    num_labels] logits and their gradient never exist (one row chunk at a time), and
+    ``outputs.logits`` is None (a tuple output has None in their place). In eval mode or without
+    labels the model returns its logits as usual (the loss, with labels, from them). Labels with
+    -100 entries raise in the fused form.
     """
     op = "apply_zlpr"
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fused, bool):
+        raise TypeError(f"{op}: fused must be a bool, got {type(fused).__name__}")
+    if classifier is not None and not fused:
+        raise ValueError(f"{op}: classifier= only applies with fused=True")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "problem_type") or not hasattr(config, "num_labels"):
         raise ValueError(f"{op}: model ({type(model).__name__}) has no transformers config with problem_type and "
@@ -378,8 +468,13 @@ def apply_zlpr(model):
     if config.problem_type not in (None, "multi_label_classification"):
         raise ValueError(f"{op}: model.config.problem_type is {config.problem_type!r}; ZLPR replaces the loss of "
                          "multi_label_classification heads only")
+    classifier = _find_classifier(op, model, classifier) if fused else None
     current = model.forward
-    if getattr(getattr(current, "__func__", None), "_fastnotes_zlpr", False):
+    applied = getattr(getattr(current, "__func__", None), "_fastnotes_zlpr_classifier", False)
+    if applied is not False:
+        if applied != classifier:
+            raise ValueError(f"{op}: the model already has apply_zlpr with classifier={applied!r}; apply it to a "
+                             "fresh model to change fused / classifier")
         return model
     if not (isinstance(current, types.MethodType) and current.__self__ is model):
         raise ValueError(f"{op}: model.forward is not the model's own bound method (already patched by something "
@@ -391,11 +486,11 @@ def apply_zlpr(model):
     params = list(signature.parameters.values())
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     index = positional.index("labels") - 1 if "labels" in positional else None  # -1: self
-    forward = _zlpr_forward_factory(current.__func__, index)
+    forward = _zlpr_forward_factory(current.__func__, index, classifier)
     functools.update_wrapper(forward, current.__func__)
     del forward.__wrapped__  # the signature below is the one to report, not the unwrapped one
     forward.__signature__ = signature  # Trainer reads forward's parameters to pick dataset columns
-    forward._fastnotes_zlpr = True
+    forward._fastnotes_zlpr_classifier = classifier
     config.problem_type = "multi_label_classification"
     model.forward = types.MethodType(forward, model)
     return model
