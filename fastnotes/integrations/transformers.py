@@ -50,7 +50,8 @@ import torch
 from ..attention import relpos_attention
 from ..zlpr import multilabel_ce
 
-__all__ = ["ATTN_IMPLEMENTATION", "apply_to_t5", "apply_zlpr", "load_urpe_pretrained", "zlpr_loss"]
+__all__ = ["ATTN_IMPLEMENTATION", "ATTN_IMPLEMENTATION_BLOOM", "apply_to_bloom", "apply_to_t5", "apply_zlpr",
+           "load_urpe_pretrained", "zlpr_loss"]
 
 ATTN_IMPLEMENTATION = "fastnotes_t5"
 _OP = "apply_to_t5"
@@ -74,12 +75,12 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
 AttentionInterface.register(ATTN_IMPLEMENTATION, _not_called)
 
 
-def _key_mask(mask, batch, lk):
+def _key_mask(mask, batch, lk, op=_OP):
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.shape != (batch, lk):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{_OP}: the patched attention takes a 2-D padding attention_mask [batch={batch}, "
+        raise ValueError(f"{op}: the patched attention takes a 2-D padding attention_mask [batch={batch}, "
                          f"keys={lk}] (1 = attend); got {shape} (4-D custom masks are not supported)")
     return mask.to(torch.bool)
 
@@ -174,10 +175,22 @@ def _attention_classes():
     return found
 
 
-def _patched_class(cls, forward):
+def _patched_class(cls, forward, mixin=_Patched):
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"Fastnotes{cls.__name__}", (_Patched, cls), {"forward": forward})
+        body = {} if forward is None else {"forward": forward}
+        _PATCHED_CLASSES[cls] = type(f"Fastnotes{cls.__name__}", (mixin, cls), body)
     return _PATCHED_CLASSES[cls]
+
+
+def _set_implementation(model, name):
+    """Every config in the model (the top one and the sub-models') names our attention, so that the
+    models' mask builders call our mask hook."""
+    configs = {id(model.config): model.config} if hasattr(model, "config") else {}
+    for m in model.modules():
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+            configs[id(m.config)] = m.config
+    for config in configs.values():
+        config._attn_implementation = name
 
 
 def apply_to_t5(model, *, urpe=False, attention_dropout=None):
@@ -220,12 +233,7 @@ def apply_to_t5(model, *, urpe=False, attention_dropout=None):
             ref = m.q.weight
             m.urpe_table = torch.nn.Parameter(torch.ones(m.n_heads, m.relative_attention_num_buckets,
                                                          dtype=ref.dtype, device=ref.device))
-    configs = {id(model.config): model.config} if hasattr(model, "config") else {}
-    for m in model.modules():
-        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
-            configs[id(m.config)] = m.config
-    for config in configs.values():
-        config._attn_implementation = ATTN_IMPLEMENTATION
+    _set_implementation(model, ATTN_IMPLEMENTATION)
     return model
 
 
@@ -266,6 +274,103 @@ def _read_state(path):
     for f in files:
         state.update(load_file(f))
     return state
+
+
+# ---- ALiBi: BLOOM ----------------------------------------------------------------------------------
+#
+# BLOOM adds slope_h * p_j to the logits, p_j the key's position among the row's unpadded tokens
+# (cumsum of the mask); with the causal mask that is -slope_h * (i - j) plus a constant per query
+# row (which the softmax cancels) whenever a row's tokens are one unpadded run (left or right
+# padding), i.e. relpos_attention's ALiBi term. A mask with holes would give other positions, so
+# the mask hook refuses it.
+
+ATTN_IMPLEMENTATION_BLOOM = "fastnotes_bloom"
+_BLOOM_OP = "apply_to_bloom"
+
+
+def _bloom_padding_mask(batch_size, q_length, kv_length, attention_mask=None, **_):
+    """BLOOM's mask hook: the 2-D padding mask as for T5, refused when a row's tokens are not one run."""
+    mask = _padding_mask(batch_size, q_length, kv_length, attention_mask)
+    if mask is not None:
+        runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
+        if bool((runs > 1).any()):
+            raise ValueError(f"{_BLOOM_OP}: an attention_mask row has padding between tokens; BLOOM's positions "
+                             "then differ from the distances ALiBi is computed from (left or right padding only)")
+    return mask
+
+
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION_BLOOM, _bloom_padding_mask)
+AttentionInterface.register(ATTN_IMPLEMENTATION_BLOOM, _not_called)
+
+
+class _PatchedBloom:
+    """Mixin put in front of BloomAttention."""
+
+    def forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                output_attentions=False, cache=None, **kwargs):
+        if output_attentions:
+            raise ValueError(f"{_BLOOM_OP}: output_attentions=True: the fused attention never forms the attention "
+                             "probabilities")
+        if self.training and self.attention_dropout.p > 0:
+            raise RuntimeError(f"{_BLOOM_OP}: attention dropout ({self.attention_dropout.p}) is not supported by the "
+                               "fused attention; call apply_to_bloom(model, attention_dropout=0.0) to drop only the "
+                               "attention-probability dropout, or set config.attention_dropout=0")
+        cache = layer_past if cache is None else cache
+        batch, lq = hidden_states.shape[:2]
+        q, k, v = self._reshape(self.query_key_value(hidden_states))
+        past = int(cache.get_seq_length(self.layer_idx)) if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        lk = k.shape[2]
+        if lk != past + lq:
+            raise NotImplementedError(f"{_BLOOM_OP}: the cache must hold exactly the past tokens (past {past} + new "
+                                      f"{lq} != {lk} keys); static caches are not supported")
+        slopes = self.__dict__.get("_fastnotes_slopes")
+        if slopes is None or slopes.device != q.device:
+            from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+            slopes = self._fastnotes_slopes = _get_alibi_slopes(self.num_heads, q.device)
+        out = relpos_attention(q, k, v, causal=True, scale=self.inv_norm_factor, alibi_slopes=slopes,
+                               key_padding_mask=_key_mask(attention_mask, batch, lk, _BLOOM_OP))
+        out = self.dense(out.transpose(1, 2).reshape(batch, lq, self.hidden_size))
+        return residual + torch.nn.functional.dropout(out, self.hidden_dropout, self.training), None
+
+
+def apply_to_bloom(model, *, attention_dropout=None):
+    """Make every attention layer of a BLOOM model (BloomModel, BloomForCausalLM and the other
+    Bloom heads) run fastnotes.relpos_attention with BLOOM's ALiBi slopes, in place (parameters
+    and state_dict unchanged). Neither the [B, 1, Lq, Lk] mask nor the [B*H, Lq, Lk] scores are
+    built; the model's [B*H, 1, Lk] alibi tensor is still made by BloomModel and ignored.
+
+    Equal to BLOOM's eager attention when every attention_mask row is one run of tokens (left or
+    right padding; a row with holes raises). Query rows at padded positions whose keys are all
+    padding give 0 here (transformers gives an average of padding values there); no unpadded
+    token sees them. Not supported (they raise): output_attentions=True, static caches, the
+    sliced dense layer of pretraining_tp > 1 with slow_but_exact=True, and attention dropout in
+    training unless attention_dropout=0.0 is given (which turns off only that dropout).
+    Returns the model; applying it twice is a no-op.
+    """
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{_BLOOM_OP}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if attention_dropout is not None and not (isinstance(attention_dropout, (int, float)) and attention_dropout == 0):
+        raise ValueError(f"{_BLOOM_OP}: attention_dropout must be None or 0.0 (dropout on the attention "
+                         f"probabilities is not fused), got {attention_dropout!r}")
+    targets = [m for m in model.modules() if isinstance(m, BloomAttention)]
+    if not targets:
+        raise ValueError(f"{_BLOOM_OP}: model ({type(model).__name__}) has no BloomAttention layer")
+    for m in targets:
+        if m.pretraining_tp > 1 and m.slow_but_exact:
+            raise NotImplementedError(f"{_BLOOM_OP}: pretraining_tp={m.pretraining_tp} with slow_but_exact=True "
+                                      "(a dense layer summed in slices) is not supported; set slow_but_exact=False")
+    for m in targets:
+        if not isinstance(m, _PatchedBloom):
+            m.__class__ = _patched_class(type(m), None, _PatchedBloom)
+        if attention_dropout is not None:
+            m.attention_dropout.p = 0.0
+    _set_implementation(model, ATTN_IMPLEMENTATION_BLOOM)
+    return model
 
 
 # ---- ZLPR for multi-label heads -------------------------------------------------------------------
