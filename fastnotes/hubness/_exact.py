@@ -31,8 +31,8 @@ import torch
 from ..reference import hubness as oracle
 
 MARGIN = 8  # candidates beyond k: on Gaussian and offset data (d 8..512) fewer than 0.1% of rows go to the fallback
-_ROWS = 4096  # rows per float64 chunk in prepare
-_ELEMENTS = 1 << 22  # float64 elements per chunk in refine and the fallback
+_ROWS = 4096  # rows per float64 chunk in prepare (fewer when d > 64: a chunk stays within 2 MiB)
+_ELEMENTS = 1 << 20  # float64 elements per chunk in refine and the fallback (8 MiB: the streamed path's bound)
 
 
 @dataclasses.dataclass
@@ -61,21 +61,26 @@ class Problem:
         return min(k + MARGIN, self.ref.shape[0])
 
 
+def _chunk(d):
+    """Rows per float64 chunk of [rows, d]: _ROWS, fewer for wide rows."""
+    return max(1, min(_ROWS, (1 << 18) // max(d, 1)))
+
+
 def _rows64(t, metric):
     t = t.double()
     return oracle.unit_rows(t) if metric == "cosine" else t
 
 
 def column_sum(ref, metric):
-    """float64 [d]: the sum of the rows the centring averages (unit rows for cosine), in _ROWS chunks."""
-    return sum((_rows64(c, metric).sum(0) for c in ref.split(_ROWS)), torch.zeros(ref.shape[1], dtype=torch.float64,
-                                                                                    device=ref.device))
+    """float64 [d]: the sum of the rows the centring averages (unit rows for cosine), in _chunk rows."""
+    start = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
+    return sum((_rows64(c, metric).sum(0) for c in ref.split(_chunk(ref.shape[1]))), start)
 
 
 def column_spread(ref, metric, mean):
     """float64 [d]: the largest |row - mean| of each column (0 for no rows)."""
     spread = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
-    for c in ref.split(_ROWS) if ref.shape[0] else ():
+    for c in ref.split(_chunk(ref.shape[1])) if ref.shape[0] else ():
         spread = torch.maximum(spread, (_rows64(c, metric) - mean).abs().amax(0))
     return spread
 
@@ -99,8 +104,9 @@ def _shifted(t, mu, metric, dtype):
     """(t - mu in `dtype`, float64 norms of the rounded rows)."""
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     norms = torch.empty(t.shape[0], dtype=torch.float64, device=t.device)
-    for start in range(0, t.shape[0], _ROWS):
-        rows = slice(start, start + _ROWS)
+    step = _chunk(t.shape[1])
+    for start in range(0, t.shape[0], step):
+        rows = slice(start, start + step)
         out[rows] = _rows64(t[rows], metric) - mu
         norms[rows] = torch.linalg.vector_norm(out[rows].double(), dim=1)
     return out, norms

@@ -10,11 +10,12 @@ The pipeline is the single-process one (_exact.py) with the reference cut into s
 2. centre: mu is the global reference mean (column sums all-gathered and added in rank order, so
    every rank gets the same bits), rounded as in _exact.round_centre after an all-reduce MAX of the
    column spreads; the largest centred reference norm (for the certification bound) is all-reduced too.
-3. ring pass: P steps; at step s a rank holds reference shard (rank - s) mod P, in chunks of
-   `ref_rows` rows. Chunk j is sent on to rank + 1 (isend) and chunk j of the next shard received
-   from rank - 1 (irecv) before chunk j is searched, so the transfer overlaps the distance tiles.
-   Each chunk is centred on arrival (the same mu everywhere: the same v as its owner would compute),
-   the backend's `candidates` give its best (v, index), and the candidates' float64 distances are
+3. ring pass (`ring`): a rank searches its own shard, then the others as they arrive from rank - 1
+   in chunks of `ref_rows` rows (shard rank - 1, then rank - 2, ...), forwarding each to rank + 1;
+   the isend / irecv of the next chunk are posted before the last one is searched, so the transfer
+   overlaps the distance tiles. Each chunk is centred on arrival (the same mu everywhere: the same v
+   as its owner would compute), the backend's `candidates` give its best (v, index), and the
+   candidates' float64 distances are
    computed directly right then, while their vectors are in memory (_exact.direct_distances); a
    running per-row list keeps the best k + MARGIN by (v, global index) with those distances.
    Self-exclusion is by global index: on its own shard a rank searches one candidate more and drops
@@ -28,9 +29,9 @@ The pipeline is the single-process one (_exact.py) with the reference cut into s
 So every rank's lists are those the single-process op gives for the same rows of the concatenated
 data: the exact k nearest under (rounded distance, index), up to near-ties within float64 rounding.
 
-Memory per rank: its shards, their centred copy, one peer shard in flight (chunks of the shard being
-searched are freed as the next one arrives) and O(n_local (k + MARGIN)); k_occurrence adds the
-counts ([m] int64, or the shard's [m_local] with counts="shard" after the reduction).
+Memory per rank: its shards, the centred copy of its queries, two chunks in flight (plus, for P > 2,
+the chunks of one peer shard kept until they are forwarded) and O(n_local (k + MARGIN)); k_occurrence
+adds the counts ([m] int64, or the shard's [m_local] with counts="shard" after the reduction).
 """
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ import torch
 from .. import _dispatch, _distributed, _registry
 from . import _exact, stream
 
-_CHUNK_BYTES = 1 << 25  # default ring transfer: 32 MiB of rows
+_CHUNK_BYTES = 1 << 22  # default ring transfer: 4 MiB of rows (what is in flight per rank stays small)
 COUNTS = ("all", "shard")
 
 
@@ -143,33 +144,50 @@ def _recv_from(group, rank, world):
 
 
 def ring(group, rank, world, own, sizes, chunk_rows, visit):
-    """Pass every rank's reference shard through `visit(src, start, rows)` on every rank: step s holds
-    shard (rank - s) mod world, in chunks of chunk_rows rows (rows [start, start + len(rows)) of shard
-    src). Chunk j of the held shard goes to rank + 1 and chunk j of the next one comes from rank - 1
-    while chunk j is visited; every rank runs the same (step, chunk) grid, so each isend meets its
-    irecv in the same iteration. A chunk is freed once visited and sent: one peer shard in flight."""
+    """Pass every rank's reference shard through `visit(src, start, rows)` on every rank (rows
+    [start, start + len(rows)) of shard src), its own first. Then world - 1 steps of the same grid of
+    chunks on every rank: at step s, chunk j of shard (rank - s) arrives from rank - 1 while chunk j of
+    shard (rank - s + 1) (its own at step 1, else the one that arrived at step s - 1) leaves for
+    rank + 1, and the chunk that arrived in the previous iteration is visited meanwhile. Each isend
+    meets its irecv in the same iteration, so no rank waits on another's progress beyond that.
+    Memory: two chunks in flight, plus for world > 2 the chunks kept to be forwarded at the next step
+    (at most one shard)."""
     dist = torch.distributed
-    chunks = max(-(-m // chunk_rows) for m in sizes)
-    held = [own[j * chunk_rows:(j + 1) * chunk_rows] for j in range(chunks)]
-    for step in range(world):
-        src = (rank - step) % world
-        incoming = [None] * chunks
-        more = step < world - 1
-        for j in range(chunks):
-            transfers = []
-            if more and held[j].shape[0]:
-                transfers.append(dist.isend(held[j], _send_to(group, rank, world), group=group))
-            if more:
-                rows = max(0, min(chunk_rows, sizes[(src - 1) % world] - j * chunk_rows))
-                incoming[j] = own.new_empty((rows, own.shape[1]))
-                if rows:
-                    transfers.append(dist.irecv(incoming[j], _recv_from(group, rank, world), group=group))
-            if held[j].shape[0]:
-                visit(src, j * chunk_rows, held[j])
-            for transfer in transfers:
-                transfer.wait()
-            held[j] = None
-        held = incoming
+    d = own.shape[1]
+    chunks = max(1, max(-(-m // chunk_rows) for m in sizes))
+
+    def rows_of(src, j):
+        return max(0, min(chunk_rows, sizes[src] - j * chunk_rows))
+
+    to_next, from_previous = _send_to(group, rank, world), _recv_from(group, rank, world)
+    keep = {}  # (shard, chunk) arrived at the last step, to be forwarded at this one
+    arrived = None  # (shard, start, rows): arrived in the previous iteration, not yet visited
+    grid = [(step, j) for step in range(1, world) for j in range(chunks)]
+    for t, (step, j) in enumerate(grid):
+        src_in, src_out = (rank - step) % world, (rank - step + 1) % world
+        out = own[j * chunk_rows:(j + 1) * chunk_rows] if step == 1 else keep.pop((src_out, j))
+        incoming = own.new_empty((rows_of(src_in, j), d))
+        transfers = []
+        if out.shape[0]:
+            transfers.append(dist.isend(out, to_next, group=group))
+        if incoming.shape[0]:
+            transfers.append(dist.irecv(incoming, from_previous, group=group))
+        if t == 0:  # the own shard, while the first chunk travels
+            for start in range(0, own.shape[0], chunk_rows):
+                visit(rank, start, own[start:start + chunk_rows])
+        elif arrived[2].shape[0]:
+            visit(*arrived)
+        for transfer in transfers:
+            transfer.wait()
+        del out
+        if step < world - 1:
+            keep[(src_in, j)] = incoming
+        arrived = (src_in, j * chunk_rows, incoming)
+    if not grid:  # one rank
+        for start in range(0, own.shape[0], chunk_rows):
+            visit(rank, start, own[start:start + chunk_rows])
+    elif arrived[2].shape[0]:
+        visit(*arrived)
 
 
 def _merge(width, values, indices, *extra):
@@ -234,7 +252,7 @@ class _Sharded:
             r_norms, zero_r = x_norms, self._zero(self.x)
         else:
             r_norms = torch.cat([_exact._shifted(rows, self.mu, metric, self.compute_dtype)[1]
-                                 for rows in ref.split(_exact._ROWS)]) if ref.shape[0] else x_norms[:0]
+                                 for rows in ref.split(_exact._chunk(ref.shape[1]))]) if ref.shape[0] else x_norms[:0]
             zero_r = self._zero(ref)
         if zero_r is not None:
             r_norms = torch.where(zero_r, 0.0, r_norms)

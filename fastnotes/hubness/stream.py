@@ -16,8 +16,11 @@ So the lists are those of the in-memory op: the exact k nearest under (distance 
 dtype, index), up to near-ties within float64 rounding, as there.
 
 Memory: O(block_rows * (d + k) + ref_rows * d + m) plus the results (distances and indices [n, k] for
-knn, counts [m] for k_occurrence); the file itself is only mapped (the OS pages it in and out).
+knn, counts [m] for k_occurrence); the file itself is only mapped, and the pages read through the map
+are dropped from the process (madvise MADV_DONTNEED; they stay in the OS page cache) after each tile
+and block, so they do not pile up in its resident set either.
 """
+import mmap
 import os
 import warnings
 
@@ -36,9 +39,10 @@ def is_streamed(x):
     return isinstance(x, (np.memmap, str, os.PathLike))
 
 
-def open_rows(op, name, source):
+def open_rows(op, name, source, maps=None):
     """The [n, d] float32/float64 array behind `source` (a memmap, a path to a `.npy` file opened with
-    mmap_mode='r', or a CPU tensor), as a CPU tensor that shares its memory."""
+    mmap_mode='r', or a CPU tensor), as a CPU tensor that shares its memory. maps: a list that receives
+    the mmap behind a memmap (for release_pages)."""
     if isinstance(source, torch.Tensor):
         if source.device.type != "cpu":
             raise ValueError(f"{op}: {name} is on {source.device}; with a streamed (file / memmap) argument "
@@ -77,9 +81,20 @@ def open_rows(op, name, source):
         raise ValueError(f"{op}: {name} must be C-contiguous (a Fortran-ordered .npy would be read by column)")
     if array.dtype.byteorder not in ("=", "|", "<" if np.little_endian else ">"):
         raise TypeError(f"{op}: {name} has non-native byte order {array.dtype}")
+    # numpy keeps the mmap of a memmap in _mmap; a copy-on-write map ("c") would lose its changes
+    if maps is not None and getattr(array, "_mmap", None) is not None and getattr(array, "mode", "c") != "c":
+        maps.append(array._mmap)
     with warnings.catch_warnings():  # a read-only map: torch warns that writes would be undefined; we only read
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
+
+
+def release_pages(maps):
+    """Drop the pages read through these maps from the process's resident set (they stay in the page
+    cache; the next read maps them again), so RSS stays bounded by the blocks, not the file."""
+    for mapped in maps:
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED") and not mapped.closed:
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def _default_rows(d):
@@ -108,7 +123,7 @@ def _progress(total, enabled, desc):
     return tqdm(total=total, unit="rows", desc=desc, delay=0 if enabled else 3.0, leave=False)
 
 
-def _reference_pass(op, name, ref, metric, compute_dtype, rows):
+def _reference_pass(op, name, ref, metric, compute_dtype, rows, maps):
     """Streaming pre-pass over the references: (mu, add [m], norms [m] float64, zero rows or None,
     the largest |value|)."""
     mu = _exact._centre(ref, metric)
@@ -132,10 +147,11 @@ def _reference_pass(op, name, ref, metric, compute_dtype, rows):
                 zero[start:start + rows] = torch.linalg.vector_norm(tile.double(), dim=1) == 0
                 part = torch.where(zero[start:start + rows], float("inf"), part)
             add[start:start + rows] = part.to(compute_dtype)
+        release_pages(maps)
     return mu, add, norms, zero, largest
 
 
-def _query_pass(op, x, metric, rows):
+def _query_pass(op, x, metric, rows, maps):
     """(zero query rows [n] or None, the largest |value|); raises on NaN / infinity."""
     zero = torch.empty(x.shape[0], dtype=torch.bool) if metric == "cosine" else None
     largest = 0.0
@@ -147,6 +163,7 @@ def _query_pass(op, x, metric, rows):
         largest = max(largest, value)
         if zero is not None:
             zero[start:start + rows] = torch.linalg.vector_norm(block.double(), dim=1) == 0
+        release_pages(maps)
     return zero, largest
 
 
@@ -177,9 +194,10 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
     """The streamed op: (distances [n, k], indices [n, k]) when want_lists, else counts [m]."""
     from .knn import _check_distance_range, check_options
 
-    x = open_rows(op, "x", x)
+    maps = []
+    x = open_rows(op, "x", x, maps)
     same = reference is None or reference is x
-    ref = x if same else open_rows(op, "reference", reference)
+    ref = x if same else open_rows(op, "reference", reference, maps)
     if not same and (ref.shape[1] != x.shape[1]):
         raise ValueError(f"{op}: reference must be [m, {x.shape[1]}] like x, got shape {tuple(ref.shape)}")
     if not same and ref.dtype != x.dtype:
@@ -209,11 +227,11 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
 
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         mu, add, r_norms, zero_r, ref_max = _reference_pass(op, "x" if same else "reference", ref, metric, compute_dtype,
-                                                              ref_rows)
+                                                              ref_rows, maps)
         if same:
             zero_x, x_max = zero_r, ref_max
         else:
-            zero_x, x_max = _query_pass(op, x, metric, block_rows)
+            zero_x, x_max = _query_pass(op, x, metric, block_rows, maps)
         _check_distance_range(op, metric, d, x_max, ref_max, x.dtype)
         big = (r_norms if zero_r is None else torch.where(zero_r, 0.0, r_norms)).max()
         p = _exact.Problem(x, ref, metric, exclude_self, out_dtype, mu, xc=None, rc=None, add=add,
@@ -223,13 +241,16 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
 
         if m <= ref_rows:  # one tile: centre it once
             whole = _exact._shifted(ref, mu, metric, compute_dtype)[0]
+            release_pages(maps)
 
             def reference_tiles():
                 yield 0, whole
         else:
             def reference_tiles():
                 for start in range(0, m, ref_rows):
-                    yield start, _exact._shifted(ref[start:start + ref_rows], mu, metric, compute_dtype)[0]
+                    tile = _exact._shifted(ref[start:start + ref_rows], mu, metric, compute_dtype)[0]
+                    release_pages(maps)
+                    yield start, tile
 
         if want_lists:
             distances = torch.empty((n, k), dtype=out_dtype)
@@ -245,6 +266,7 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
                 del xc
                 bound = _exact.certification_bound(metric, mu, d, x_norms, big, compute_dtype, out_dtype)
                 dist, chosen = _exact.refine(p, values, cand, k, rows=rows, bound=bound)
+                release_pages(maps)
                 if want_lists:
                     distances[start:start + len(rows)] = dist
                     indices[start:start + len(rows)] = chosen
