@@ -10,6 +10,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks, _dispatch, _registry
 from ._autograd import AUTOCAST_CASTS, autocast_dtype, autocast_off, once_differentiable
@@ -120,14 +121,16 @@ def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, lq = q.shape[:3]
     lk = k.shape[2]
-    delta = (lk - 1) - torch.arange(lq + lk - 1, device=q.device)  # i + (Lk - Lq) - j on each diagonal
-    bias = torch.zeros(heads, lq + lk - 1, dtype=work, device=q.device)
     if rel_bias is not None:
-        bias = bias + rel_bias.to(work)[:, _diagonal_index(lq, lk, rel_bias.shape[1], rel_buckets, q.device)]
-    if alibi_slopes is not None:
-        bias = bias - alibi_slopes.to(work)[:, None] * delta.abs().to(work)
-    if causal:
-        bias = bias.masked_fill(delta < 0, -math.inf)
+        bias = rel_bias.to(work)[:, _diagonal_index(lq, lk, rel_bias.shape[1], rel_buckets, q.device)]
+    else:
+        bias = torch.zeros(heads, lq + lk - 1, dtype=work, device=q.device)
+    if alibi_slopes is not None or (causal and lq > 1):  # with Lq = 1 every key is visible (delta >= 0)
+        delta = (lk - 1) - torch.arange(lq + lk - 1, device=q.device)  # i + (Lk - Lq) - j on each diagonal
+        if alibi_slopes is not None:
+            bias = bias - alibi_slopes.to(work)[:, None] * delta.abs().to(work)
+        if causal:
+            bias = bias.masked_fill(delta < 0, -math.inf)
     if post_table is not None:
         post = post_table.to(work)[:, _diagonal_index(lq, lk, post_table.shape[1], rel_buckets, q.device)]
     else:
@@ -136,6 +139,33 @@ def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table
     if key_padding_mask is not None:
         key_bias = key_bias.masked_fill(~key_padding_mask, -math.inf)
     return bias, post, key_bias
+
+
+def _single_query(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer):
+    """The op for Lq = 1 without autograd (a decode step) in a few torch ops: the score "matrix"
+    is one row per head, O(Lk) like the kernels' buffers, and a kernel launch would cost more than
+    the work. post_diag / key_bias may be None (no URPE table / no padding)."""
+    work, out_dtype = bias_diag.dtype, q.dtype
+    batch, heads, _, dim = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    bias = bias_diag.view(1, heads, 1, lk)
+    if key_bias is not None:
+        bias = bias + key_bias.view(batch, 1, 1, lk)
+    if normalizer == "softmax" and post_diag is None:  # plain softmax with an additive row: torch's fused SDPA
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=kv_heads != heads)
+    else:
+        group = heads // kv_heads
+        s = torch.matmul(q.reshape(batch, kv_heads, group, dim), k.transpose(-1, -2)).mul_(scale)
+        a = torch.softmax(s.add_(bias.view(-1, kv_heads, group, lk)), dim=-1)
+        if normalizer == "l2":  # exp(s) / sqrt(sum exp(2 s)) = p / ||p|| for p = softmax(s)
+            a.mul_(torch.rsqrt((a * a).sum(dim=-1, keepdim=True)))
+        if post_diag is not None:
+            a.mul_(post_diag.view(kv_heads, group, lk))
+        out = torch.matmul(a, v).reshape(batch, heads, 1, v.shape[3])
+    if key_bias is not None:  # rows whose keys are all masked give 0 (softmax gave NaN there)
+        out = out.masked_fill(torch.isinf(key_bias).all(dim=1).view(batch, 1, 1, 1), 0.0)
+    return out.to(out_dtype)
 
 
 class _RelPosAttentionFunction(torch.autograd.Function):
@@ -214,6 +244,10 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
     kernels = _registry.ATTENTION.kernels(backend)
     bias_diag, post_diag, key_bias = diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table,
                                                     key_padding_mask)
+    if q.shape[2] == 1 and backend == "numba" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rel_bias, alibi_slopes, post_table))):
+        return _single_query(q, k, v, bias_diag, post_diag if post_table is not None else None,
+                             key_bias if key_padding_mask is not None else None, scale, normalizer)
     return _RelPosAttentionFunction.apply(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,
                                           kernels)
 

@@ -245,6 +245,26 @@ def test_numba_serial_forward_equals_parallel(rng, monkeypatch, lq):
     check_against_reference("numba", rng, 2, 4, 2, lq, 300, 16, 8, dtype=torch.float32, causal=True)
 
 
+@pytest.mark.skipif("numba" not in BACKENDS, reason="the single-query path sits in front of the numba kernels")
+@pytest.mark.parametrize("normalizer, urpe", [("softmax", False), ("softmax", True), ("l2", False)])
+@pytest.mark.parametrize("bias", ["t5", "clip", "alibi"])
+def test_single_query_without_grad(rng, bias, normalizer, urpe):
+    """Lq = 1 without autograd (decoding) runs in torch ops, not the kernel: against the float64
+    reference and the kernel path (with grad), with GQA, padding and a fully padded row."""
+    tensors, kwargs = make_case(rng, 3, 4, 2, 1, 37, 16, 8, bias=bias, urpe=urpe)
+    kwargs["key_padding_mask"][2] = False
+    kwargs.update(causal=True, normalizer=normalizer)
+    exact = reference_fn(**tensors, **kwargs)
+    composite = reference_fn(**{n: t.float() for n, t in tensors.items()}, **kwargs)
+    with fastnotes.use_backend("numba"):
+        with torch.no_grad():
+            got = op_fn(**{n: t.float() for n, t in tensors.items()}, **kwargs)
+        kernel = op_fn(**{n: t.float().requires_grad_() for n, t in tensors.items()}, **kwargs).detach()
+    assert got.dtype == torch.float32 and torch.equal(got[2], torch.zeros_like(got[2]))
+    assert_close_to_oracle(got, exact, composite, FLOORS[torch.float32], "single query")
+    assert_close_to_oracle(kernel, exact, composite, FLOORS[torch.float32], "kernel, Lq = 1")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_numba(rng, dtype):
     tensors, kwargs = make_case(rng, 2, 2, 2, 20, 20, 8, 8)
