@@ -353,8 +353,7 @@ class _AnalyticDPMCore:
             clip = (-r, r) if self.config.clip_sample else False
             x0 = lambda: self._x0_hat(sample, model_output, t, prediction, clip)  # computed when read
         eps_m, eps_prediction = model_output, prediction  # what the DDIM direction's eps_hat comes from
-        if use_clipped_model_output and (clip or self.config.thresholding):
-            # eps re-derived from the clipped x0_hat (GLIDE; DDIMScheduler)
+        if use_clipped_model_output and clip:  # eps re-derived from the clipped / thresholded x0_hat (GLIDE; DDIM)
             x0 = x0() if callable(x0) else x0
             eps_m, eps_prediction = x0, "x0"
         if s >= t:
@@ -419,10 +418,14 @@ class _AnalyticDPMCore:
         return SchedulerOutput(prev, x0)
 
     def _x0_hat(self, x, m, t, prediction, clip):
+        """x0_hat (clamped to `clip`) in torch: pred_original_sample, which diffusers' output carries
+        (one new tensor, updated in place: this is most of a step's cost outside the kernel)."""
+        if prediction == "x0":
+            return m.clamp(*clip) if clip else m
         logab = float(self.schedule.log_alphas_cumprod[t])
         a, sg = math.exp(0.5 * logab), math.sqrt(-math.expm1(logab))
-        x0 = {"eps": lambda: (x - sg * m) / a, "x0": lambda: m, "v": lambda: a * x - sg * m}[prediction]()
-        return x0.clamp(*clip) if clip else x0
+        x0 = torch.add(x, m, alpha=-sg).div_(a) if prediction == "eps" else torch.mul(x, a).sub_(m, alpha=sg)
+        return x0.clamp_(*clip) if clip else x0
 
     def _eps_hat(self, x, m, t, prediction):
         logab = float(self.schedule.log_alphas_cumprod[t])
