@@ -52,7 +52,7 @@ LST = Family("lst", "lst", ("numba", "triton"), ("ladder_merge_forward", "ladder
 DIFFUSION = Family("diffusion", "diffusion", ("numba", "triton"), ("sampler_step",))
 HUBNESS = Family("hubness", "hubness", ("cuda", "triton", "numba"), ("candidates",))
 AMOS = Family("amos", "optim", ("numba", "triton"), ("amos_step_tensors",))
-GLOBAL_POINTER = Family("global_pointer", "global_pointer", ("numba",),
+GLOBAL_POINTER = Family("global_pointer", "global_pointer", ("numba", "triton"),
                         ("global_pointer_forward", "global_pointer_backward", "global_pointer_decode"))
 
 FAMILIES = (ZLPR, NM_CLASS, EXACT, ATTENTION, LST, DIFFUSION, HUBNESS, AMOS, GLOBAL_POINTER)

@@ -182,7 +182,7 @@ def global_pointer_loss(q, k, spans, *, mask=None, rope=True, tril=True, type_bi
     pos_index = _positive_index(spans, batch, heads, n, mask, tril)
     out_dtype = loss_dtype(q)
     backend = _dispatch.select(_OP, q.device.type,
-                               lambda b: _dispatch.kernel_reason(_registry.GLOBAL_POINTER, b, q, "q"))
+                               lambda b: _dispatch.kernel_reason(_registry.GLOBAL_POINTER, b, q, "q", q=q))
     if backend == "reference":
         with autocast_off(q.device):
             rows = reference.global_pointer_loss(q, k, spans, mask, rope, tril, type_bias, "none")
@@ -207,7 +207,7 @@ def global_pointer_decode(q, k, *, mask=None, threshold=0.0, rope=True, tril=Tru
     batch, n, heads, _ = _check_inputs(_DECODE_OP, q, k, mask, rope, tril, type_bias)
     _check_threshold(_DECODE_OP, threshold)
     backend = _dispatch.select(_DECODE_OP, q.device.type,
-                               lambda b: _dispatch.kernel_reason(_registry.GLOBAL_POINTER, b, q, "q"))
+                               lambda b: _dispatch.kernel_reason(_registry.GLOBAL_POINTER, b, q, "q", q=q))
     with torch.no_grad(), autocast_off(q.device):
         if backend == "reference":
             return reference.global_pointer_decode(q, k, mask, float(threshold), rope, tril, type_bias)

@@ -68,7 +68,7 @@ def test_empty_rows_are_zero_and_finite(backend):
     tensors, kwargs = make_case(gen, 2, 9, 2, 4, lengths=[9, 1], per_row=0)
     kwargs["mask"][1] = False
     with fastnotes.use_backend(backend):
-        q, k = (tensors[n].to(DEVICE).requires_grad_() for n in ("q", "k"))
+        q, k = (tensors[n].to(DEVICE, dtypes_of(backend)[0]).requires_grad_() for n in ("q", "k"))
         loss = fastnotes.global_pointer_loss(q, k, kwargs["spans"].to(DEVICE), mask=kwargs["mask"].to(DEVICE),
                                              reduction="none")
         loss.sum().backward()
@@ -78,6 +78,7 @@ def test_empty_rows_are_zero_and_finite(backend):
 
 def test_reductions(backend, rng):
     tensors, kwargs = make_case(rng, 2, 15, 3, 4)
+    tensors = {name: t.to(dtypes_of(backend)[0]) for name, t in tensors.items()}
     with fastnotes.use_backend(backend):
         rows, mean, total = (fastnotes.global_pointer_loss(tensors["q"], tensors["k"], kwargs["spans"], reduction=r)
                              for r in ("none", "mean", "sum"))
