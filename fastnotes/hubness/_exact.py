@@ -71,15 +71,18 @@ def _rows64(t, metric):
     return oracle.unit_rows(t) if metric == "cosine" else t
 
 
-def column_sum(ref, metric):
-    """float64 [d]: the sum of the rows the centring averages (unit rows for cosine), in _chunk rows."""
-    start = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
-    return sum((_rows64(c, metric).sum(0) for c in ref.split(_chunk(ref.shape[1]))), start)
+def column_sum(ref, metric, total=None):
+    """float64 [d]: the sum of the rows the centring averages (unit rows for cosine), in _chunk rows,
+    added to `total` (for a set read in tiles)."""
+    if total is None:
+        total = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
+    return sum((_rows64(c, metric).sum(0) for c in ref.split(_chunk(ref.shape[1]))), total)
 
 
-def column_spread(ref, metric, mean):
-    """float64 [d]: the largest |row - mean| of each column (0 for no rows)."""
-    spread = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
+def column_spread(ref, metric, mean, spread=None):
+    """float64 [d]: the largest |row - mean| of each column (0 for no rows), or of `spread` if larger."""
+    if spread is None:
+        spread = torch.zeros(ref.shape[1], dtype=torch.float64, device=ref.device)
     for c in ref.split(_chunk(ref.shape[1])) if ref.shape[0] else ():
         spread = torch.maximum(spread, (_rows64(c, metric) - mean).abs().amax(0))
     return spread

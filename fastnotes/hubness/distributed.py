@@ -40,6 +40,7 @@ from .. import _dispatch, _distributed, _registry
 from . import _exact, stream
 
 _CHUNK_BYTES = 1 << 22  # default ring transfer: 4 MiB of rows (what is in flight per rank stays small)
+_QUERY_BLOCK = 4096  # query rows per kernel call and merge
 COUNTS = ("all", "shard")
 
 
@@ -282,39 +283,44 @@ class _Sharded:
 
     def candidates(self):
         """Ring pass 1: per query row the best `width` references by (v, global index), with their
-        rounded direct distances and whether they are invalid (empty slot or cosine zero reference)."""
-        n, width = self.x.shape[0], self.width
-        device = self.x.device
-        best = [torch.full((n, 0), float("inf"), dtype=self.compute_dtype, device=device),
-                torch.zeros((n, 0), dtype=torch.int64, device=device),
-                torch.zeros((n, 0), dtype=torch.float64, device=device),
-                torch.zeros((n, 0), dtype=torch.bool, device=device)]
+        rounded direct distances and whether they are invalid (empty slot or cosine zero reference).
+        Unfilled slots hold (+inf, m), as the kernels' empty slots do."""
+        n, width, device = self.x.shape[0], self.width, self.x.device
+        best = (torch.full((n, width), float("inf"), dtype=self.compute_dtype, device=device),
+                torch.full((n, width), self.m, dtype=torch.int64, device=device),
+                torch.full((n, width), float("inf"), dtype=torch.float64, device=device),
+                torch.ones((n, width), dtype=torch.bool, device=device))
 
         def visit(src, start, raw):
+            c, first = raw.shape[0], self.r_offsets[src] + start
             if n == 0:
                 return
-            c, first = raw.shape[0], self.r_offsets[src] + start
             if self.same and src == self.rank:
                 rc, add = self.xc[start:start + c], self.own_add[start:start + c]
             else:
                 rc, norms = _exact._shifted(raw, self.mu, self.metric, self.compute_dtype)
                 add = self._add(raw, norms, rc)
+            zero = self._zero(raw)
             own = self.exclude_self and src == self.rank
-            v, i = self.kernels.candidates(self.xc, rc, add, self.scale, width + 1 if own else width, False)
-            empty = i >= c
-            i = torch.where(empty, 0, i)
-            g = torch.where(empty, self.m, i + first)
-            if own:  # drop the query's own row, or the last candidate when it is not among them
-                mine = g == self.global_rows[:, None]
-                mine[:, -1] |= ~mine.any(1)
-                keep = ~mine
-                v, i, g, empty = (t[keep].view(n, -1) for t in (v, i, g, empty))
-            exact = _exact.rounded(_exact.direct_distances(self.x, raw, self.rows, i, self.metric, self.paired),
-                                   self.out_dtype)
-            invalid = empty | (self._zero(raw)[i] if self.metric == "cosine" else False)
-            merged = _merge(width, torch.cat([best[0], v.to(self.compute_dtype)], 1), torch.cat([best[1], g], 1),
-                            torch.cat([best[2], exact], 1), torch.cat([best[3], invalid], 1))
-            best[:] = merged
+            for lo in range(0, n, _QUERY_BLOCK):  # query blocks: the merge's temporaries stay O(block width)
+                rows = self.rows[lo:lo + _QUERY_BLOCK]
+                v, i = self.kernels.candidates(self.xc[lo:lo + _QUERY_BLOCK], rc, add, self.scale,
+                                               width + 1 if own else width, False)
+                empty = i >= c
+                i = torch.where(empty, 0, i)
+                g = torch.where(empty, self.m, i + first)
+                if own:  # drop the query's own row, or the last candidate when it is not among them
+                    mine = g == self.global_rows[rows][:, None]
+                    mine[:, -1] |= ~mine.any(1)
+                    keep = ~mine
+                    v, i, g, empty = (t[keep].view(len(rows), -1) for t in (v, i, g, empty))
+                exact = _exact.rounded(_exact.direct_distances(self.x, raw, rows, i, self.metric, self.paired),
+                                       self.out_dtype)
+                invalid = empty | zero[i] if zero is not None else empty
+                merged = _merge(width, *(torch.cat([b[rows], new], 1)
+                                         for b, new in zip(best, (v.to(self.compute_dtype), g, exact, invalid))))
+                for b, new in zip(best, merged):
+                    b[rows] = new
 
         self._ring(visit)
         return best
@@ -322,16 +328,17 @@ class _Sharded:
     def refine(self, values, indices, exact, invalid):
         """(distances [n, k] float64, indices [n, k]): step 4 of the module docstring."""
         k, m, n = self.k, self.m, self.x.shape[0]
-        if self.zero_count:
-            extra = self.zero_first.expand(n, -1)
-            exact = torch.cat([exact, torch.ones(extra.shape, dtype=torch.float64, device=extra.device)], 1)
-            indices = torch.cat([indices, extra], 1)
-            invalid = torch.cat([invalid, (extra == self.global_rows[:, None]) & self.exclude_self], 1)
-        exact = torch.where(invalid, float("inf"), exact)
-        if n:
-            dist, chosen = _exact._select(exact, torch.where(invalid, m, indices), k)
-        else:  # an empty shard: no candidates, but it joins the collectives below
-            dist, chosen = exact.new_zeros((0, k)), indices.new_zeros((0, k))
+        dist = torch.empty((n, k), dtype=torch.float64, device=exact.device)
+        chosen = torch.empty((n, k), dtype=torch.int64, device=exact.device)
+        for lo in range(0, n, _QUERY_BLOCK):
+            rows = slice(lo, lo + _QUERY_BLOCK)
+            e, i, bad = exact[rows], indices[rows], invalid[rows]
+            if self.zero_count:  # cosine's zero references, all at distance 1
+                extra = self.zero_first.expand(e.shape[0], -1)
+                e = torch.cat([e, torch.ones(extra.shape, dtype=torch.float64, device=extra.device)], 1)
+                i = torch.cat([i, extra], 1)
+                bad = torch.cat([bad, (extra == self.global_rows[rows][:, None]) & self.exclude_self], 1)
+            dist[rows], chosen[rows] = _exact._select(torch.where(bad, float("inf"), e), torch.where(bad, m, i), k)
 
         reachable = m - (1 if self.exclude_self else 0) - self.zero_count
         doubtful = torch.zeros(n, dtype=torch.bool, device=dist.device)

@@ -3,9 +3,9 @@ blocks, with memory bounded by the block sizes (docs/hubness.md; knn / k_occurre
 given a path or a memmap).
 
 The pipeline is the in-memory one (fastnotes/hubness/_exact.py) cut into blocks:
-- a streaming pre-pass over the reference (the same file for one set) gives mu (_exact._centre, the
-  same float64 sums in the same 4096-row chunks, so the same mu), the centred norms (hence `add` and the
-  certification bound) and the zero rows; a pass over the queries checks for NaN / infinity;
+- a streaming pre-pass over the reference (the same file for one set) gives mu (_exact._centre's
+  float64 sums, tile by tile), the centred norms (hence `add` and the certification bound) and the
+  zero rows; a pass over the queries checks for NaN / infinity;
 - for each block of queries, each tile of references is centred (_exact._shifted) and fed to the
   backend's `candidates`; the per-tile candidates merge into each row's best by (v, global index).
   The kernels know self-exclusion only for the whole set, so one candidate more is kept and query i
@@ -126,8 +126,16 @@ def _progress(total, enabled, desc):
 def _reference_pass(op, name, ref, metric, compute_dtype, rows, maps):
     """Streaming pre-pass over the references: (mu, add [m], norms [m] float64, zero rows or None,
     the largest |value|)."""
-    mu = _exact._centre(ref, metric)
     m = ref.shape[0]
+    total = spread = None  # _exact._centre, tile by tile so that the pages read can be dropped
+    for start in range(0, m, rows):
+        total = _exact.column_sum(ref[start:start + rows], metric, total)
+        release_pages(maps)
+    mean = total / m
+    for start in range(0, m, rows):
+        spread = _exact.column_spread(ref[start:start + rows], metric, mean, spread)
+        release_pages(maps)
+    mu = _exact.round_centre(mean, spread)
     norms = torch.empty(m, dtype=torch.float64)
     add = torch.empty(m, dtype=compute_dtype)
     zero = torch.empty(m, dtype=torch.bool) if metric == "cosine" else None
