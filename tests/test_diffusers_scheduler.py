@@ -452,3 +452,21 @@ def test_clip_pixel_equals_sample(clip_sigma_steps):
         AnalyticDPMScheduler(clip_pixel=-1)
     with pytest.raises(ValueError, match="clip_sigma_steps"):
         AnalyticDPMScheduler(clip_sigma_steps=0)
+
+
+@pytest.mark.parametrize("cls, method", [(diffusers.DDPMScheduler, "ddpm"), (diffusers.DDIMScheduler, "ddim")])
+def test_thresholding_in_half_precision(cls, method):
+    """float16 samples: the quantile runs in float32 (as diffusers), the outputs stay float16."""
+    theirs = cls(**THRESHOLD)
+    ours = AnalyticDPMScheduler.from_config(theirs.config, method=method, noise_source="diffusers")
+    results = []
+    for s in (theirs, ours):
+        s.set_timesteps(10)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(SHAPE, generator=gen).half()
+        for t in s.timesteps:
+            out = s.step(model(x.float(), t).half(), t, x, generator=gen)
+            x = out.prev_sample
+        results.append(out)
+    assert results[1].prev_sample.dtype == results[1].pred_original_sample.dtype == torch.float16
+    assert (results[0].prev_sample.float() - results[1].prev_sample.float()).abs().max() < 1e-2  # a few fp16 ulps
