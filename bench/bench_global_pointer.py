@@ -178,6 +178,32 @@ def test_global_pointer(benchmark, device, shape, contender):
         benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
 
 
+# ---- the GPU headline: bf16 at (16, 512, 10, 64), the Triton kernels vs the dense composite ------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("contender", ["fastnotes-triton", "eager-composite", "compiled-composite"])
+def test_global_pointer_gpu_target(benchmark, contender):
+    shape = SHAPES[0]
+    q, k, spans, mask = make_inputs(shape, "cuda", torch.bfloat16)
+    labels = labels_for(contender, spans, shape[1], q.dtype)
+    with fastnotes.use_backend(backend_of(contender)):
+        fn = contender_fn(contender)
+
+        def run():
+            _step(fn, q, k, spans, labels, mask)
+            torch.cuda.synchronize()
+
+        run()  # warm-up: Triton compile, torch.compile
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        benchmark.group = f"{OP} cuda B,n,H,d={shape} bf16 fwdbwd"
+        benchmark.extra_info.update(op=OP + "-gpu-target", shape=list(shape), mode="fwdbwd", contender=contender,
+                                    device="cuda", **_env.device_info("cuda"), versions=_env.versions(),
+                                    dtype="bfloat16", peak_extra_bytes=torch.cuda.max_memory_allocated() - start)
+        benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+
+
 # ---- summary for BENCHMARKS.md --------------------------------------------------------------------
 
 def summary(path):

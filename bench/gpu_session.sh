@@ -7,6 +7,8 @@
 #                                          n x m, ladder_merge
 #     bash bench/gpu_session.sh bench-b   GPU benchmarks: attention (incl. the bf16 L = 4096 target),
 #                                          diffusion step, hubness (CUDA C++ top-k), Amos
+#     bash bench/gpu_session.sh bench-c   GPU benchmarks: global_pointer (incl. the bf16 (16, 512, 10, 64)
+#                                          target vs the dense composite)
 #
 # Logs, pytest-benchmark JSON and a Markdown report (bench/report.py) go to $OUT (the device tool's
 # folder that comes back; ./gpu-out when unset). The image's python3 has torch, triton, numba, scipy,
@@ -66,8 +68,12 @@ case "$stage" in
         bench hubness_gpu bench/bench_hubness_gpu.py
         bench amos bench/bench_amos.py -k cuda
         ;;
+    bench-c)
+        install
+        bench global_pointer bench/bench_global_pointer.py -k "cuda or gpu_target"
+        ;;
     *)
-        echo "usage: bash bench/gpu_session.sh tests|bench-a|bench-b" >&2
+        echo "usage: bash bench/gpu_session.sh tests|bench-a|bench-b|bench-c" >&2
         exit 2
         ;;
 esac
