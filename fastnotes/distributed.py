@@ -302,7 +302,8 @@ def _label_parallel(hidden, weight, targets, pos_index, bias, label_offset, num_
             widest = max(m["k"] for m in metas)
             padded = torch.full((rows, widest), -1, dtype=torch.int64, device=hidden.device)
             padded[:, :index.shape[1]] = index
-            index = _distributed.all_gather_rows(padded, counts, group)
+            index = _distributed.all_gather_rows(padded, counts, group) if widest else \
+                torch.empty(sum(counts), 0, dtype=torch.int64, device=hidden.device)
         # global ids -> this shard's columns; the other shards' positives become padding
         mine = (index >= label_offset) & (index < label_offset + weight.shape[0])
         index = torch.where(mine, index - label_offset, -1).contiguous()

@@ -273,6 +273,88 @@ def _check_dcp_to_one_process(rank, world):
     _assert_close_params([p.detach() for p in single.parameters()], want, f"DCP world {world} -> 1")
 
 
+def _fsdp2_mlp():
+    from torch.distributed.fsdp import fully_shard
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _check_dcp_from_one_process(rank, world):
+    # the reverse: full state dicts saved by one process load into FSDP2 at world W (each rank
+    # keeps its shard of the parameters and of the row slots), and training continues on the
+    # single-process trajectory
+    import fastnotes
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+    rows = BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    half = STEPS // 2
+    full = StateDictOptions(full_state_dict=True)
+    single = _mlp()
+    single_opt = fastnotes.optim.Amos(single.parameters(), lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        if step == half:
+            model_state = copy.deepcopy(get_model_state_dict(single, options=full))
+            optim_state = copy.deepcopy(get_optimizer_state_dict(single, single_opt, options=full))
+        single_opt.zero_grad()
+        _loss(single, *_data(step)).backward()
+        single_opt.step()
+    want = [p.detach().clone() for p in single.parameters()]
+    model = _fsdp2_mlp()
+    opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, momentum=0.9)
+    set_model_state_dict(model, model_state, options=full)
+    set_optimizer_state_dict(model, opt, optim_state, options=full)
+    w0 = next(model.parameters())
+    v = opt.state[w0]["v"]
+    assert isinstance(v, DTensor) and v.placements == w0.placements and tuple(v.shape) == (HIDDEN, 1)
+    assert float(opt.state[w0]["step"]) == half
+    for step in range(half, STEPS):
+        opt.zero_grad()
+        x, y = _data(step)
+        _loss(model, x[mine], y[mine]).backward()
+        opt.step()
+    _assert_close_params([p.full_tensor() for p in model.parameters()], want, f"DCP 1 -> world {world}")
+
+
+def _check_clip_grad_norm(rank, world):
+    # torch.nn.utils.clip_grad_norm_ on FSDP2's DTensor gradients (the norm over every rank's shard)
+    # before each Amos step: the single-process trajectory with clipping on the whole batch
+    import fastnotes
+    rows = BATCH // world
+    mine = slice(rank * rows, (rank + 1) * rows)
+    max_norm = 0.05
+    single = _mlp()
+    single_opt = fastnotes.optim.Amos(single.parameters(), lr=0.05, slot="column", momentum=0.9)
+    model = _fsdp2_mlp()
+    opt = fastnotes.optim.Amos(model.parameters(), lr=0.05, slot="column", momentum=0.9)
+    for step in range(STEPS):
+        x, y = _data(step)
+        single_opt.zero_grad()
+        _loss(single, x, y).backward()
+        want_norm = torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm)
+        single_opt.step()
+        opt.zero_grad()
+        _loss(model, x[mine], y[mine]).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        assert abs(norm.item() - want_norm.item()) <= 1e-5 * want_norm.item(), f"step {step}: grad norm {norm} vs {want_norm}"
+        if step == 0:
+            assert want_norm.item() > max_norm, "the case must clip"
+    _assert_close_params([p.full_tensor() for p in model.parameters()], [p.detach() for p in single.parameters()],
+                         f"clip_grad_norm_ world {world}")
+
+
 def _check_all(rank, world):
     _check_dim1_rejected(rank, world)
     _check_fsdp2(rank, world)
@@ -280,6 +362,8 @@ def _check_all(rank, world):
     _check_ddp_amos(rank, world)
     _check_ddp_ops(rank, world)
     _check_dcp_to_one_process(rank, world)
+    _check_dcp_from_one_process(rank, world)
+    _check_clip_grad_norm(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -177,7 +177,10 @@ class Amos(torch.optim.Optimizer):
         for i, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(i, {}).items():
                 if isinstance(value, torch.Tensor):
-                    self.state[p][key] = value.to(device=p.device).clone()
+                    value = value.to(device=p.device).clone()
+                    if key in ("v", "b", "m") and _distributed.is_dtensor(p) and not _distributed.is_dtensor(value):
+                        value = _slot_as_dtensor(value, p, key == "m")
+                    self.state[p][key] = value
 
     @_dispatch.eager_op
     @torch.no_grad()
@@ -287,6 +290,17 @@ def _reference_step(item, group):
 def _slot_follows_dim0(p, slot):
     """Whether the slot keeps dim 0 of p (so it can be sharded with p along dim 0)."""
     return p.dim() > 0 and len(slot) == p.dim() and 0 not in reference.amos.reduced_axes(p.shape, slot)
+
+
+def _slot_as_dtensor(value, p, is_momentum):
+    """A full slot (e.g. from a one-process state dict that torch.distributed.checkpoint hands over
+    as a plain tensor) laid out as _init_state lays it out for the DTensor p: sharded with p when it
+    follows dim 0, else replicated."""
+    from torch.distributed.tensor import distribute_tensor
+    follows = is_momentum or _slot_follows_dim0(p, tuple(value.shape))
+    if follows and _distributed.dim0_shard_group(_OP, "a parameter", p) is not None:
+        return distribute_tensor(value, p.device_mesh, p.placements)  # FSDP2's chunks of dim 0
+    return _distributed.like_dtensor(value, p, False)
 
 
 def _zeros_momentum(p, dtype):
