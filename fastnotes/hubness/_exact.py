@@ -51,6 +51,7 @@ class Problem:
     zero_x: torch.Tensor = None  # cosine: [n] bool, zero query rows
     zero_r: torch.Tensor = None  # cosine: [m] bool, zero reference rows
     paired: object = None  # the backend's fused paired_distances(x, ref, rows, indices, metric), if any
+    release: object = None  # stream.py: called after each reference chunk of the fallback search (drops mapped pages)
 
     @property
     def same(self):
@@ -251,6 +252,8 @@ def _full_search(p, rows, k):
         dist, index = search_tile(x64, p.ref[start:start + cols], start, p.metric, p.mu, p.out_dtype, zero_x,
                                   rows if p.exclude_self else None, m)
         best_d, best_i = _select(torch.cat([best_d, dist], 1), torch.cat([best_i, index], 1), k)
+        if p.release is not None:
+            p.release()
     return best_i
 
 

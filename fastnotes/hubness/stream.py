@@ -244,7 +244,8 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
         big = (r_norms if zero_r is None else torch.where(zero_r, 0.0, r_norms)).max()
         p = _exact.Problem(x, ref, metric, exclude_self, out_dtype, mu, xc=None, rc=None, add=add,
                            scale=-1.0 if metric == "ip" else -2.0, bound=None, zero_x=zero_x, zero_r=zero_r,
-                           paired=getattr(kernels, "paired_distances", None))
+                           paired=getattr(kernels, "paired_distances", None),
+                           release=(lambda: release_pages(maps)) if maps else None)
         width = p.candidates(k)
 
         if m <= ref_rows:  # one tile: centre it once
