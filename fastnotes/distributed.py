@@ -98,7 +98,7 @@ class _LabelParallelFunction(torch.autograd.Function):
             ctx.eager_grads = [grad_hidden, grad_weight, grad_bias]
         else:
             ctx.eager_grads = None
-            ctx.saved = (rows, weight, bias, targets, index, lse)
+        ctx.saved = (rows, weight, bias, targets, index, lse)  # for 'none', or a second backward
         ctx.needs, ctx.plan, ctx.dtypes = needs, plan, (weight.dtype, None if bias is None else bias.dtype)
         loss = lse.sum(1)
         if plan.reduction == "none":
@@ -112,9 +112,11 @@ class _LabelParallelFunction(torch.autograd.Function):
         if ctx.eager_grads is not None:
             grads = [None if g is None else g.mul_(grad_loss) for g in ctx.eager_grads]
             ctx.eager_grads = None
-        else:  # 'none' (replicated only): every rank brings the same per-row upstream gradients
+        else:  # 'none' (replicated only: every rank brings the same per-row upstream gradients)
             rows, weight, bias, targets, index, lse = ctx.saved
-            scale = grad_loss.to(lse.dtype).expand(rows.shape[0]).contiguous()
+            n_rows = rows.shape[0]
+            scale = grad_loss.to(lse.dtype).expand(n_rows) / (max(n_rows, 1) if plan.reduction == "mean" else 1)
+            scale = scale.contiguous()
             *_, grad_hidden, grad_weight, grad_bias = _stream_label_loss(
                 rows, weight, bias, targets, index, plan.kernels, plan.rows_per_chunk, scale, ctx.needs, lse=lse)
             grads = [grad_hidden, grad_weight, grad_bias]

@@ -139,6 +139,22 @@ def _check_module(rank, world):
         assert (got.detach() - exp.detach()).abs().max().item() <= 1e-12
 
 
+def _check_second_backward(rank, world):
+    # retain_graph: a second backward (streaming again, collectives again) gives the same gradients
+    from fastnotes.distributed import label_parallel_multilabel_ce, shard_of
+    hidden, weight, bias, pos_index, _ = _case(4, torch.float64)
+    lo, size = shard_of(C, rank, world)
+    for mode in ("replicated", "data_parallel"):
+        h = hidden[rank::world] if mode == "data_parallel" else hidden
+        index = pos_index[rank::world] if mode == "data_parallel" else pos_index
+        h, w = h.clone().requires_grad_(), weight[lo:lo + size].clone().requires_grad_()
+        loss = label_parallel_multilabel_ce(h, w, pos_index=index, label_offset=lo, num_labels=C, input=mode)
+        first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+        second = torch.autograd.grad(loss, (h, w))
+        for a, b in zip(first, second):
+            assert (a - b).abs().max().item() <= 1e-14 * (1 + a.abs().max().item()), mode
+
+
 def _expect_error(kind, pattern, call):
     with pytest.raises(kind, match=pattern):
         call()
@@ -202,6 +218,7 @@ def _check_all(rank, world):
             _check_against_single(rank, world, torch.float32, "replicated", "sparse", "none")
             _check_against_single(rank, world, torch.float32, "data_parallel", "dense", "mean")
     _check_module(rank, world)
+    _check_second_backward(rank, world)
     _check_bad_input(rank, world)
 
 
