@@ -28,7 +28,7 @@ import triton.language as tl
 # that every configuration compiles without register spills (tests/test_triton_aot.py). float32 head
 # dims over 64 spill at any tile size (3xTF32 splits both operands): the op sends them elsewhere.
 TILES = {
-    ("forward", "fp32", 64): (64, 32, 8), ("dq", "fp32", 64): (16, 32, 2), ("dk", "fp32", 64): (32, 32, 8),
+    ("forward", "fp32", 64): (64, 32, 4), ("dq", "fp32", 64): (16, 32, 2), ("dk", "fp32", 64): (32, 32, 8),
     ("decode", "fp32", 64): (32, 32, 8),
     ("forward", "16-bit", 64): (64, 64, 4), ("forward", "16-bit", 128): (64, 64, 8),
     ("dq", "16-bit", 64): (64, 64, 8), ("dq", "16-bit", 128): (64, 64, 8),
@@ -156,15 +156,20 @@ def global_pointer_forward_kernel(qr_ptr, kr_ptr, bias_start_ptr, bias_end_ptr, 
         for g in range(0, group):
             bt = b * q_heads * group + hq * group + g
             s, allowed = _type_scores(s0, bias_start_ptr, bias_end_ptr, bt, rows, cols, n, pair_ok)
-            span = starts_ptr + bt * (n_tiles + 1) + pid_m
-            member = _members(keys_ptr + bt * n_keys, tl.load(span), tl.load(span + 1), n, rows, cols,
-                              BLOCK_M, BLOCK_N, INDEX_BLOCK)
             state = partial_ptr + (bt * n_tiles + pid_m) * 4
-            m_pos, l_pos = _tile_lse(tl.load(state), tl.load(state + 1), tl.where(member, -s, float("-inf")))
-            m_neg, l_neg = _tile_lse(tl.load(state + 2), tl.load(state + 3),
-                                     tl.where(allowed & ~member, s, float("-inf")))
-            tl.store(state, m_pos)
-            tl.store(state + 1, l_pos)
+            negatives = tl.where(allowed, s, float("-inf"))
+            span = starts_ptr + bt * (n_tiles + 1) + pid_m
+            lo = tl.load(span)
+            hi = tl.load(span + 1)
+            if hi > lo:  # the row tile lists positives: split them off (most tiles skip this)
+                member = _members(keys_ptr + bt * n_keys, lo, hi, n, rows, cols, BLOCK_M, BLOCK_N,
+                                  INDEX_BLOCK)
+                m_pos, l_pos = _tile_lse(tl.load(state), tl.load(state + 1),
+                                         tl.where(member, -s, float("-inf")))
+                tl.store(state, m_pos)
+                tl.store(state + 1, l_pos)
+                negatives = tl.where(member, float("-inf"), negatives)
+            m_neg, l_neg = _tile_lse(tl.load(state + 2), tl.load(state + 3), negatives)
             tl.store(state + 2, m_neg)
             tl.store(state + 3, l_neg)
         tl.debug_barrier()  # the next tile reads these states back
@@ -177,13 +182,15 @@ def _type_gradient(s0, bias_start_ptr, bias_end_ptr, keys_ptr, starts_ptr, stats
     """dL/ds of one type on a tile (row tile number `tile`): g e^{s - LN} on the allowed non-members,
     -g e^{-s - LP} on the positives, exactly 0 elsewhere (a select, never inf * 0)."""
     s, allowed = _type_scores(s0, bias_start_ptr, bias_end_ptr, bt, rows, cols, n, pair_ok)
-    span = starts_ptr + bt * (n_tiles + 1) + tile
-    member = _members(keys_ptr + bt * n_keys, tl.load(span), tl.load(span + 1), n, rows, cols,
-                      BLOCK_M, BLOCK_N, INDEX_BLOCK)
     g = tl.load(grad_loss_ptr + bt)
-    lse_pos = tl.load(stats_ptr + bt * 2)
-    lse_neg = tl.load(stats_ptr + bt * 2 + 1)
-    return tl.where(member, -g * tl.exp(-s - lse_pos), tl.where(allowed, g * tl.exp(s - lse_neg), 0.0))
+    ds = tl.where(allowed, g * tl.exp(s - tl.load(stats_ptr + bt * 2 + 1)), 0.0)
+    span = starts_ptr + bt * (n_tiles + 1) + tile
+    lo = tl.load(span)
+    hi = tl.load(span + 1)
+    if hi > lo:
+        member = _members(keys_ptr + bt * n_keys, lo, hi, n, rows, cols, BLOCK_M, BLOCK_N, INDEX_BLOCK)
+        ds = tl.where(member, -g * tl.exp(-s - tl.load(stats_ptr + bt * 2)), ds)
+    return ds
 
 
 @triton.jit
@@ -296,7 +303,7 @@ def global_pointer_decode_kernel(qr_ptr, kr_ptr, bias_start_ptr, bias_end_ptr, c
 # ---- launch -------------------------------------------------------------------------------------
 
 
-INTERPRETER_TILE = 32  # the interpreter pays per tile operation: larger tiles run faster there
+INTERPRETER_TILE = 64  # the interpreter pays per tile operation: larger tiles run faster there
 
 
 def _config(kernel, q):
@@ -448,7 +455,7 @@ def _aot_configs():
                       "ROPE": "constexpr", "INVERSE": "constexpr", "D": "constexpr", "BLOCK": "constexpr"}
             for inverse in (False, True):
                 io = {"x_ptr": "*fp32" if inverse else f"*{ty}", "out_ptr": f"*{ty}"}
-                for rope in (True, False):
+                for rope in (True, False) if dim == 64 else (True,):
                     configs.append((global_pointer_rotate_kernel, {**io, **rotate},
                                     {"ROPE": rope, "INVERSE": inverse, "D": dim, "BLOCK": ROTATE_BLOCK},
                                     ROTATE_WARPS))
