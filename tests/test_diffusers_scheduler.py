@@ -470,3 +470,12 @@ def test_thresholding_in_half_precision(cls, method):
         results.append(out)
     assert results[1].prev_sample.dtype == results[1].pred_original_sample.dtype == torch.float16
     assert (results[0].prev_sample.float() - results[1].prev_sample.float()).abs().max() < 1e-2  # a few fp16 ulps
+
+
+def test_the_new_keys_round_trip(tmp_path):
+    s = AnalyticDPMScheduler(method="ddim", eta=0.4, noise_source="diffusers", clip_pixel=1.5, clip_sigma_steps=2,
+                             **THRESHOLD, **ZERO_SNR)
+    s.save_pretrained(tmp_path)
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    assert loaded.config.thresholding and loaded.config.rescale_betas_zero_snr and loaded.config.clip_pixel == 1.5
+    assert torch.equal(run(loaded, 8), run(s, 8))
