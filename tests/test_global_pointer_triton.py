@@ -1,7 +1,7 @@
 """The Triton kernels of global_pointer (kernels/triton/global_pointer.py) under TRITON_INTERPRET=1 on CPU
 (or compiled on a GPU), in the cases that stress their own mechanics: 16 x 16 tiles so that small n
 spans several row and column tiles, row tiles with more positives than one one-hot product takes
-(INDEX_BLOCK), positives on tile edges and the diagonal, types sharing a q/k head (Efficient
+(INDEX_BLOCK), positives on tile edges and the diagonal, rows without positives, types sharing a q/k head (Efficient
 GlobalPointer: the per-type partial states and bias-gradient slices updated tile after tile),
 exact zeros on masked pairs, run-to-run determinism and decode across tiles. The op's general cases
 on every backend are in tests/test_global_pointer.py."""
@@ -53,6 +53,7 @@ CASES = {  # (batch, n, heads, d, make_case options, rows whose every pair is a 
     "many_positives_no_tril": (2, 33, 2, 8, dict(tril=False, lengths=[33, 20]), [0, 16, 31]),
     "efficient": (2, 34, 4, 8, dict(efficient=True, lengths=[34, 19]), [16]),
     "efficient_diagonal": (2, 33, 3, 8, dict(efficient=True, diagonal=True, tril=False), None),
+    "no_spans": (2, 33, 2, 8, dict(per_row=0, lengths=[33, 30]), None),
     "one_row_one_token": (1, 1, 2, 4, {}, None),
 }
 
