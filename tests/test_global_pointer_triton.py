@@ -1,10 +1,10 @@
 """The Triton kernels of global_pointer (kernels/triton/global_pointer.py) under TRITON_INTERPRET=1 on CPU
 (or compiled on a GPU), in the cases that stress their own mechanics: 16 x 16 tiles so that small n
 spans several row and column tiles, row tiles with more positives than one one-hot product takes
-(INDEX_BLOCK), positives on tile edges and the diagonal, rows without positives, types sharing a q/k head (Efficient
-GlobalPointer: the per-type partial states and bias-gradient slices updated tile after tile),
-exact zeros on masked pairs, run-to-run determinism and decode across tiles. The op's general cases
-on every backend are in tests/test_global_pointer.py."""
+(INDEX_BLOCK), positives on tile edges and the diagonal, rows without positives, types sharing a q/k
+head (Efficient GlobalPointer: the per-type partial states and bias-gradient slices updated tile
+after tile), exact zeros on masked pairs, run-to-run determinism and decode across tiles. The op's
+general cases on every backend are in tests/test_global_pointer.py."""
 import math
 
 import pytest
