@@ -97,7 +97,8 @@ def test_masked_pairs_give_exact_zeros_and_runs_repeat_bit_for_bit(small_tiles, 
     assert (grad_q[0, :23].abs().sum(-1) > 0).all()
 
 
-@pytest.mark.parametrize("options", [dict(), dict(tril=False, efficient=True)], ids=["default", "efficient_no_tril"])
+@pytest.mark.parametrize("options", [dict(), dict(tril=False, efficient=True)],
+                         ids=["default", "efficient_no_tril"])
 def test_decode_across_tiles(small_tiles, options, rng):
     """The hits of every (type, row tile) land in their own slots across column tiles; the rows
     equal thresholding the dense scores (compared away from the threshold: float32 rounding)."""
