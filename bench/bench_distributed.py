@@ -306,25 +306,29 @@ def bytes_per_step(p, n_rows, dim, itemsize, mode):
 
 def paper_table(n_rows, dim=1024):
     gib = 1 << 30
-    lines = [f"bf16 weights, D = {dim}, N = {n_rows} rows per step (the group's batch), input='data_parallel'; "
-             "per GPU. Working memory: the float32 weight gradient the fused op accumulates (C/P x D x 4) "
-             "and its bf16 copy, the 128 MiB chunk buffer, gathered hidden and its gradient. Optimiser "
-             "state: Amos with the row slot (one float32 per label) vs AdamW (two float32 moments per "
-             "weight). Communication time: bytes / bandwidth, latency not included.",
+    lines = [f"bf16 weights, D = {dim}, N = {n_rows} rows per step (the group's batch), input='data_parallel', "
+             f"{POSITIVES} positives per row; per GPU. Gradient: the float32 accumulator the fused op fills "
+             "(C/P x D x 4 B) and the bf16 .grad it hands back (x 2 B). Working: the 128 MiB chunk buffer "
+             "(zlpr.FUSED_CHUNK_BYTES), the gathered hidden and its gradient, this rank's rows. Optimiser state: "
+             "Amos with its default row slot (one float32 per label) vs AdamW with float32 moments (8 B per "
+             "weight; fp32 master weights, if kept, not counted). Communication: the byte model of "
+             "bytes_per_step (checked against the counted collectives at world 2), divided by the bandwidth; "
+             "latency not included.",
              "",
-             "| P | C | weight GiB | Amos state GiB | AdamW state GiB | working GiB | MB sent per step "
+             "| P | C | weight GiB | gradient GiB | Amos state GiB | AdamW state GiB | working GiB | MB sent per step "
              "| at 400 Gb/s (ms) | at 900 GB/s (ms) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n_labels in (10 ** 7, 10 ** 8):
         for p in (8, 64, 256):
             local = -(-n_labels // p)
             weight = local * dim * 2
+            gradient = local * dim * (4 + 2)
             amos = local * 4
             adamw = local * dim * 8
-            working = local * dim * (4 + 2) + 128 * MIB + 2 * n_rows * dim * 2 + (n_rows // p) * dim * 2
+            working = 128 * MIB + 2 * n_rows * dim * 2 + (n_rows // p) * dim * 2
             sent = bytes_per_step(p, n_rows, dim, 2, "data_parallel")
-            lines.append(f"| {p} | 10^{len(str(n_labels)) - 1} | {weight / gib:.2f} | {amos / gib:.4f} "
-                         f"| {adamw / gib:.2f} | {working / gib:.2f} | {sent / 1e6:.2f} "
+            lines.append(f"| {p} | 10^{len(str(n_labels)) - 1} | {weight / gib:.2f} | {gradient / gib:.2f} "
+                         f"| {amos / gib:.4f} | {adamw / gib:.2f} | {working / gib:.3f} | {sent / 1e6:.2f} "
                          f"| {1e3 * sent / 50e9:.3f} | {1e3 * sent / 900e9:.4f} |")
     return "\n".join(lines)
 
