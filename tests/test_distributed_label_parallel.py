@@ -212,6 +212,9 @@ def _check_all(rank, world):
                 _check_against_single(rank, world, dtype, "replicated", kind, reduction)
             for reduction in ("mean", "sum"):
                 _check_against_single(rank, world, dtype, "data_parallel", kind, reduction)
+    # bfloat16 hidden and weight: the GEMMs in bfloat16, the epilogue and the combine in float32 / float64
+    _check_against_single(rank, world, torch.bfloat16, "replicated", "sparse", "mean")
+    _check_against_single(rank, world, torch.bfloat16, "data_parallel", "dense", "sum")
     if _dispatch.availability("triton", "cpu") is None:  # the Triton kernels under TRITON_INTERPRET=1
         import fastnotes
         with fastnotes.use_backend("triton"):
