@@ -29,13 +29,14 @@ def random_spans(gen, lengths, heads, per_row, tril=True, diagonal=False):
     return spans
 
 
-def make_case(gen, batch, n, heads, d, *, efficient=False, lengths=None, per_row=4, tril=True, rope=True,
-              diagonal=False, scale=1.5):
-    """(tensors {q, k[, type_bias]} in float64, kwargs {spans, mask, tril, rope})."""
+def make_case(gen, batch, n, heads, d, *, efficient=False, type_bias=False, lengths=None, per_row=4, tril=True,
+              rope=True, diagonal=False, scale=1.5):
+    """(tensors {q, k[, type_bias]} in float64, kwargs {spans, mask, tril, rope}); efficient: q, k
+    [B, n, d] shared with a type_bias; type_bias: per-type q, k [B, n, H, d] with a type_bias too."""
     lengths = [n] * batch if lengths is None else lengths
     shape = (batch, n, d) if efficient else (batch, n, heads, d)
     tensors = {name: torch.randn(shape, generator=gen, dtype=F64) * scale for name in ("q", "k")}
-    if efficient:
+    if efficient or type_bias:
         tensors["type_bias"] = torch.randn(batch, n, heads, 2, generator=gen, dtype=F64)
     mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
     kwargs = dict(spans=random_spans(gen, lengths, heads, per_row, tril, diagonal),

@@ -37,6 +37,7 @@ CONFIGS = {
     "no_spans": (2, 33, 3, 8, dict(per_row=0)),
     "diagonal_spans": (2, 33, 3, 8, dict(diagonal=True)),
     "efficient": (2, 47, 5, 8, dict(efficient=True, lengths=[47, 21])),
+    "per_type_with_bias": (2, 33, 3, 8, dict(type_bias=True, lengths=[33, 30])),
     "efficient_tiles_no_tril": (2, 290, 3, 8, dict(efficient=True, tril=False, lengths=[290, 100])),
     "large_scores": (2, 40, 2, 8, dict(scale=6.0)),  # terms beyond e^88: the exact redo of a row
 }
