@@ -60,23 +60,10 @@ class Encoder(torch.nn.Module):
         return self.norm(x + self.block(x))
 
 
-@torch.no_grad()
-def top_k(head, hidden, k):
-    """Global top-k label ids of replicated hidden rows: each rank's top-k of its shard, gathered
-    and merged (k x world candidates per row cross the group, never [N, C])."""
-    scores, ids = head.logits(hidden).topk(k, dim=1)
-    ids += head.label_offset
-    world = dist.get_world_size(head.group)
-    all_scores = [torch.empty_like(scores) for _ in range(world)]
-    all_ids = [torch.empty_like(ids) for _ in range(world)]
-    dist.all_gather(all_scores, scores, group=head.group)
-    dist.all_gather(all_ids, ids, group=head.group)
-    best = torch.cat(all_scores, 1).topk(k, dim=1).indices
-    return torch.cat(all_ids, 1).gather(1, best)
-
-
 def precision_at(encoder, head, tokens, positives, ks, device):
-    """precision@k over held-out documents: each rank encodes its share, the rows are gathered."""
+    """precision@k over held-out documents: each rank encodes its share of a block; head.topk
+    scores every label shard and merges the ranks' candidates (k per row and rank cross the group,
+    never [N, C])."""
     rank, world = dist.get_rank(), dist.get_world_size()
     hits, n = {k: 0.0 for k in ks}, 0
     for lo in range(0, tokens.shape[0], 256 * world):
@@ -86,16 +73,15 @@ def precision_at(encoder, head, tokens, positives, ks, device):
             break
         with torch.no_grad():
             mine = encoder(block[rank * rows:(rank + 1) * rows].to(device))
-        parts = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(parts, mine.contiguous())
-        gathered = torch.cat(parts)
-        predicted = top_k(head, gathered, max(ks)).cpu()
-        truth = positives[lo:lo + rows * world]
+        predicted = head.topk(mine, max(ks))[1].cpu()  # this rank's rows (the head is data-parallel)
+        truth = positives[lo + rank * rows:lo + (rank + 1) * rows]
         for k in ks:
             correct = (predicted[:, :k, None] == truth[:, None, :]).any(-1)  # padding -1 never matches
             hits[k] += correct.float().sum().item() / k
-        n += rows * world
-    return {k: hits[k] / max(n, 1) for k in ks}
+        n += rows
+    totals = torch.tensor([hits[k] for k in ks] + [n], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)  # every rank's rows
+    return {k: (totals[i] / max(totals[-1].item(), 1)).item() for i, k in enumerate(ks)}
 
 
 class Progress:

@@ -324,8 +324,8 @@ class LabelParallelMultilabelCE(torch.nn.Module):
 
     LabelParallelMultilabelCE(in_features, num_labels, group=None, input="replicated") takes this
     rank's share from shard_of(num_labels, rank, world) of the group; from_full(weight, bias, ...)
-    builds it from a full head (each rank keeps its rows), and full_weight()/full_bias() gather it
-    back (for a checkpoint of the whole head). Keep it out of DDP / FSDP wrappers of the backbone:
+    builds it from a full head (each rank keeps its rows), full_weight()/full_bias() gather it
+    back (for a checkpoint of the whole head), and topk(hidden, k) predicts over all labels. Keep it out of DDP / FSDP wrappers of the backbone:
     its parameters are shards, not replicas, and their gradients are complete on each rank.
     """
 
@@ -367,8 +367,57 @@ class LabelParallelMultilabelCE(torch.nn.Module):
 
     def logits(self, hidden):
         """This rank's label columns of hidden @ weight.T + bias, [..., C_local] (labels
-        label_offset + j): for inference, e.g. a top-k per shard then a top-k of the gathered ones."""
+        label_offset + j). For the best labels of the whole head, topk."""
         return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+    @torch.no_grad()
+    def topk(self, hidden, k):
+        """The k highest-scoring labels of the whole head for each row: (scores [..., k], global
+        label ids [..., k]), best first, on every rank. hidden as in forward (the same rows on every
+        rank with input='replicated', this rank's own rows with 'data_parallel'). Each rank scores
+        its shard a chunk of rows at a time and keeps its top k; the group then exchanges k
+        candidates per row and rank (never [N, C])."""
+        op = "LabelParallelMultilabelCE.topk"
+        error, meta = None, None
+        try:
+            _check_int("k", k, 1)
+            if k > self.num_labels:
+                raise ValueError(f"{op}: k = {k} exceeds num_labels = {self.num_labels}")
+            _checks.check_tensor(op, "hidden", hidden, (self.weight.dtype,))
+            if hidden.dim() < 1 or hidden.shape[-1] != self.weight.shape[1]:
+                raise ValueError(f"{op}: hidden must be [..., {self.weight.shape[1]}], got {tuple(hidden.shape)}")
+            meta = math.prod(hidden.shape[:-1])
+        except (TypeError, ValueError) as caught:
+            error = caught
+        counts = _distributed.gather_checked(op, self.group, error, meta)
+        if self.input == "replicated" and any(n != counts[0] for n in counts):
+            raise ValueError(f"{op}: with input='replicated' every rank must bring the same rows; rows per rank: {counts}")
+        lead = tuple(hidden.shape[:-1])
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if self.input == "data_parallel":
+            rows = _distributed.all_gather_rows(rows.contiguous(), counts, self.group)
+        n_rows, world = rows.shape[0], len(counts)
+        compute = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        scores = torch.full((n_rows, k), -math.inf, dtype=compute, device=rows.device)
+        ids = torch.full((n_rows, k), -1, dtype=torch.int64, device=rows.device)
+        mine = min(k, self.weight.shape[0])  # a shard smaller than k pads with -inf
+        step = _rows_per_chunk(self.weight.shape[0], self.chunk_size)
+        for lo in range(0, n_rows, step):
+            logits = torch.nn.functional.linear(rows[lo:lo + step], self.weight, self.bias).to(compute)
+            top = logits.topk(mine, dim=1)
+            scores[lo:lo + step, :mine] = top.values
+            ids[lo:lo + step, :mine] = top.indices + self.label_offset
+        every = [_distributed.all_gather_rows(x, [n_rows] * world, self.group).view(world, n_rows, k)
+                 for x in (scores, ids)]
+        candidates = [x.permute(1, 0, 2).reshape(n_rows, world * k) for x in every]
+        best = candidates[0].topk(k, dim=1)
+        top_ids = candidates[1].gather(1, best.indices)
+        top_scores = best.values.to(hidden.dtype)
+        if self.input == "data_parallel":
+            rank = torch.distributed.get_rank(self.group)
+            start = sum(counts[:rank])
+            top_scores, top_ids = top_scores[start:start + counts[rank]], top_ids[start:start + counts[rank]]
+        return top_scores.reshape(lead + (k,)), top_ids.reshape(lead + (k,))
 
     def full_weight(self):
         """The whole [num_labels, D] weight on every rank (an all-gather: for checkpoints and tests)."""

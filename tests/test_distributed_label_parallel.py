@@ -139,6 +139,21 @@ def _check_module(rank, world):
         assert (got.detach() - exp.detach()).abs().max().item() <= 1e-12
 
 
+def _check_topk(rank, world):
+    # the k best labels over all shards equal torch.topk of the full logits (shards smaller than k
+    # included: k = 5 > 3 labels on the last rank at world 3), in both input modes
+    from fastnotes.distributed import LabelParallelMultilabelCE
+    hidden, weight, bias, _, _ = _case(8, torch.float64)
+    want = torch.nn.functional.linear(hidden, weight, bias).topk(5, dim=1)
+    counts, starts = _split_rows(world)
+    for mode in ("replicated", "data_parallel"):
+        head = LabelParallelMultilabelCE.from_full(weight, bias, input=mode, chunk_size=2)
+        rows = slice(starts[rank], starts[rank] + counts[rank]) if mode == "data_parallel" else slice(None)
+        scores, ids = head.topk(hidden[rows], 5)
+        assert torch.equal(ids, want.indices[rows]), mode
+        assert (scores - want.values[rows]).abs().max().item() <= 1e-12, mode
+
+
 def _check_second_backward(rank, world):
     # retain_graph: a second backward (streaming again, collectives again) gives the same gradients
     from fastnotes.distributed import label_parallel_multilabel_ce, shard_of
@@ -222,6 +237,7 @@ def _check_all(rank, world):
             _check_against_single(rank, world, torch.float32, "data_parallel", "dense", "mean")
     _check_module(rank, world)
     _check_second_backward(rank, world)
+    _check_topk(rank, world)
     _check_bad_input(rank, world)
 
 
