@@ -43,7 +43,6 @@ def shard_of(num_labels, rank, world):
 class _Plan:
     """What the autograd function needs besides tensors; agreed by every rank of the group."""
     group: object
-    rank: int
     world: int
     mode: str
     counts: list          # rows each rank brings (data_parallel) or the N all share (replicated)
@@ -275,7 +274,7 @@ def _label_parallel(hidden, weight, targets, pos_index, bias, label_offset, num_
     dist = torch.distributed
     if group is None and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
-    rank, world = _distributed.check_group(_OP, group)  # a rank outside the group raises alone: nobody waits
+    _, world = _distributed.check_group(_OP, group)  # a rank outside the group raises alone: nobody waits
     error, meta, index, kernels = None, None, None, None
     try:
         rows, index = _check_local(hidden, weight, targets, pos_index, bias, label_offset, num_labels, mode,
@@ -310,7 +309,7 @@ def _label_parallel(hidden, weight, targets, pos_index, bias, label_offset, num_
         mine = (index >= label_offset) & (index < label_offset + weight.shape[0])
         index = torch.where(mine, index - label_offset, -1).contiguous()
     dense = None if targets is None else targets.reshape(-1, weight.shape[0]).contiguous()
-    plan = _Plan(group=group, rank=rank, world=world, mode=mode, counts=counts, reduction=reduction,
+    plan = _Plan(group=group, world=world, mode=mode, counts=counts, reduction=reduction,
                  rows_per_chunk=_rows_per_chunk(weight.shape[0], chunk_size), kernels=kernels,
                  grad_enabled=torch.is_grad_enabled())
     out = _LabelParallelFunction.apply(hidden_2d, weight, bias, dense, index, plan)
@@ -325,8 +324,9 @@ class LabelParallelMultilabelCE(torch.nn.Module):
     LabelParallelMultilabelCE(in_features, num_labels, group=None, input="replicated") takes this
     rank's share from shard_of(num_labels, rank, world) of the group; from_full(weight, bias, ...)
     builds it from a full head (each rank keeps its rows), full_weight()/full_bias() gather it
-    back (for a checkpoint of the whole head), and topk(hidden, k) predicts over all labels. Keep it out of DDP / FSDP wrappers of the backbone:
-    its parameters are shards, not replicas, and their gradients are complete on each rank.
+    back (for a checkpoint of the whole head), and topk(hidden, k) predicts over all labels. Keep
+    it out of DDP / FSDP wrappers of the backbone: its parameters are shards, not replicas, and
+    their gradients are complete on each rank.
     """
 
     def __init__(self, in_features, num_labels, bias=True, *, group=None, input="replicated", reduction="mean",
@@ -391,7 +391,8 @@ class LabelParallelMultilabelCE(torch.nn.Module):
             error = caught
         counts = _distributed.gather_checked(op, self.group, error, meta)
         if self.input == "replicated" and any(n != counts[0] for n in counts):
-            raise ValueError(f"{op}: with input='replicated' every rank must bring the same rows; rows per rank: {counts}")
+            raise ValueError(f"{op}: with input='replicated' every rank must bring the same rows; "
+                             f"rows per rank: {counts}")
         lead = tuple(hidden.shape[:-1])
         rows = hidden.reshape(-1, hidden.shape[-1])
         if self.input == "data_parallel":

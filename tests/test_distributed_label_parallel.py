@@ -260,7 +260,8 @@ def test_chunk_launcher_takes_given_lse(backend, kind):
     targets = torch.zeros(rows, cols).scatter_(1, pos_index.clamp(min=0), 1.0)
     targets[1] = 0
     if kind == "soft":
-        targets = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, targets, torch.rand(rows, cols, generator=gen))
+        soft = torch.rand(rows, cols, generator=gen)
+        targets = torch.where(torch.rand(rows, cols, generator=gen) < 0.5, targets, soft)
     dense, index = (targets, None) if kind == "soft" else (None, pos_index)
     kernels = _registry.ZLPR.kernels(backend)
     scale = torch.rand(rows, generator=gen) + 0.5
