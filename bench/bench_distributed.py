@@ -1,12 +1,14 @@
 """Benchmarks for the multi-device path (issue 13): the label-parallel ZLPR head and Amos under FSDP2.
 
     python bench/bench_distributed.py head [--labels 131072,1048576] [--rows 1024] [--dim 1024]
+                                           [--input replicated]
     python bench/bench_distributed.py amos
     python bench/bench_distributed.py paper [--rows 4096]    # the table for P GPUs, from the byte model
 
 head: fastnotes.distributed.label_parallel_multilabel_ce at world 2 on gloo (two spawned processes,
-one thread each, input='data_parallel': each rank brings rows/2 rows) against the single-process
-fused_linear_multilabel_ce on the whole batch and weight, fp32, fwd+bwd with gradients for hidden,
+one thread each; input='data_parallel': each rank brings rows/2 rows, or --input replicated: every
+rank all of them) against the single-process fused_linear_multilabel_ce on the whole batch and
+weight, fp32, fwd+bwd with gradients for hidden,
 weight and bias, 10 positives per row (pos_index). Each configuration runs in fresh processes: a
 warm-up call at C = 4096 (kernels loaded), then the timed call, with the same rows per chunk for
 both (the single op's default: zlpr.FUSED_CHUNK_BYTES of float32 logits of the WHOLE head, so the
@@ -153,13 +155,14 @@ def _single_head(n_rows, dim, n_labels, threads, out):
               open(out, "w"))
 
 
-def _label_parallel_rank(rank, world, n_rows, dim, n_labels, out_dir):
+def _label_parallel_rank(rank, world, n_rows, dim, n_labels, out_dir, mode):
     import fastnotes
     from fastnotes.distributed import label_parallel_multilabel_ce, shard_of
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(out_dir, "store"), world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    own = slice(rank * n_rows // world, (rank + 1) * n_rows // world)
+    # data-parallel: each rank its share of the rows; replicated: every rank all of them
+    own = slice(rank * n_rows // world, (rank + 1) * n_rows // world) if mode == "data_parallel" else slice(None)
     # warm-up: kernels loaded, gloo connected
     lo, size = shard_of(WARMUP_LABELS, rank, world)
     hidden, pos_index = _head_case(64, dim, WARMUP_LABELS)
@@ -176,21 +179,22 @@ def _label_parallel_rank(rank, world, n_rows, dim, n_labels, out_dir):
         bias = torch.zeros(size, requires_grad=True)
         start = time.perf_counter()
         loss = label_parallel_multilabel_ce(hidden, weight, pos_index=pos_index[own], bias=bias, label_offset=lo,
-                                            num_labels=n_labels, input="data_parallel",
+                                            num_labels=n_labels, input=mode,
                                             chunk_size=_chunk_rows(n_labels))
         loss.backward()
         seconds = time.perf_counter() - start
-    analytic = _analytic_bytes(n_rows, own.stop - own.start, dim, size, _chunk_rows(n_labels), True)
+    n_own, gathered = hidden.shape[0], mode == "data_parallel"
+    analytic = _analytic_bytes(n_rows, n_own, dim, size, _chunk_rows(n_labels), gathered)
     json.dump({"seconds": seconds, "rss": rss.peak - rss.before, "analytic": analytic, "loss": loss.item(),
                "sent": counter.sent, "payload": counter.payload, "calls": counter.calls,
-               "default_chunk_analytic": _analytic_bytes(n_rows, own.stop - own.start, dim, size,
+               "default_chunk_analytic": _analytic_bytes(n_rows, n_own, dim, size,
                                                          max(1, fastnotes.zlpr.FUSED_CHUNK_BYTES // (4 * size)),
-                                                         True)},
+                                                         gathered)},
               open(os.path.join(out_dir, f"rank{rank}.json"), "w"))
     dist.destroy_process_group()
 
 
-def run_head(labels, n_rows, dim, world=2):
+def run_head(labels, n_rows, dim, mode, world=2):
     import multiprocessing
     rows = []
     for n_labels in labels:
@@ -203,7 +207,8 @@ def run_head(labels, n_rows, dim, world=2):
                 p.start()
                 p.join()
                 result[f"single{threads}"] = json.load(open(out))
-            torch.multiprocessing.start_processes(_label_parallel_rank, args=(world, n_rows, dim, n_labels, tmp),
+            torch.multiprocessing.start_processes(_label_parallel_rank,
+                                                  args=(world, n_rows, dim, n_labels, tmp, mode),
                                                   nprocs=world, start_method="spawn")
             result["ranks"] = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)]
         rows.append(result)
@@ -211,9 +216,10 @@ def run_head(labels, n_rows, dim, world=2):
     return rows
 
 
-def head_table(results, n_rows, dim, world):
-    lines = [f"N = {n_rows} rows per step (the whole batch; {n_rows // world} per rank), D = {dim}, fp32, "
-             f"world {world} (gloo, 1 thread per rank), input='data_parallel', {POSITIVES} positives per row.",
+def head_table(results, n_rows, dim, world, mode):
+    share = f"{n_rows // world} per rank" if mode == "data_parallel" else "all of them on every rank"
+    lines = [f"N = {n_rows} rows per step (the whole batch; {share}), D = {dim}, fp32, "
+             f"world {world} (gloo, 1 thread per rank), input='{mode}', {POSITIVES} positives per row.",
              "",
              "| C | single RSS MiB | rank RSS MiB (max) | ratio | single analytic MiB | rank analytic MiB | ratio "
              "| bytes sent per rank per step | single s (1 thr) | single s (2 thr) | rank s (max) | vs 1 thr | vs 2 thr |",
@@ -339,16 +345,17 @@ def main():
     parser.add_argument("--labels", default="131072,1048576")
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--input", default="data_parallel", choices=("data_parallel", "replicated"))
     args = parser.parse_args()
     print(f"torch {torch.__version__}; load average {open('/proc/loadavg').read().split()[:3]}", flush=True)
     if args.what == "head":
-        results = run_head([int(c) for c in args.labels.split(",")], args.rows, args.dim)
+        results = run_head([int(c) for c in args.labels.split(",")], args.rows, args.dim, args.input)
         for r in results:  # the byte model used for the paper table, checked against the count
-            model = bytes_per_step(2, args.rows, args.dim, 4, "data_parallel")
+            model = bytes_per_step(2, args.rows, args.dim, 4, args.input)
             measured = max(sum(x["sent"].values()) for x in r["ranks"])
             print(f"C = {r['C']}: bytes sent per rank {measured:,}, model {model:,} "
                   f"({100 * (measured - model) / model:+.2f}%)")
-        print(head_table(results, args.rows, args.dim, 2))
+        print(head_table(results, args.rows, args.dim, 2, args.input))
     elif args.what == "amos":
         print(run_amos())
     else:
