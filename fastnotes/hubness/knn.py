@@ -150,7 +150,7 @@ def knn(x, k, *, reference=None, metric="sqeuclidean", exclude_self=True, block_
     than k. Each rank gets the lists of its own rows, with global indices (the shard's offset plus the
     local index), equal to the single-process op on the concatenated shards; self-exclusion is by
     global index. The reference shards travel around the ring in transfers of `ref_rows` rows
-    (default 32 MiB), overlapped with the distance tiles (fastnotes/hubness/distributed.py). A shard
+    (default 4 MiB), overlapped with the distance tiles (fastnotes/hubness/distributed.py). A shard
     may be a numpy.memmap / .npy path (read through the map). Every rank raises the same error on bad
     input. No autograd, and no `reference` backend (the fused kernels run on every rank).
     """
