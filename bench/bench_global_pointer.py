@@ -39,7 +39,7 @@ SHAPES = [(16, 512, 10, 64), (8, 128, 1000, 64), (2, 2048, 50, 64)]
 SPANS_PER_ROW = 8
 CONTENDERS = ["fastnotes-numba", "fastnotes-triton", "eager-composite", "compiled-composite"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-COMPOSITE_LIMIT = 2 << 30  # skip a composite whose scores alone exceed this many bytes
+COMPOSITE_LIMIT = 1 << 30  # skip a composite whose scores alone exceed this many bytes (1 GiB)
 
 
 def make_inputs(shape, device, dtype=torch.float32, seed=0):
