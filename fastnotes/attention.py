@@ -141,30 +141,42 @@ def diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table
     return bias, post, key_bias
 
 
-def _single_query(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer):
+def _single_query(q, k, v, rel_bias, rel_buckets, alibi_slopes, post_table, key_padding_mask, scale, normalizer):
     """The op for Lq = 1 without autograd (a decode step) in a few torch ops: the score "matrix"
     is one row per head, O(Lk) like the kernels' buffers, and a kernel launch would cost more than
-    the work. post_diag / key_bias may be None (no URPE table / no padding)."""
-    work, out_dtype = bias_diag.dtype, q.dtype
+    the work. Builds only the terms the call has (one query row sees every key: no causal mask)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = q.dtype
     batch, heads, _, dim = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
     q, k, v = q.to(work), k.to(work), v.to(work)
-    bias = bias_diag.view(1, heads, 1, lk)
-    if key_bias is not None:
-        bias = bias + key_bias.view(batch, 1, 1, lk)
-    if normalizer == "softmax" and post_diag is None:  # plain softmax with an additive row: torch's fused SDPA
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=kv_heads != heads)
+    bias = None  # [H, Lk]: entry j is the diagonal e = j (delta = Lk - 1 - j >= 0)
+    if rel_bias is not None:
+        bias = rel_bias.to(work)[:, _diagonal_index(1, lk, rel_bias.shape[1], rel_buckets, q.device)]
+    if alibi_slopes is not None:
+        distance = torch.arange(lk - 1, -1, -1, device=q.device, dtype=work)
+        bias = (0 if bias is None else bias) - alibi_slopes.to(work)[:, None] * distance
+    mask = None if bias is None else bias.view(1, heads, 1, lk)
+    if key_padding_mask is not None:
+        padding = torch.zeros(batch, 1, 1, lk, dtype=work, device=q.device).masked_fill_(
+            ~key_padding_mask.view(batch, 1, 1, lk), -math.inf)
+        mask = padding if mask is None else mask + padding
+    if normalizer == "softmax" and post_table is None:  # plain softmax with an additive row: torch's fused SDPA
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
     else:
         group = heads // kv_heads
         s = torch.matmul(q.reshape(batch, kv_heads, group, dim), k.transpose(-1, -2)).mul_(scale)
-        a = torch.softmax(s.add_(bias.view(-1, kv_heads, group, lk)), dim=-1)
+        if mask is not None:
+            s.add_(mask.view(-1, kv_heads, group, lk))
+        a = torch.softmax(s, dim=-1)
         if normalizer == "l2":  # exp(s) / sqrt(sum exp(2 s)) = p / ||p|| for p = softmax(s)
             a.mul_(torch.rsqrt((a * a).sum(dim=-1, keepdim=True)))
-        if post_diag is not None:
-            a.mul_(post_diag.view(kv_heads, group, lk))
+        if post_table is not None:
+            index = _diagonal_index(1, lk, post_table.shape[1], rel_buckets, q.device)
+            a.mul_(post_table.to(work)[:, index].view(kv_heads, group, lk))
         out = torch.matmul(a, v).reshape(batch, heads, 1, v.shape[3])
-    if key_bias is not None:  # rows whose keys are all masked give 0 (softmax gave NaN there)
-        out = out.masked_fill(torch.isinf(key_bias).all(dim=1).view(batch, 1, 1, 1), 0.0)
+    if key_padding_mask is not None:  # rows whose keys are all masked give 0 (softmax gave NaN there)
+        out = out.masked_fill(~key_padding_mask.any(dim=1).view(batch, 1, 1, 1), 0.0)
     return out.to(out_dtype)
 
 
@@ -241,13 +253,13 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
         return reference.relpos_attention(q, k, v, causal=causal, scale=scale, rel_bias=rel_bias,
                                           rel_buckets=rel_buckets, alibi_slopes=alibi_slopes, post_table=post_table,
                                           normalizer=normalizer, key_padding_mask=key_padding_mask)
+    if q.shape[2] == 1 and backend == "numba" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rel_bias, alibi_slopes, post_table))):
+        return _single_query(q, k, v, rel_bias, rel_buckets, alibi_slopes, post_table, key_padding_mask, scale,
+                             normalizer)
     kernels = _registry.ATTENTION.kernels(backend)
     bias_diag, post_diag, key_bias = diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table,
                                                     key_padding_mask)
-    if q.shape[2] == 1 and backend == "numba" and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, rel_bias, alibi_slopes, post_table))):
-        return _single_query(q, k, v, bias_diag, post_diag if post_table is not None else None,
-                             key_bias if key_padding_mask is not None else None, scale, normalizer)
     return _RelPosAttentionFunction.apply(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,
                                           kernels)
 

@@ -228,6 +228,17 @@ def test_float32_numba_long(rng):
                                 normalizer="l2", bias="t5")
 
 
+def test_numba_several_tiles_both_ways(rng):
+    """More query and key rows than the forward's and backward's tiles, with tails (the shapes
+    above fit in one query tile of the forward)."""
+    from fastnotes.kernels.numba import attention as kernels
+    lq = kernels.FORWARD_TILES[0] + kernels.BACKWARD_TILES[0] + 7
+    lk = 2 * kernels.FORWARD_TILES[1] + 9
+    with fastnotes.use_backend("numba"):
+        check_against_reference("numba", rng, 1, 2, 1, lq, lk, 8, 4, dtype=torch.float32, causal=True,
+                                normalizer="softmax", bias="t5")
+
+
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba's serial forward for small calls")
 @pytest.mark.parametrize("lq", [1, 70])
 def test_numba_serial_forward_equals_parallel(rng, monkeypatch, lq):
