@@ -12,19 +12,25 @@ Cases (fp32, CPU):
   generate      T5ForConditionalGeneration.generate, B = 1, 512 input tokens, greedy, exactly 64
                 new tokens (min_new_tokens = max_new_tokens = 64), KV cache on
   attention     relpos_attention alone, 4 x 8 x 1024 x 64, T5 bias (32 buckets, bidirectional):
-                forward vs torch.compile(flex_attention) with the table as score_mod, forward +
-                backward vs SDPA with the materialised [H, L, L] bias (built inside the timed call)
+                forward vs torch.compile(flex_attention) with the table as score_mod; forward and
+                forward + backward vs SDPA with the materialised bias (gathered inside the timed call)
+                as [H, L, L] ('sdpa-bias', as bench/bench_attention.py and PERF-NOTES measured it,
+                which sends SDPA down its unfused math path) and as [1, H, L, L] ('sdpa-bias4d', the
+                shape transformers passes, which torch's fused CPU kernel takes)
 
 Every (contender, case) runs in a fresh subprocess: build the model, one warm-up call (numba's
 cache load, torch.compile), then one call inside bench/_shared.PeakRss (peak resident memory above
 the resident memory just before the call, heap handed back first: the extra memory that call
-needed, gradients included), then `repeats` timed calls (median). Contenders that cannot run a
+needed, gradients included), then `repeats` timed calls: wall time (fastest and median) and the
+process CPU time of the fastest. With --threads 1 the CPU time is the work itself even when other
+jobs share the cores (the wall times are not). Contenders that cannot run a
 case report why (e.g. FlexAttention has no CPU backward in torch 2.13). The machine is shared:
 quote ratios within one run, with the `uptime` load printed at the start and end.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +43,8 @@ ENCODER_LENGTHS = (512, 1024, 2048)
 TRAIN_LENGTH = 1024
 GEN_BATCH, GEN_INPUT, GEN_TOKENS = 1, 512, 64
 CONTENDERS = ("fastnotes", "eager", "sdpa", "flex_attention")
-ATTENTION_CONTENDERS = ("fastnotes-fwd", "flex-fwd", "sdpa-bias-fwd", "fastnotes-fwdbwd", "sdpa-bias-fwdbwd")
+ATTENTION_CONTENDERS = ("fastnotes-fwd", "flex-fwd", "sdpa-bias-fwd", "sdpa-bias4d-fwd", "fastnotes-fwdbwd",
+                        "sdpa-bias-fwdbwd", "sdpa-bias4d-fwdbwd")
 
 
 def config(**extra):
@@ -120,9 +127,12 @@ def attention_fn(contender):
 
         def op(q, k, v, t):
             return compiled(q, k, v, score_mod=lambda s, b, h, qi, ki: s + t[h, index[qi, ki]], scale=1.0)
-    else:
+    elif name == "sdpa-bias":  # the [H, L, L] bias as bench/bench_attention.py passes it: torch's math path
         def op(q, k, v, t):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=t[:, index], scale=1.0)
+    else:  # [1, H, L, L], as transformers passes T5's bias: torch's fused CPU kernel takes it
+        def op(q, k, v, t):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=t[:, index][None], scale=1.0)
     if mode == "fwd":
         def forward():
             with torch.no_grad():
@@ -169,9 +179,10 @@ def subprocess_one(contender, case, length, repeats, timeout, threads):
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        return {"error": lines[-1][:300] if lines else f"exit {result.returncode}"}
+    if result.returncode != 0:  # the last exception line of the traceback
+        lines = [line.strip() for line in result.stderr.splitlines()
+                 if re.match(r"^[\w.]+(Error|Exception|Unsupported)\b.*:", line.strip())]
+        return {"error": lines[-1][:160] if lines else f"exit {result.returncode}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -234,8 +245,8 @@ def markdown(results, meta):
                   f"{_ms(r, 'median_s')} | {_ms(r, 'cpu_min_s')} | "
                   f"{r['peak_extra_bytes'] / 2**20 if 'peak_extra_bytes' in r else float('nan'):.0f} |"
                   for r in attention]
-        pairs = (("fastnotes-fwd", "flex-fwd"), ("fastnotes-fwd", "sdpa-bias-fwd"),
-                 ("fastnotes-fwdbwd", "sdpa-bias-fwdbwd"))
+        pairs = (("fastnotes-fwd", "flex-fwd"), ("fastnotes-fwd", "sdpa-bias-fwd"), ("fastnotes-fwd", "sdpa-bias4d-fwd"),
+                 ("fastnotes-fwdbwd", "sdpa-bias-fwdbwd"), ("fastnotes-fwdbwd", "sdpa-bias4d-fwdbwd"))
         ratios = [f"{b} / {a} = {_ratio(get[a], get[b], 'min_s')} wall, {_ratio(get[a], get[b], 'cpu_min_s')} CPU"
                   for a, b in pairs if "min_s" in get.get(a, {}) and "min_s" in get.get(b, {})]
         lines += ["", "Time ratios (> 1: fastnotes faster): " + "; ".join(ratios) + "."]
