@@ -49,11 +49,15 @@ def _case(name, gen):
         h = randn(6, 8)
         return (lambda s, w, b, a: fastnotes.ladder_merge(s.cos(), h, w, b, a) * 2,
                 [randn(6, 3), randn(3, 8), randn(3), torch.tensor(0.2, device=DEVICE)])
+    if name == "global_pointer_loss":
+        spans = torch.tensor([[[[0, 2], [3, 3]], [[1, 4], [-1, -1]]]], device=DEVICE)
+        return (lambda q, k: fastnotes.global_pointer_loss(q * 2, k.tanh(), spans, reduction="none") * 3,
+                [randn(1, 6, 2, 4), randn(1, 6, 2, 4)])
     raise AssertionError(name)
 
 
 DIFFERENTIABLE = ["multilabel_ce", "sparse_multilabel_ce", "fused_linear_multilabel_ce", "nm_class_ce",
-                  "exact_loss", "relpos_attention", "ladder_merge"]
+                  "exact_loss", "relpos_attention", "ladder_merge", "global_pointer_loss"]
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
