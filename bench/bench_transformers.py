@@ -3,8 +3,8 @@ built from T5Config, nothing downloaded, dropout 0) with fastnotes.integrations.
 apply_to_t5 against transformers' own attention implementations ('eager', 'sdpa',
 'flex_attention'), plus relpos_attention alone. One run of this script is one comparison:
 
-    python bench/bench_transformers.py [--quick] [--json bench/results/transformers.json]
-                                       [--plot bench/transformers_cpu.png] [--cases encoder,train,...]
+    python bench/bench_transformers.py [--threads 1] [--quick] [--cases encoder,train,...]
+                                       [--json bench/results/transformers.json] [--plot bench/transformers_cpu.png]
 
 Cases (fp32, CPU):
   encoder L     T5EncoderModel forward under no_grad, B = 4, L in {512, 1024, 2048}
