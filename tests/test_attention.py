@@ -239,6 +239,30 @@ def test_numba_several_tiles_both_ways(rng):
                                 normalizer="softmax", bias="t5")
 
 
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba's forward tile choice")
+def test_numba_forward_tile_sizes_agree(rng, monkeypatch):
+    """The forward's small and large query tiles (chosen by the task count) both match the
+    reference, over several tiles with tails; the choice follows the task count."""
+    from fastnotes.kernels.numba import attention as kernels
+    small, large = kernels.FORWARD_TILES, kernels.FORWARD_TILES_LARGE
+    assert small[0] < large[0]
+    assert kernels.forward_tiles(4, 8, 1024, 2) == large  # 128 tasks for 2 threads
+    assert kernels.forward_tiles(1, 2, 300, 2) == small  # 4 tasks: each thread needs several
+    lq, lk = large[0] + small[0] + 7, 2 * large[1] + 9
+    monkeypatch.setattr(kernels, "SERIAL_FORWARD_WORK", 0)  # the parallel launch, which picks the tiles
+    outs = []
+    for per_thread, tiles in ((0, large), (1 << 30, small)):
+        monkeypatch.setattr(kernels, "FORWARD_TASKS_PER_THREAD", per_thread)
+        assert kernels.forward_tiles(1, 2, lq, 2) == tiles
+        with fastnotes.use_backend("numba"):
+            check_against_reference("numba", rng, 1, 2, 1, lq, lk, 8, 4, dtype=torch.float32, causal=True,
+                                    normalizer="softmax", bias="t5")
+            with torch.no_grad():
+                tensors, kwargs = make_case(torch.Generator().manual_seed(5), 1, 2, 1, lq, lk, 8, 4)
+                outs.append(op_fn(**{n: t.float() for n, t in tensors.items()}, causal=True, **kwargs))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba's serial forward for small calls")
 @pytest.mark.parametrize("lq", [1, 70])
 def test_numba_serial_forward_equals_parallel(rng, monkeypatch, lq):
