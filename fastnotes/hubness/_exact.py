@@ -52,6 +52,7 @@ class Problem:
     zero_r: torch.Tensor = None  # cosine: [m] bool, zero reference rows
     paired: object = None  # the backend's fused paired_distances(x, ref, rows, indices, metric), if any
     release: object = None  # stream.py: called after each reference chunk of the fallback search (drops mapped pages)
+    read_rows: object = None  # stream.py: indices -> (those reference rows read from the file, indices into them)
 
     @property
     def same(self):
@@ -197,7 +198,10 @@ def _exact(p, rows, indices, invalid):
     (NaN and invalid pairs as +inf); invalid indices become m so that they lose every tie."""
     m = p.ref.shape[0]
     safe = torch.where(invalid, 0, indices)
-    out = rounded(direct_distances(p.x, p.ref, rows, safe, p.metric, p.paired), p.out_dtype)
+    ref = p.ref
+    if p.read_rows is not None:  # scattered rows of a mapped file: read them, not fault them in
+        ref, safe = p.read_rows(safe)
+    out = rounded(direct_distances(p.x, ref, rows, safe, p.metric, p.paired), p.out_dtype)
     return torch.where(invalid, float("inf"), out), torch.where(invalid, m, indices)
 
 

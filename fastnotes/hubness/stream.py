@@ -89,6 +89,29 @@ def open_rows(op, name, source, maps=None):
         return torch.from_numpy(array)
 
 
+def row_reader(source):
+    """For a memmap / .npy path whose array is its file's own map (not a view): a function
+    indices -> (the distinct rows among them, read with os.pread into memory, and the indices into
+    those). Reading scattered rows through the map would make Linux map the cached pages around each
+    (fault-around, up to 64 KiB a row) into the resident set. None for anything else."""
+    if isinstance(source, (str, os.PathLike)):
+        source = np.load(os.fspath(source), mmap_mode="r", allow_pickle=False)
+    if not isinstance(source, np.memmap) or not isinstance(source.base, mmap.mmap) or not source.flags.c_contiguous:
+        return None
+    path, offset, dtype = source.filename, source.offset, source.dtype
+    row_bytes = source.shape[1] * dtype.itemsize
+
+    def read_rows(indices):
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        rows = np.empty((len(unique), source.shape[1]), dtype=dtype)
+        with open(path, "rb") as f:
+            for j, r in enumerate(unique.tolist()):
+                rows[j] = np.frombuffer(os.pread(f.fileno(), row_bytes, offset + r * row_bytes), dtype=dtype)
+        return torch.from_numpy(rows), inverse.view(indices.shape)
+
+    return read_rows
+
+
 def release_pages(maps):
     """Drop the pages read through these maps from the process's resident set (they stay in the page
     cache; the next read maps them again), so RSS stays bounded by the blocks, not the file."""
@@ -202,7 +225,7 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
     """The streamed op: (distances [n, k], indices [n, k]) when want_lists, else counts [m]."""
     from .knn import _check_distance_range, check_options
 
-    maps = []
+    maps, original_x = [], x
     x = open_rows(op, "x", x, maps)
     same = reference is None or reference is x
     ref = x if same else open_rows(op, "reference", reference, maps)
@@ -245,7 +268,8 @@ def run(op, x, k, reference, metric, exclude_self, *, want_lists, block_rows=Non
         p = _exact.Problem(x, ref, metric, exclude_self, out_dtype, mu, xc=None, rc=None, add=add,
                            scale=-1.0 if metric == "ip" else -2.0, bound=None, zero_x=zero_x, zero_r=zero_r,
                            paired=getattr(kernels, "paired_distances", None),
-                           release=(lambda: release_pages(maps)) if maps else None)
+                           release=(lambda: release_pages(maps)) if maps else None,
+                           read_rows=row_reader(reference if not same else original_x))
         width = p.candidates(k)
 
         if m <= ref_rows:  # one tile: centre it once
