@@ -12,11 +12,19 @@ A family is one name shared by all of its parts, and tests/test_structure.py che
 A kernel module that cannot take every call defines `unsupported(**call)` returning the reason (or
 None): the one source of its limits, which the public op asks through `Family.unsupported`.
 """
+import functools
 import importlib
 from dataclasses import dataclass
 
 # What each backend needs installed, beyond a device it runs on (see _dispatch.availability).
 BACKEND_REQUIRES = {"numba": ("numba",), "triton": ("triton",), "cuda": ("fastnotes._C", "triton")}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_module(name):
+    """importlib.import_module, remembered: every call of an op asks for its kernel module (through
+    Family.unsupported), and a decode step's whole kernel takes tens of microseconds."""
+    return importlib.import_module(name)
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class Family:
         imported on a machine that cannot run it)."""
         if backend not in self.backends:
             raise ValueError(f"{self.name} has no {backend} kernels (it has {', '.join(self.backends)})")
-        return importlib.import_module(f"fastnotes.kernels.{backend}.{self.name}")
+        return _kernel_module(f"fastnotes.kernels.{backend}.{self.name}")
 
     def unsupported(self, backend, **call):
         """Why `backend` cannot run this call of the family (its kernel module's own `unsupported`), or None."""

@@ -288,7 +288,7 @@ def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer
     out = torch.empty(batch, heads, lq, v.shape[3], dtype=work[0].dtype)
     stat = torch.empty(batch, heads, lq, dtype=work[0].dtype)
     small = batch * heads * lq * k.shape[2] * (q.shape[3] + v.shape[3]) < SERIAL_FORWARD_WORK
-    tiles = FORWARD_TILES if small else forward_tiles(batch, heads, lq, numba.get_num_threads())
+    tiles = forward_tiles(batch, heads, lq, numba.get_num_threads())  # both paths: the same bits
     with single_threaded_blas():
         (_forward_serial if small else _forward)(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer],
                                                  bool(causal), *tiles, out.numpy(), stat.numpy())
