@@ -14,10 +14,10 @@ The pipeline is the single-process one (_exact.py) with the reference cut into s
    in chunks of `ref_rows` rows (shard rank - 1, then rank - 2, ...), forwarding each to rank + 1;
    the isend / irecv of the next chunk are posted before the last one is searched, so the transfer
    overlaps the distance tiles. Each chunk is centred on arrival (the same mu everywhere: the same v
-   as its owner would compute), the backend's `candidates` give its best (v, index), and the
-   candidates' float64 distances are
-   computed directly right then, while their vectors are in memory (_exact.direct_distances); a
-   running per-row list keeps the best k + MARGIN by (v, global index) with those distances.
+   as its owner would compute), the backend's `candidates` give its best (v, index), a running
+   per-row list keeps the best k + MARGIN by (v, global index), and the float64 distances of the
+   candidates that entered it are computed directly right then, while their vectors are in memory
+   (_exact.direct_distances), and carried in the list.
    Self-exclusion is by global index: on its own shard a rank searches one candidate more and drops
    its query's own row.
 4. refine: as _exact.refine, from the carried distances: the k best by (distance rounded to the
@@ -314,11 +314,16 @@ class _Sharded:
                     mine[:, -1] |= ~mine.any(1)
                     keep = ~mine
                     v, i, g, empty = (t[keep].view(len(rows), -1) for t in (v, i, g, empty))
-                exact = _exact.rounded(_exact.direct_distances(self.x, raw, rows, i, self.metric, self.paired),
-                                       self.out_dtype)
                 invalid = empty | zero[i] if zero is not None else empty
-                merged = _merge(width, *(torch.cat([b[rows], new], 1)
-                                         for b, new in zip(best, (v.to(self.compute_dtype), g, exact, invalid))))
+                # merge first, then compute the direct distances of the newcomers that entered a list
+                # (after the first chunks, few) rather than of every candidate of the chunk
+                listed = (*(b[rows] for b in best), torch.full_like(best[1][rows], -1))  # -1: not a newcomer
+                newcomers = (v.to(self.compute_dtype), g, i.new_zeros(i.shape, dtype=torch.float64), invalid, i)
+                *merged, local = _merge(width, *(torch.cat(pair, 1) for pair in zip(listed, newcomers)))
+                entered = local >= 0
+                exact = _exact.direct_distances(self.x, raw, rows[torch.nonzero(entered)[:, 0]],
+                                                local[entered][:, None], self.metric, self.paired)
+                merged[2][entered] = _exact.rounded(exact[:, 0], self.out_dtype)
                 for b, new in zip(best, merged):
                     b[rows] = new
 

@@ -23,6 +23,7 @@ as +inf, so every row fills its k slots.
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -174,6 +175,16 @@ def paired_distances(x, ref, rows, indices, metric):
     fastnotes.reference.hubness.paired_distances does with torch ops, in one parallel pass with no
     [r, c, d] temporaries. x, ref: CPU tensors (16-bit ones are widened); indices < len(ref)."""
     out = np.empty(tuple(indices.shape), dtype=np.float64)
-    _paired(compute_view(x).numpy(), compute_view(ref).numpy(), rows.numpy(), indices.numpy(),
-            METRICS[metric], out)
+    # numba's OpenMP layer shares torch's libgomp, and starting it sets the OpenMP thread count to
+    # numba's: run on torch's count and keep it, so a process set to 1 thread (a rank of a group)
+    # stays at 1 instead of oversubscribing the cores in every torch op from then on
+    threads = torch.get_num_threads()
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        _paired(compute_view(x).numpy(), compute_view(ref).numpy(), rows.numpy(), indices.numpy(),
+                METRICS[metric], out)
+    finally:
+        numba.set_num_threads(previous)
+        torch.set_num_threads(threads)
     return torch.from_numpy(out)
