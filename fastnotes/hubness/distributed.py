@@ -316,13 +316,12 @@ class _Sharded:
                     v, i, g, empty = (t[keep].view(len(rows), -1) for t in (v, i, g, empty))
                 invalid = empty | zero[i] if zero is not None else empty
                 # merge first, then compute the direct distances of the newcomers that entered a list
-                # (after the first chunks, few) rather than of every candidate of the chunk
-                listed = (*(b[rows] for b in best), torch.full_like(best[1][rows], -1))  # -1: not a newcomer
-                newcomers = (v.to(self.compute_dtype), g, i.new_zeros(i.shape, dtype=torch.float64), invalid, i)
-                *merged, local = _merge(width, *(torch.cat(pair, 1) for pair in zip(listed, newcomers)))
-                entered = local >= 0
+                # (after the first chunks, few; the chunk's global indices) rather than of every candidate
+                fresh = (v.to(self.compute_dtype), g, i.new_zeros(i.shape, dtype=torch.float64), invalid)
+                merged = _merge(width, *(torch.cat([b[rows], t], 1) for b, t in zip(best, fresh)))
+                entered = (merged[1] >= first) & (merged[1] < first + c)
                 exact = _exact.direct_distances(self.x, raw, rows[torch.nonzero(entered)[:, 0]],
-                                                local[entered][:, None], self.metric, self.paired)
+                                                merged[1][entered][:, None] - first, self.metric, self.paired)
                 merged[2][entered] = _exact.rounded(exact[:, 0], self.out_dtype)
                 for b, new in zip(best, merged):
                     b[rows] = new
