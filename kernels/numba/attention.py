@@ -37,11 +37,11 @@ _JIT = dict(JIT_OPTIONS, cache=True)
 SOFTMAX, L2 = 0, 1
 NORMALIZER_CODES = {"softmax": SOFTMAX, "l2": L2}
 # Tile sizes: large enough that the BLAS calls run near peak, small enough that the score tiles
-# of both threads stay in L2. The forward takes the large query tiles (fewer passes over K and V:
-# ~17% faster single-threaded at 4 x 8 x 1024 x 64) when they still leave every thread several
-# tasks, else the small ones (see forward_tiles).
+# of both threads stay in L2. The forward takes the large tiles (fewer passes over K and V: at
+# 4 x 8 x 1024 x 64, T5 bias, one thread, (64, 256) 113 ms, (256, 256) 94-99, (256, 512) 89) when
+# they still leave every thread several tasks, else the small ones (see forward_tiles).
 FORWARD_TILES = (64, 256)
-FORWARD_TILES_LARGE = (256, 256)
+FORWARD_TILES_LARGE = (256, 512)
 FORWARD_TASKS_PER_THREAD = 4
 BACKWARD_TILES = (64, 128)
 # Forward calls with fewer multiply-adds than this (B * H * Lq * Lk * (D + E); a decode step of a
