@@ -146,7 +146,8 @@ def _recv_from(group, rank, world):
 
 def ring(group, rank, world, own, sizes, chunk_rows, visit):
     """Pass every rank's reference shard through `visit(src, start, rows)` on every rank (rows
-    [start, start + len(rows)) of shard src), its own first. Then world - 1 steps of the same grid of
+    [start, start + len(rows)) of shard src), its own first, in one piece (it is in memory: a visit
+    that needs bounded pieces cuts it). Then world - 1 steps of the same grid of
     chunks on every rank: at step s, chunk j of shard (rank - s) arrives from rank - 1 while chunk j of
     shard (rank - s + 1) (its own at step 1, else the one that arrived at step s - 1) leaves for
     rank + 1, and the chunk that arrived in the previous iteration is visited meanwhile. Each isend
@@ -174,8 +175,7 @@ def ring(group, rank, world, own, sizes, chunk_rows, visit):
         if incoming.shape[0]:
             transfers.append(dist.irecv(incoming, from_previous, group=group))
         if t == 0:  # the own shard, while the first chunk travels
-            for start in range(0, own.shape[0], chunk_rows):
-                visit(rank, start, own[start:start + chunk_rows])
+            visit(rank, 0, own)
         elif arrived[2].shape[0]:
             visit(*arrived)
         for transfer in transfers:
@@ -185,8 +185,7 @@ def ring(group, rank, world, own, sizes, chunk_rows, visit):
             keep[(src_in, j)] = incoming
         arrived = (src_in, j * chunk_rows, incoming)
     if not grid:  # one rank
-        for start in range(0, own.shape[0], chunk_rows):
-            visit(rank, start, own[start:start + chunk_rows])
+        visit(rank, 0, own)
     elif arrived[2].shape[0]:
         visit(*arrived)
 
@@ -292,15 +291,23 @@ class _Sharded:
                 torch.ones((n, width), dtype=torch.bool, device=device))
 
         def visit(src, start, raw):
+            if src == self.rank and not self.same:  # its own reference shard: centred chunk by chunk
+                for s in range(0, raw.shape[0], self.chunk_rows):
+                    search(src, start + s, raw[s:s + self.chunk_rows])
+            else:  # one set: the own shard's centred rows are self.xc, searched in one piece
+                search(src, start, raw)
+
+        def search(src, start, raw):
             c, first = raw.shape[0], self.r_offsets[src] + start
             if n == 0:
                 return
             if self.same and src == self.rank:
                 rc, add = self.xc[start:start + c], self.own_add[start:start + c]
+                zero = None if self.zero_x is None else self.zero_x[start:start + c]
             else:
                 rc, norms = _exact._shifted(raw, self.mu, self.metric, self.compute_dtype)
                 add = self._add(raw, norms, rc)
-            zero = self._zero(raw)
+                zero = self._zero(raw)
             own = self.exclude_self and src == self.rank
             for lo in range(0, n, _QUERY_BLOCK):  # query blocks: the merge's temporaries stay O(block width)
                 rows = self.rows[lo:lo + _QUERY_BLOCK]
