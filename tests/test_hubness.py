@@ -1,6 +1,8 @@
 """fastnotes.hubness.knn / k_occurrence on every backend against the float64 brute-force reference
 and the spec oracles (docs/hubness.md, worked examples), hubness_stats against the spec oracles and scipy."""
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -163,6 +165,18 @@ def test_non_contiguous_input(rng):
     x = torch.randint(-3, 4, (9, 300), generator=rng).float().T  # [300, 9], column-major
     with fastnotes.use_backend("numba"):
         assert torch.equal(hubness.k_occurrence(x, 4), reference.k_occurrence(x.contiguous(), None, 4))
+
+
+def test_numba_keeps_torch_thread_count():
+    """numba's OpenMP layer shares torch's libgomp; starting it (the first direct-distance pass) must
+    leave a process set to 1 thread at 1 (a rank of a group ran 2 and oversubscribed the cores).
+    A fresh process: in this one the layer may have started already."""
+    code = ("import torch; torch.set_num_threads(1); import fastnotes; from fastnotes import hubness\n"
+            "with fastnotes.use_backend('numba'): hubness.k_occurrence(torch.randn(300, 8), 5)\n"
+            "print(torch.get_num_threads())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1"
 
 
 def test_results_do_not_depend_on_tiling(rng, monkeypatch):
