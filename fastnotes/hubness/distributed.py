@@ -294,7 +294,7 @@ class _Sharded:
             if src == self.rank and not self.same:  # its own reference shard: centred chunk by chunk
                 for s in range(0, raw.shape[0], self.chunk_rows):
                     search(src, start + s, raw[s:s + self.chunk_rows])
-            else:  # one set: the own shard's centred rows are self.xc, searched in one piece
+            else:  # a peer's chunk, or one set's own shard (its centred rows are self.xc: no copy)
                 search(src, start, raw)
 
         def search(src, start, raw):
@@ -322,8 +322,8 @@ class _Sharded:
                     keep = ~mine
                     v, i, g, empty = (t[keep].view(len(rows), -1) for t in (v, i, g, empty))
                 invalid = empty | zero[i] if zero is not None else empty
-                # merge first, then compute the direct distances of the newcomers that entered a list
-                # (after the first chunks, few; the chunk's global indices) rather than of every candidate
+                # merge first, then compute the direct distances only of the chunk's candidates that
+                # entered a list (told by their global indices; after the first chunks, few)
                 fresh = (v.to(self.compute_dtype), g, i.new_zeros(i.shape, dtype=torch.float64), invalid)
                 merged = _merge(width, *(torch.cat([b[rows], t], 1) for b, t in zip(best, fresh)))
                 entered = (merged[1] >= first) & (merged[1] < first + c)
