@@ -9,6 +9,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -139,9 +140,36 @@ def kernel_reason(family, backend, tensor, name, **call):
     return family.unsupported(backend, **call) or float_kernel_reason(backend, tensor, name)
 
 
+_numba_threads_started = False
+_numba_threads_lock = threading.Lock()
+
+
+def _start_numba_threads():
+    """Start numba's threading layer before its first kernel, keeping torch's thread count. With
+    the OpenMP layer numba shares torch's libgomp, and starting it sets the OpenMP thread count to
+    numba's: a process that had called torch.set_num_threads(1) (a rank of a process group, a
+    worker) would run every later torch op on all cores."""
+    global _numba_threads_started
+    with _numba_threads_lock:
+        if _numba_threads_started:
+            return
+        from numba.np.ufunc import parallel
+        threads = torch.get_num_threads()
+        parallel._launch_threads()
+        torch.set_num_threads(threads)
+        _numba_threads_started = True
+
+
 def select(op_name, device_type, why_not):
     """Pick the backend for one call. `why_not(backend)` gives the op's own reason a backend cannot
     run these arguments (dtype, shape, ...) or None."""
+    backend = _select(op_name, device_type, why_not)
+    if backend == "numba" and not _numba_threads_started:
+        _start_numba_threads()
+    return backend
+
+
+def _select(op_name, device_type, why_not):
 
     def reason(backend):
         return availability(backend, device_type) or why_not(backend)

@@ -1,6 +1,10 @@
 """Every op called from four Python threads at once gives what it gives called alone (users run
 ops from threads: data pipelines, serving, DataLoader workers), and a DataLoader worker forked after
 the parent ran an op still computes it."""
+import os
+import pathlib
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -157,3 +161,18 @@ def test_forked_dataloader_worker_after_the_parent_ran_an_op():
                                          timeout=120)
     got = list(loader)
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("numba" not in available_backends("cpu"), reason="numba not installed")
+@pytest.mark.parametrize("op", ["zlpr_dense", "exact", "amos", "global_pointer"])
+def test_first_numba_call_keeps_torch_thread_count(op):
+    """numba's OpenMP layer shares torch's libgomp, and starting it sets the OpenMP thread count to
+    numba's: a process that ran torch.set_num_threads(1) (a rank of a process group, a worker) must
+    stay at 1 thread after its first fused op, or every later torch op oversubscribes the cores."""
+    script = (f"import sys, torch; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+              "torch.set_num_threads(1); import test_threads as t; "
+              f"t.{op}(); print(torch.get_num_threads())")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "FASTNOTES_BACKEND": "numba"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1", f"{op}: torch ran on {done.stdout.split()[-1]} threads after it"
