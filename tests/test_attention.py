@@ -1,9 +1,6 @@
 """relpos_attention on every backend against the float64 reference, the spec oracles
 (docs/attention.md, 'Worked examples'), gradcheck, determinism, masking edge cases, bad input, modules."""
 import math
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -264,23 +261,6 @@ def test_numba_forward_tile_sizes_agree(rng, monkeypatch):
                 tensors, kwargs = make_case(torch.Generator().manual_seed(5), 1, 2, 1, lq, lk, 8, 4)
                 outs.append(op_fn(**{n: t.float() for n, t in tensors.items()}, causal=True, **kwargs))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif("numba" not in BACKENDS, reason="numba's OpenMP layer")
-def test_numba_launch_keeps_torch_threads():
-    """The first parallel launch starts numba's OpenMP layer, which used to set torch's thread
-    count to numba's (a process at torch.set_num_threads(1) then ran torch on every core). A fresh
-    process, since the layer starts once."""
-    script = ("import torch, fastnotes\n"
-              "torch.set_num_threads(1)\n"
-              "assert torch.get_num_threads() == 1\n"  # (reading it first is what exposed the reset)
-              "q = torch.randn(2, 4, 256, 32, requires_grad=True)\n"
-              "fastnotes.relpos_attention(q, q, q).sum().backward()\n"
-              "print(torch.get_num_threads())\n")
-    env = dict(os.environ, NUMBA_NUM_THREADS="2", FASTNOTES_BACKEND="numba")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == "1", done.stdout
 
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba's serial forward for small calls")

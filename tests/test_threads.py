@@ -164,7 +164,7 @@ def test_forked_dataloader_worker_after_the_parent_ran_an_op():
 
 
 @pytest.mark.skipif("numba" not in available_backends("cpu"), reason="numba not installed")
-@pytest.mark.parametrize("op", ["zlpr_dense", "exact", "amos", "global_pointer"])
+@pytest.mark.parametrize("op", ["zlpr_dense", "exact", "amos", "global_pointer", "attention"])
 def test_first_numba_call_keeps_torch_thread_count(op):
     """numba's OpenMP layer shares torch's libgomp, and starting it sets the OpenMP thread count to
     numba's: a process that ran torch.set_num_threads(1) (a rank of a process group, a worker) must

@@ -243,12 +243,8 @@ def single_threaded_blas():
     while any launch runs. One process-wide limit, counted: the first launch sets it, the last one
     to finish restores the counts (per-call limits nested across threads restored out of order and
     left BLAS at one thread). The BLAS libraries are looked up once and set directly: a
-    threadpoolctl limit() per launch cost ~40 us, more than a decode step's kernel.
-    It also keeps torch's thread count: the first launch starts numba's OpenMP layer, which sets
-    the calling thread's OpenMP count (torch's too) to numba's, so a process that had set
-    torch.set_num_threads(1) ran torch's ops on every core from then on."""
+    threadpoolctl limit() per launch cost ~40 us, more than a decode step's kernel."""
     global _blas_users, _blas_saved
-    torch_threads = torch.get_num_threads()
     with _blas_lock:
         if _blas_users == 0:
             _blas_saved = [(lib, lib.get_num_threads()) for lib in _blas_libraries()]
@@ -258,8 +254,6 @@ def single_threaded_blas():
     try:
         yield
     finally:
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
         with _blas_lock:
             _blas_users -= 1
             if _blas_users == 0:
@@ -294,8 +288,8 @@ def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer
     out = torch.empty(batch, heads, lq, v.shape[3], dtype=work[0].dtype)
     stat = torch.empty(batch, heads, lq, dtype=work[0].dtype)
     small = batch * heads * lq * k.shape[2] * (q.shape[3] + v.shape[3]) < SERIAL_FORWARD_WORK
-    with single_threaded_blas():  # (numba.get_num_threads() may start numba's threading layer)
-        tiles = forward_tiles(batch, heads, lq, numba.get_num_threads())  # both paths: the same bits
+    tiles = forward_tiles(batch, heads, lq, numba.get_num_threads())  # both paths: the same bits
+    with single_threaded_blas():
         (_forward_serial if small else _forward)(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer],
                                                  bool(causal), *tiles, out.numpy(), stat.numpy())
     return out.to(q.dtype), stat
