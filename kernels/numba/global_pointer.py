@@ -33,7 +33,8 @@ _BIG = 2.0**60  # fold a running sum into its max beyond this
 
 @njit(**_JIT)
 def _rotate(x, cos, sin, use_rope, scale, out):
-    """out [n, d] <- scale * R_i x[i] for x [n, d] (a strided view); R rotates interleaved pairs."""
+    """out [n, d] <- scale * R_i x[i] for x [n, d] (a strided view); R rotates interleaved pairs.
+    With -sin for sin it applies R_i^T (the rotation by the opposite angle): the backward's."""
     n, d = out.shape
     for i in range(n):
         src = x[i]
@@ -46,26 +47,6 @@ def _rotate(x, cos, sin, use_rope, scale, out):
                 x1 = src[2 * m + 1]
                 dst[2 * m] = scale * (x0 * c_row[m] - x1 * s_row[m])
                 dst[2 * m + 1] = scale * (x1 * c_row[m] + x0 * s_row[m])
-        else:
-            for e in range(d):
-                dst[e] = scale * src[e]
-
-
-@njit(**_JIT)
-def _unrotate(g, cos, sin, use_rope, scale, out):
-    """out [n, d] (a strided view) <- scale * R_i^T g[i]: the gradient through _rotate."""
-    n, d = g.shape
-    for i in range(n):
-        src = g[i]
-        dst = out[i]
-        if use_rope:
-            c_row = cos[i]
-            s_row = sin[i]
-            for m in range(d // 2):
-                y0 = src[2 * m]
-                y1 = src[2 * m + 1]
-                dst[2 * m] = scale * (y0 * c_row[m] + y1 * s_row[m])
-                dst[2 * m + 1] = scale * (y1 * c_row[m] - y0 * s_row[m])
         else:
             for e in range(d):
                 dst[e] = scale * src[e]
@@ -234,6 +215,7 @@ def _backward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, 
     zero = like(q, 0.0)
     ninf = like(q, -np.inf)
     scale = like(q, scale)
+    inverse_sin = -sin
     for task in prange(batch * q_heads):
         b = task // q_heads
         hq = task % q_heads
@@ -289,8 +271,8 @@ def _backward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, 
                         _add_tile(ds, work)
                 dq[i0:i1] += np.dot(ds, kr[j0:j1])
                 dk[j0:j1] += np.dot(ds.T, qr[i0:i1])
-        _unrotate(dq, cos, sin, use_rope, scale, grad_q[b, :, hq])
-        _unrotate(dk, cos, sin, use_rope, like(q, 1.0), grad_k[b, :, hq])
+        _rotate(dq, cos, inverse_sin, use_rope, scale, grad_q[b, :, hq])
+        _rotate(dk, cos, inverse_sin, use_rope, like(q, 1.0), grad_k[b, :, hq])
 
 
 @njit(parallel=True, **_JIT)
