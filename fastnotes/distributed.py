@@ -308,7 +308,8 @@ def _label_parallel(hidden, weight, targets, pos_index, bias, label_offset, num_
         # global ids -> this shard's columns; the other shards' positives become padding
         mine = (index >= label_offset) & (index < label_offset + weight.shape[0])
         index = torch.where(mine, index - label_offset, -1).contiguous()
-    dense = None if targets is None else targets.reshape(-1, weight.shape[0]).contiguous()
+    head_rows = sum(counts) if mode == "data_parallel" else rows  # explicit: a shard may have no labels
+    dense = None if targets is None else targets.reshape(head_rows, weight.shape[0]).contiguous()
     plan = _Plan(group=group, world=world, mode=mode, counts=counts, reduction=reduction,
                  rows_per_chunk=_rows_per_chunk(weight.shape[0], chunk_size), kernels=kernels,
                  grad_enabled=torch.is_grad_enabled())
@@ -336,6 +337,9 @@ class LabelParallelMultilabelCE(torch.nn.Module):
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         rank, world = _distributed.check_group("LabelParallelMultilabelCE", group)
+        for name, value in (("in_features", in_features), ("num_labels", num_labels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LabelParallelMultilabelCE: {name} must be a positive int, got {value!r}")
         if input not in INPUTS:
             raise ValueError(f"LabelParallelMultilabelCE: input must be one of {INPUTS}, got {input!r}")
         _checks.check_reduction("LabelParallelMultilabelCE", reduction)
@@ -350,6 +354,12 @@ class LabelParallelMultilabelCE(torch.nn.Module):
     def from_full(cls, weight, bias=None, *, group=None, input="replicated", reduction="mean", chunk_size=None):
         """The head holding this rank's rows of a full [num_labels, D] weight (and [num_labels] bias),
         the same full tensors on every rank (e.g. loaded from a single-process checkpoint)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"LabelParallelMultilabelCE.from_full: weight must be a [num_labels, D] tensor, got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+            raise ValueError(f"LabelParallelMultilabelCE.from_full: bias must be [num_labels] = [{weight.shape[0]}], "
+                             f"got {tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
         module = cls(weight.shape[1], weight.shape[0], bias=bias is not None, group=group, input=input,
                      reduction=reduction, chunk_size=chunk_size, device=weight.device, dtype=weight.dtype)
         lo, hi = module.label_offset, module.label_offset + module.weight.shape[0]

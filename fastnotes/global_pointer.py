@@ -8,6 +8,7 @@ positive pairs i * n + j and the token mask and type bias into per-type start/en
 apply RoPE and the 1/sqrt(d) scale to q and k themselves, once per (batch, head).
 """
 import math
+import numbers
 
 import torch
 
@@ -18,7 +19,7 @@ from .reference import global_pointer as reference
 _OP = "global_pointer_loss"
 _DECODE_OP = "global_pointer_decode"
 _SCORES_OP = "global_pointer_scores"
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)  # signed: the padding is -1
 
 
 class _GlobalPointerFunction(torch.autograd.Function):
@@ -162,7 +163,7 @@ def global_pointer_loss(q, k, spans, *, mask=None, rope=True, tril=True, type_bi
     Args:
         q, k: [B, n, H, d] per-type projections (GlobalPointer), or [B, n, d] shared by the types
             with type_bias (Efficient GlobalPointer). float32/float16/bfloat16 (float64 on CPU).
-        spans: integer [B, H, P, 2] of (start, end) per sample and type, padded with (-1, -1); the
+        spans: signed integer [B, H, P, 2] of (start, end) per sample and type, padded with (-1, -1); the
             end is closed (the index of the span's last token: a one-token span is (i, i)).
         mask: optional bool [B, n], False = padded token (no pair touching it counts).
         rope: rotate q and k by position (RoPE); tril: only pairs with start <= end.
@@ -178,6 +179,7 @@ def global_pointer_loss(q, k, spans, *, mask=None, rope=True, tril=True, type_bi
     q's dtype, float32 under autocast for float16/bfloat16 q.
     """
     batch, n, heads, _ = _check_inputs(_OP, q, k, mask, rope, tril, type_bias)
+    _checks.check_same_device(_OP, "q", q, spans=spans)
     _checks.check_reduction(_OP, reduction)
     pos_index = _positive_index(spans, batch, heads, n, mask, tril)
     out_dtype = loss_dtype(q)
@@ -194,8 +196,11 @@ def global_pointer_loss(q, k, spans, *, mask=None, rope=True, tril=True, type_bi
 
 
 def _check_threshold(op, threshold):
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"{op}: threshold must be a finite number, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"{op}: threshold must be a real number (int, float or a numpy scalar), got "
+                        f"{type(threshold).__name__}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"{op}: threshold must be finite, got {threshold!r}")
 
 
 @_dispatch.eager_op

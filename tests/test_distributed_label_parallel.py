@@ -220,6 +220,40 @@ def _check_bad_input(rank, world):
     assert abs(loss.item() - want.item()) <= 1e-5 * (1 + abs(want.item()))
 
 
+def _check_empty_shard(rank, world):
+    """num_labels < world: the last rank holds no labels (a [0, D] shard), in both input modes, with
+    dense targets and with pos_index; the loss and gradients are still the single-process op's."""
+    from fastnotes.distributed import LabelParallelMultilabelCE, label_parallel_multilabel_ce, shard_of
+    hidden, weight, bias, pos_index, dense = _case(30 + world, torch.float64)
+    labels = world - 1
+    weight, bias, dense = weight[:labels], bias[:labels], dense[:, :labels]
+    pos_index = torch.where(pos_index < labels, pos_index, -1)
+    lo, size = shard_of(labels, rank, world)
+    assert size == (0 if rank == world - 1 else 1)
+    counts, starts = _split_rows(world)
+    mine = slice(starts[rank], starts[rank] + counts[rank])
+    for mode in ("replicated", "data_parallel"):
+        rows = slice(None) if mode == "replicated" else mine
+        for kind in ("sparse", "dense"):
+            full = dict(pos_index=pos_index) if kind == "sparse" else dict(targets=dense)
+            want = _grads(_single, hidden, weight, bias, None, **full)
+            local = dict(pos_index=pos_index[rows]) if kind == "sparse" else dict(targets=dense[:, lo:lo + size])
+
+            def head(h, w, b, **kwargs):
+                return label_parallel_multilabel_ce(h, w[lo:lo + size], bias=b[lo:lo + size], label_offset=lo,
+                                                    num_labels=labels, input=mode, **kwargs)
+            got = _grads(head, hidden[rows], weight, bias, None, **local)
+            scale = world if mode == "data_parallel" else 1  # Partial FC's convention for dL/dhidden
+            torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[1], want[1][rows] * scale, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[2][lo:lo + size], want[2][lo:lo + size], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(got[3][lo:lo + size], want[3][lo:lo + size], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="bias must be"):
+        LabelParallelMultilabelCE.from_full(weight, torch.zeros(labels + 3, dtype=weight.dtype))
+    with pytest.raises(ValueError, match="num_labels must be a positive int"):
+        LabelParallelMultilabelCE(D, 0)
+
+
 def _check_all(rank, world):
     for dtype in (torch.float64, torch.float32):
         for kind in ("sparse", "dense"):
@@ -239,6 +273,7 @@ def _check_all(rank, world):
     _check_second_backward(rank, world)
     _check_topk(rank, world)
     _check_bad_input(rank, world)
+    _check_empty_shard(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

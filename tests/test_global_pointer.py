@@ -2,6 +2,7 @@
 reference and the bert4keras formulation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
@@ -268,6 +269,12 @@ def test_bad_arguments_raise():
             fastnotes.global_pointer_loss(kwargs.pop("q"), kwargs.pop("k"), spans, **kwargs)
     with pytest.raises(ValueError, match="threshold"):
         fastnotes.global_pointer_decode(q, q, threshold=math.nan)
+    with pytest.raises(TypeError, match="threshold must be a real number"):
+        fastnotes.global_pointer_decode(q, q, threshold="0.5")
+    with pytest.raises(TypeError, match="spans"):  # unsigned spans cannot hold the -1 padding
+        fastnotes.global_pointer_loss(q, q, spans.to(torch.uint8))
+    numpy_threshold = fastnotes.global_pointer_decode(q, q, threshold=np.float32(0.25))
+    assert torch.equal(numpy_threshold, fastnotes.global_pointer_decode(q, q, threshold=0.25))
 
 
 # ---- autograd mechanics --------------------------------------------------------------------------
