@@ -35,5 +35,8 @@ def _worker(rank, world, store_file, check):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
         check(rank, world)
+        # leave together: a rank that tears its gloo group down while the others still run its
+        # last steps can abort in gloo's threads (a rank with less work, e.g. an empty shard)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
