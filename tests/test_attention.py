@@ -280,6 +280,38 @@ def test_numba_serial_forward_equals_parallel(rng, monkeypatch, lq):
     check_against_reference("numba", rng, 2, 4, 2, lq, 300, 16, 8, dtype=torch.float32, causal=True)
 
 
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba's launcher for head-interleaved inputs")
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "per-batch-element"])
+def test_numba_head_interleaved_inputs(rng, monkeypatch, chunked):
+    """q, k, v as an attention layer passes them ([B, L, H, D] projections seen as [B, H, L, D]):
+    the launcher copies them (a batch element at a time above CHUNKED_COPY_BYTES) and returns out
+    in q's layout; the same bits as contiguous inputs, forward and backward, with GQA and padding."""
+    from fastnotes.kernels.numba import attention as kernels
+    monkeypatch.setattr(kernels, "CHUNKED_COPY_BYTES", 0 if chunked else 1 << 62)
+    monkeypatch.setattr(kernels, "SERIAL_FORWARD_WORK", 0)
+    tensors, kwargs = make_case(rng, 3, 4, 2, 70, 90, 16, 8)
+    kwargs["causal"] = True
+    upstream = torch.randn(3, 4, 70, 8, generator=rng, dtype=F64)
+    interleaved = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    runs = {}
+    for layout in ("contiguous", "interleaved"):
+        leaves = {n: (interleaved(t) if n in "qkv" and layout == "interleaved" else t).float().requires_grad_()
+                  for n, t in tensors.items()}
+        assert leaves["q"].is_contiguous() == (layout == "contiguous")
+        with fastnotes.use_backend("numba"):
+            out = op_fn(**leaves, **kwargs)
+        assert out.transpose(1, 2).is_contiguous() == (layout == "interleaved")
+        out.backward(upstream.float())
+        runs[layout] = {"out": out.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
+    exact = run_with_grads(reference_fn, tensors, kwargs, upstream, F64, "cpu")
+    composite = run_with_grads(reference_fn, tensors, kwargs, upstream, torch.float32, "cpu")
+    for name, got in runs["interleaved"].items():
+        assert torch.equal(got, runs["contiguous"][name]), name
+        summed = 3 * 70 * 90 if name in ("drel_bias", "dpost_table") else 1
+        assert_close_to_oracle(got, exact[name], composite[name], FLOORS[torch.float32], f"interleaved {name}",
+                               summed_terms=summed)
+
+
 @pytest.mark.skipif("numba" not in BACKENDS, reason="the single-query path sits in front of the numba kernels")
 @pytest.mark.parametrize("normalizer, urpe", [("softmax", False), ("softmax", True), ("l2", False)])
 @pytest.mark.parametrize("bias", ["t5", "clip", "alibi"])

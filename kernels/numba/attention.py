@@ -279,19 +279,38 @@ def forward_tiles(batch, heads, lq, threads):
     return FORWARD_TILES_LARGE if tasks >= FORWARD_TASKS_PER_THREAD * threads else FORWARD_TILES
 
 
+# A forward whose q, k, v are not contiguous copies them a batch element at a time when the whole
+# copy would exceed this many bytes: the copies are transient, and one element's bound the peak.
+CHUNKED_COPY_BYTES = 4 << 20
+
+
 def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal):
     """q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, E]; bias_diag, post_diag [H, Lq + Lk - 1];
     key_bias [B, Lk]; all in one compute dtype (float32 or float64, or widened from half).
-    Returns (out [B, H, Lq, E] in q.dtype, stat [B, H, Lq] in the compute dtype)."""
+    Returns (out [B, H, Lq, E] in q.dtype, stat [B, H, Lq] in the compute dtype).
+
+    The kernels read contiguous q, k, v. An attention layer passes views of its projections
+    ([B, L, H, D] seen as [B, H, L, D]): those are copied one batch element at a time (a T5 layer
+    at B = 4, L = 2048 would otherwise hold 48 MiB of copies), and out then comes back in that
+    layout, so that the caller's out.transpose(1, 2).reshape(B, Lq, H * E) is a view, not a copy."""
     work = [compute_view(t) for t in (q, k, v, bias_diag, post_diag, key_bias)]
     batch, heads, lq, _ = q.shape
-    out = torch.empty(batch, heads, lq, v.shape[3], dtype=work[0].dtype)
+    dv = v.shape[3]
+    if q.transpose(1, 2).is_contiguous() and not q.is_contiguous():  # out follows q's layout
+        out = torch.empty(batch, lq, heads, dv, dtype=work[0].dtype).transpose(1, 2)
+    else:
+        out = torch.empty(batch, heads, lq, dv, dtype=work[0].dtype)
     stat = torch.empty(batch, heads, lq, dtype=work[0].dtype)
-    small = batch * heads * lq * k.shape[2] * (q.shape[3] + v.shape[3]) < SERIAL_FORWARD_WORK
-    tiles = forward_tiles(batch, heads, lq, numba.get_num_threads())  # both paths: the same bits
+    small = batch * heads * lq * k.shape[2] * (q.shape[3] + dv) < SERIAL_FORWARD_WORK
+    kernel = _forward_serial if small else _forward
+    tiles = forward_tiles(batch, heads, lq, numba.get_num_threads())  # every chunk: the same bits
+    copied = sum(t.numel() * t.element_size() for t in work[:3] if not t.is_contiguous())
+    chunks = [slice(b, b + 1) for b in range(batch)] if copied > CHUNKED_COPY_BYTES else [slice(0, batch)]
+    tables = _arrays(*work[3:5])
     with single_threaded_blas():
-        (_forward_serial if small else _forward)(*_arrays(*work), float(scale), NORMALIZER_CODES[normalizer],
-                                                 bool(causal), *tiles, out.numpy(), stat.numpy())
+        for rows in chunks:
+            kernel(*_arrays(*(t[rows] for t in work[:3])), *tables, _arrays(work[5][rows])[0], float(scale),
+                   NORMALIZER_CODES[normalizer], bool(causal), *tiles, out[rows].numpy(), stat[rows].numpy())
     return out.to(q.dtype), stat
 
 
