@@ -3,7 +3,7 @@ built from T5Config, nothing downloaded, dropout 0) with fastnotes.integrations.
 apply_to_t5 against transformers' own attention implementations ('eager', 'sdpa',
 'flex_attention'), plus relpos_attention alone. One run of this script is one comparison:
 
-    python bench/bench_transformers.py [--threads 1] [--quick] [--cases encoder,train,...]
+    python bench/bench_transformers.py [--threads 1] [--rounds 3] [--quick] [--cases encoder,train,...]
                                        [--json bench/results/transformers.json] [--plot bench/transformers_cpu.png]
 
 Cases (fp32, CPU):
@@ -25,7 +25,9 @@ needed, gradients included), then `repeats` timed calls: wall time (fastest and 
 process CPU time of the fastest. With --threads 1 the CPU time is the work itself even when other
 jobs share the cores (the wall times are not). Contenders that cannot run a
 case report why (e.g. FlexAttention has no CPU backward in torch 2.13). The machine is shared:
-quote ratios within one run, with the `uptime` load printed at the start and end.
+quote ratios within one run, with the `uptime` load printed at the start and end. With --rounds N
+every (contender, case) runs in N fresh subprocesses, the contenders of a case alternating (A B A B
+...), so that a change of load between subprocesses does not favour one of them.
 """
 import argparse
 import json
@@ -187,18 +189,41 @@ def subprocess_one(contender, case, length, repeats, timeout, threads):
 
 
 def plan(quick, cases):
-    """[(case, length, contender, repeats)] in the order they run."""
+    """[(case, length, contenders, repeats)] in the order they run."""
     rows = []
     if "attention" in cases:
-        rows += [("attention", 1024, c, 3 if quick else 5) for c in ATTENTION_CONTENDERS]
+        rows.append(("attention", 1024, ATTENTION_CONTENDERS, 3 if quick else 5))
     if "encoder" in cases:
         for length in ENCODER_LENGTHS[:2] if quick else ENCODER_LENGTHS:
-            rows += [("encoder", length, c, 2 if length >= 2048 or quick else 3) for c in CONTENDERS]
+            rows.append(("encoder", length, CONTENDERS, 2 if length >= 2048 or quick else 3))
     if "train" in cases:
-        rows += [("train", TRAIN_LENGTH, c, 2 if quick else 3) for c in CONTENDERS]
+        rows.append(("train", TRAIN_LENGTH, CONTENDERS, 2 if quick else 3))
     if "generate" in cases:
-        rows += [("generate", GEN_INPUT, c, 2 if quick else 3) for c in CONTENDERS]
+        rows.append(("generate", GEN_INPUT, CONTENDERS, 2 if quick else 3))
     return rows
+
+
+def merge_rounds(runs):
+    """One row per (case, length, contender): times over every round's timed calls, the peak
+    memory as the median of the rounds' peaks; an error if every round failed."""
+    merged = {}
+    for row in runs:
+        merged.setdefault((row["case"], row["length"], row["contender"]), []).append(row)
+    results = []
+    for (case, length, contender), rows in merged.items():
+        good = [r for r in rows if "median_s" in r]
+        result = {"case": case, "length": length, "contender": contender, "rounds": len(rows)}
+        if not good:
+            result["error"] = rows[0]["error"]
+        else:
+            times = [t for r in good for t in r["times_s"]]
+            result.update(median_s=statistics.median(times), min_s=min(times), times_s=times,
+                          cpu_min_s=min(r["cpu_min_s"] for r in good), cpu_s=[t for r in good for t in r["cpu_s"]],
+                          warmup_s=min(r["warmup_s"] for r in good),
+                          peak_extra_bytes=statistics.median(r["peak_extra_bytes"] for r in good),
+                          peaks_bytes=[r["peak_extra_bytes"] for r in good])
+        results.append(result)
+    return results
 
 
 def load():
@@ -300,6 +325,9 @@ def main(argv=None):
     parser.add_argument("--json", default="bench/results/transformers.json")
     parser.add_argument("--plot", default="bench/transformers_cpu.png")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per (contender, case) subprocess")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh subprocesses per (case, contender), contenders alternating: times over all, "
+                             "memory the median of the rounds")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch and numba threads in every subprocess (0: their defaults, the core count); "
                              "with 1, process CPU time measures the work even on a busy machine")
@@ -313,16 +341,19 @@ def main(argv=None):
             "started": time.strftime("%H:%M", time.gmtime()), "load_before": load(),
             "versions": {**_env.versions(), "transformers": transformers.__version__},
             "threads": args.threads or _env.device_info("cpu")["threads"], "cpu": _env.cpu_name()}
-    results = []
-    for case, length, contender, repeats in plan(args.quick, set(args.cases.split(","))):
-        if contender not in wanted:
-            continue
-        row = {"case": case, "length": length, "contender": contender}
-        row.update(subprocess_one(contender, case, length, repeats, args.timeout, args.threads))
-        results.append(row)
-        shown = (f"min {row['min_s'] * 1e3:9.1f} ms  cpu {row['cpu_min_s'] * 1e3:9.1f} ms  "
-                 f"peak +{row['peak_extra_bytes'] / 2**20:7.1f} MiB" if "median_s" in row else row["error"])
-        print(f"{case:9} {length:5} {contender:18} {shown}  (load {load()[0]:.2f})", flush=True)
+    runs = []
+    for case, length, contenders, repeats in plan(args.quick, set(args.cases.split(","))):
+        contenders = [c for c in contenders if c in wanted]
+        for round_ in range(args.rounds):  # contenders alternate, so load drift hits them alike
+            for contender in contenders:
+                row = {"case": case, "length": length, "contender": contender, "round": round_}
+                row.update(subprocess_one(contender, case, length, repeats, args.timeout, args.threads))
+                runs.append(row)
+                shown = (f"min {row['min_s'] * 1e3:9.1f} ms  cpu {row['cpu_min_s'] * 1e3:9.1f} ms  "
+                         f"peak +{row['peak_extra_bytes'] / 2**20:7.1f} MiB" if "median_s" in row else row["error"])
+                print(f"{case:9} {length:5} {contender:18} {shown}  (round {round_ + 1}, load {load()[0]:.2f})",
+                      flush=True)
+    results = merge_rounds(runs)
     meta.update(finished=time.strftime("%H:%M", time.gmtime()), load_after=load())
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -193,3 +193,53 @@ def test_static_cache_refused():
     with pytest.raises(NotImplementedError, match="static caches"):
         pat.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
                      do_sample=False, cache_implementation="static")
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_patched_model_under_torch_compile(compiler):
+    """torch.compile of a patched encoder-decoder: the fused attention is a graph break
+    (_dispatch.eager_op), the rest traced; loss and every parameter gradient as in eager mode."""
+    model = patched(build("t5-v1.1"))
+    inputs = batch()
+    labels = inputs["decoder_input_ids"]
+    runs = []
+    for compiled in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend=compiler) if compiled else model
+        loss = fn(**inputs, labels=labels).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_eager, grads_eager), (loss_compiled, grads_compiled) = runs
+    assert_near(loss_compiled, loss_eager, "loss")
+    assert grads_compiled.keys() == grads_eager.keys() and len(grads_eager) > 10
+    for name, grad in grads_eager.items():
+        assert_near(grads_compiled[name], grad, name)
+
+
+def test_patched_model_from_threads():
+    """Two threads running one patched model at once (a server's request threads) each get what
+    a lone call gives."""
+    import threading
+
+    model = patched(build("mt5"))
+    inputs = [batch(seed) for seed in (3, 4)]
+    with torch.no_grad():
+        expected = [model(**x).logits for x in inputs]
+        got = [None, None]
+        errors = []
+
+        def run(i):
+            try:
+                for _ in range(5):
+                    got[i] = model(**inputs[i]).logits
+                    assert torch.equal(got[i], expected[i])
+            except Exception as error:  # re-raised in the main thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
