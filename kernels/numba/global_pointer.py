@@ -53,6 +53,31 @@ def _rotate(x, cos, sin, use_rope, scale, out):
 
 
 @njit(**_JIT)
+def _task_head(q, k, cos, sin, use_rope, scale, task):
+    """(b, hq, q', k') of task b * Hq + hq: q' = scale R q and k' = R k [n, d], in the task's own
+    buffers."""
+    _, n, q_heads, d = q.shape
+    b = task // q_heads
+    hq = task % q_heads
+    qr = np.empty((n, d), q.dtype)
+    kr = np.empty((n, d), q.dtype)
+    _rotate(q[b, :, hq], cos, sin, use_rope, scale, qr)
+    _rotate(k[b, :, hq], cos, sin, use_rope, like(q, 1.0), kr)
+    return b, hq, qr, kr
+
+
+@njit(**_JIT)
+def _score_tiles(n, tril, tile_i, tile_j):
+    """(i0, i1, j0, j1) of each score tile, row tile after row tile; with tril, the tiles wholly
+    below the diagonal are left out."""
+    tiles = []
+    for i0 in range(0, n, tile_i):
+        for j0 in range(i0 if tril else 0, n, tile_j):
+            tiles.append((i0, min(i0 + tile_i, n), j0, min(j0 + tile_j, n)))
+    return tiles
+
+
+@njit(**_JIT)
 def _segment_sum(row, ends, shift):
     """sum_c exp(row[c] + ends[c] + shift) over a segment (views indexed from 0: vectorises)."""
     total = like(row, 0.0)
@@ -128,43 +153,35 @@ def _forward_row(row, start, ends, lo, prow, p, key0, m_neg, l_neg, m_pos, l_pos
 
 @njit(parallel=True, **_JIT)
 def _forward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, tile_i, tile_j, loss, stats):
-    batch, n, q_heads, d = q.shape
+    batch, n, q_heads, _ = q.shape
     heads = bias_start.shape[1]
     group = heads // q_heads
     ninf = like(q, -np.inf)
     scale = like(q, scale)
     for task in prange(batch * q_heads):
-        b = task // q_heads
-        hq = task % q_heads
-        qr = np.empty((n, d), q.dtype)
-        kr = np.empty((n, d), q.dtype)
-        _rotate(q[b, :, hq], cos, sin, use_rope, scale, qr)
-        _rotate(k[b, :, hq], cos, sin, use_rope, like(q, 1.0), kr)
+        b, hq, qr, kr = _task_head(q, k, cos, sin, use_rope, scale, task)
         # per type of the group: (max, sum) of the negative and positive streams
         m_neg = np.zeros(group, q.dtype)
         l_neg = np.ones(group, q.dtype)
         m_pos = np.zeros(group, q.dtype)
         l_pos = np.ones(group, q.dtype)
-        for i0 in range(0, n, tile_i):
-            i1 = min(i0 + tile_i, n)
-            for j0 in range(i0 if tril else 0, n, tile_j):
-                j1 = min(j0 + tile_j, n)
-                s = np.dot(qr[i0:i1], kr[j0:j1].T)
-                for g in range(group):
-                    t = hq * group + g
-                    prow = pos[b, t]
-                    ends = bias_end[b, t, j0:j1]
-                    p = 0
-                    mn, ln, mp, lp = m_neg[g], l_neg[g], m_pos[g], l_pos[g]
-                    for r in range(i1 - i0):
-                        i = i0 + r
-                        start = bias_start[b, t, i]
-                        lo = max(0, i - j0) if tril else 0
-                        if start == ninf or lo >= j1 - j0:
-                            continue
-                        p = _advance(prow, p, i * n + j0 + lo)
-                        mn, ln, mp, lp, p = _forward_row(s[r], start, ends, lo, prow, p, i * n + j0, mn, ln, mp, lp)
-                    m_neg[g], l_neg[g], m_pos[g], l_pos[g] = mn, ln, mp, lp
+        for i0, i1, j0, j1 in _score_tiles(n, tril, tile_i, tile_j):
+            s = np.dot(qr[i0:i1], kr[j0:j1].T)
+            for g in range(group):
+                t = hq * group + g
+                prow = pos[b, t]
+                ends = bias_end[b, t, j0:j1]
+                p = 0
+                mn, ln, mp, lp = m_neg[g], l_neg[g], m_pos[g], l_pos[g]
+                for r in range(i1 - i0):
+                    i = i0 + r
+                    start = bias_start[b, t, i]
+                    lo = max(0, i - j0) if tril else 0
+                    if start == ninf or lo >= j1 - j0:
+                        continue
+                    p = _advance(prow, p, i * n + j0 + lo)
+                    mn, ln, mp, lp, p = _forward_row(s[r], start, ends, lo, prow, p, i * n + j0, mn, ln, mp, lp)
+                m_neg[g], l_neg[g], m_pos[g], l_pos[g] = mn, ln, mp, lp
         for g in range(group):
             t = hq * group + g
             lse_pos = m_pos[g] + fast_log(l_pos[g])
@@ -217,60 +234,52 @@ def _backward(q, k, cos, sin, use_rope, scale, bias_start, bias_end, pos, tril, 
     scale = like(q, scale)
     inverse_sin = -sin
     for task in prange(batch * q_heads):
-        b = task // q_heads
-        hq = task % q_heads
-        qr = np.empty((n, d), q.dtype)
-        kr = np.empty((n, d), q.dtype)
-        _rotate(q[b, :, hq], cos, sin, use_rope, scale, qr)
-        _rotate(k[b, :, hq], cos, sin, use_rope, like(q, 1.0), kr)
+        b, hq, qr, kr = _task_head(q, k, cos, sin, use_rope, scale, task)
         dq = np.zeros((n, d), q.dtype)
         dk = np.zeros((n, d), q.dtype)
         for g in range(group):
             grad_start[b, hq * group + g] = zero
             grad_end[b, hq * group + g] = zero
-        for i0 in range(0, n, tile_i):
-            i1 = min(i0 + tile_i, n)
-            for j0 in range(i0 if tril else 0, n, tile_j):
-                j1 = min(j0 + tile_j, n)
-                s = np.dot(qr[i0:i1], kr[j0:j1].T)
-                work = s if group == 1 else np.empty_like(s)
-                ds = s if group == 1 else np.zeros_like(s)
-                for g in range(group):
-                    t = hq * group + g
-                    if group > 1:
-                        work[:] = s
-                    prow = pos[b, t]
-                    ends = bias_end[b, t, j0:j1]
-                    g_t = grad_loss[b, t]
-                    lse_pos = stats[b, t, 0]
-                    lse_neg = stats[b, t, 1]
-                    p = _advance(prow, 0, i0 * n + j0)
-                    column_sums = np.zeros(j1 - j0, q.dtype)
-                    for r in range(i1 - i0):
-                        i = i0 + r
-                        start = bias_start[b, t, i]
-                        row = work[r]
-                        if start == ninf:
-                            row[:] = zero
-                            continue
-                        lo = min(max(0, i - j0), j1 - j0) if tril else 0
-                        _gradient_row(row, start - lse_neg, ends, lo, g_t)
-                        # the positives of this row: overwritten with -g e^{-s - LP} before any sum
-                        # (their negative-form values may be huge or inf)
-                        while p < prow.shape[0] and prow[p] >= 0 and prow[p] < i * n + j1:
-                            c = prow[p] - i * n - j0
-                            if c >= 0:
-                                x = zero
-                                for e in range(d):
-                                    x += qr[i, e] * kr[j0 + c, e]
-                                row[c] = -g_t * fast_exp(-(x + start + ends[c]) - lse_pos)
-                            p += 1
-                        grad_start[b, t, i] += _row_and_column_sums(row, column_sums)
-                    grad_end[b, t, j0:j1] += column_sums
-                    if group > 1:
-                        _add_tile(ds, work)
-                dq[i0:i1] += np.dot(ds, kr[j0:j1])
-                dk[j0:j1] += np.dot(ds.T, qr[i0:i1])
+        for i0, i1, j0, j1 in _score_tiles(n, tril, tile_i, tile_j):
+            s = np.dot(qr[i0:i1], kr[j0:j1].T)
+            work = s if group == 1 else np.empty_like(s)
+            ds = s if group == 1 else np.zeros_like(s)
+            for g in range(group):
+                t = hq * group + g
+                if group > 1:
+                    work[:] = s
+                prow = pos[b, t]
+                ends = bias_end[b, t, j0:j1]
+                g_t = grad_loss[b, t]
+                lse_pos = stats[b, t, 0]
+                lse_neg = stats[b, t, 1]
+                p = _advance(prow, 0, i0 * n + j0)
+                column_sums = np.zeros(j1 - j0, q.dtype)
+                for r in range(i1 - i0):
+                    i = i0 + r
+                    start = bias_start[b, t, i]
+                    row = work[r]
+                    if start == ninf:
+                        row[:] = zero
+                        continue
+                    lo = min(max(0, i - j0), j1 - j0) if tril else 0
+                    _gradient_row(row, start - lse_neg, ends, lo, g_t)
+                    # the positives of this row: overwritten with -g e^{-s - LP} before any sum
+                    # (their negative-form values may be huge or inf)
+                    while p < prow.shape[0] and prow[p] >= 0 and prow[p] < i * n + j1:
+                        c = prow[p] - i * n - j0
+                        if c >= 0:
+                            x = zero
+                            for e in range(d):
+                                x += qr[i, e] * kr[j0 + c, e]
+                            row[c] = -g_t * fast_exp(-(x + start + ends[c]) - lse_pos)
+                        p += 1
+                    grad_start[b, t, i] += _row_and_column_sums(row, column_sums)
+                grad_end[b, t, j0:j1] += column_sums
+                if group > 1:
+                    _add_tile(ds, work)
+            dq[i0:i1] += np.dot(ds, kr[j0:j1])
+            dk[j0:j1] += np.dot(ds.T, qr[i0:i1])
         _rotate(dq, cos, inverse_sin, use_rope, scale, grad_q[b, :, hq])
         _rotate(dk, cos, inverse_sin, use_rope, like(q, 1.0), grad_k[b, :, hq])
 
@@ -280,46 +289,38 @@ def _decode(q, k, cos, sin, use_rope, scale, bias_start, bias_end, tril, thresho
             fill):
     """fill False: offsets[b * H + t] <- the number of hits of row (b, t). fill True: offsets holds
     each row's first slot; keys[slot] <- ((b * H + t) * n + i) * n + j for each hit."""
-    batch, n, q_heads, d = q.shape
+    batch, n, q_heads, _ = q.shape
     heads = bias_start.shape[1]
     group = heads // q_heads
     ninf = like(q, -np.inf)
     cut = like(q, threshold)
     scale = like(q, scale)
     for task in prange(batch * q_heads):
-        b = task // q_heads
-        hq = task % q_heads
-        qr = np.empty((n, d), q.dtype)
-        kr = np.empty((n, d), q.dtype)
-        _rotate(q[b, :, hq], cos, sin, use_rope, scale, qr)
-        _rotate(k[b, :, hq], cos, sin, use_rope, like(q, 1.0), kr)
+        b, hq, qr, kr = _task_head(q, k, cos, sin, use_rope, scale, task)
         counts = np.zeros(group, np.int64)
-        for i0 in range(0, n, tile_i):
-            i1 = min(i0 + tile_i, n)
-            for j0 in range(i0 if tril else 0, n, tile_j):
-                j1 = min(j0 + tile_j, n)
-                s = np.dot(qr[i0:i1], kr[j0:j1].T)
-                for g in range(group):
-                    t = hq * group + g
-                    ends = bias_end[b, t, j0:j1]
-                    for r in range(i1 - i0):
-                        i = i0 + r
-                        start = bias_start[b, t, i]
-                        if start == ninf:
-                            continue
-                        lo = max(0, i - j0) if tril else 0
-                        row = s[r]
-                        if fill:
-                            base = ((b * heads + t) * n + i) * n + j0
-                            for c in range(lo, j1 - j0):
-                                if row[c] + start + ends[c] > cut:
-                                    keys[offsets[b * heads + t] + counts[g]] = base + c
-                                    counts[g] += 1
-                        else:
-                            hits = 0
-                            for c in range(lo, j1 - j0):
-                                hits += 1 if row[c] + start + ends[c] > cut else 0
-                            counts[g] += hits
+        for i0, i1, j0, j1 in _score_tiles(n, tril, tile_i, tile_j):
+            s = np.dot(qr[i0:i1], kr[j0:j1].T)
+            for g in range(group):
+                t = hq * group + g
+                ends = bias_end[b, t, j0:j1]
+                for r in range(i1 - i0):
+                    i = i0 + r
+                    start = bias_start[b, t, i]
+                    if start == ninf:
+                        continue
+                    lo = max(0, i - j0) if tril else 0
+                    row = s[r]
+                    if fill:
+                        base = ((b * heads + t) * n + i) * n + j0
+                        for c in range(lo, j1 - j0):
+                            if row[c] + start + ends[c] > cut:
+                                keys[offsets[b * heads + t] + counts[g]] = base + c
+                                counts[g] += 1
+                    else:
+                        hits = 0
+                        for c in range(lo, j1 - j0):
+                            hits += 1 if row[c] + start + ends[c] > cut else 0
+                        counts[g] += hits
         if not fill:
             for g in range(group):
                 offsets[b * heads + hq * group + g] = counts[g]

@@ -97,6 +97,28 @@ def _load_rows(ptr, row0, rows, n_rows, width, dims):
 
 
 @triton.jit
+def _head_tile(x_ptr, q_heads, n, d, D: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (bh, b, hq): its (batch, q/k head), grid axis 1; the indices of its tile of
+    tokens (grid axis 0), the head dims and that tile's rows of x' [B, Hq, n, d]."""
+    bh = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, D)
+    return bh, bh // q_heads, bh % q_heads, tokens, dims, _load_rows(x_ptr, bh * n, tokens, n, d, dims)
+
+
+@triton.jit
+def _first_column(pid_m, tril, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where row tile pid_m's column loop starts: with tril, at the column tile of its diagonal."""
+    return tl.where(tril != 0, pid_m * BLOCK_M // BLOCK_N * BLOCK_N, 0)
+
+
+@triton.jit
+def _type_row(b, hq, q_heads, group, g):
+    """The (batch, type) row b * H + t of the group's g-th type."""
+    return b * q_heads * group + hq * group + g
+
+
+@triton.jit
 def _members(keys_ptr, lo, hi, n, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              INDEX_BLOCK: tl.constexpr):
     """bool [BLOCK_M, BLOCK_N]: (rows, cols) is one of the keys i * n + j in keys[lo:hi]. Each chunk of
@@ -132,8 +154,11 @@ def _tile_lse(m, l, x):
 
 
 @triton.jit
-def _score_dot(a, b):
-    return tl.dot(a, tl.trans(b), input_precision="tf32x3")
+def _shared_scores(q, k, rows, cols, tril):
+    """(q' k'^T, pair_ok) of a tile: the scores every type of the group shares (before its biases) and
+    the pairs tril allows."""
+    s0 = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+    return s0, (rows[:, None] <= cols[None, :]) | (tril == 0)
 
 
 @triton.jit
@@ -142,19 +167,12 @@ def global_pointer_forward_kernel(qr_ptr, kr_ptr, bias_start_ptr, bias_end_ptr, 
                                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   INDEX_BLOCK: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // q_heads
-    hq = bh % q_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
-    q = _load_rows(qr_ptr, bh * n, rows, n, d, dims)
-    j_lo = tl.where(tril != 0, pid_m * BLOCK_M // BLOCK_N * BLOCK_N, 0)
-    for j0 in range(j_lo, n, BLOCK_N):
+    bh, b, hq, rows, dims, q = _head_tile(qr_ptr, q_heads, n, d, D, BLOCK_M)
+    for j0 in range(_first_column(pid_m, tril, BLOCK_M, BLOCK_N), n, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s0 = _score_dot(q, _load_rows(kr_ptr, bh * n, cols, n, d, dims))
-        pair_ok = (rows[:, None] <= cols[None, :]) | (tril == 0)
+        s0, pair_ok = _shared_scores(q, _load_rows(kr_ptr, bh * n, cols, n, d, dims), rows, cols, tril)
         for g in range(0, group):
-            bt = b * q_heads * group + hq * group + g
+            bt = _type_row(b, hq, q_heads, group, g)
             s, allowed = _type_scores(s0, bias_start_ptr, bias_end_ptr, bt, rows, cols, n, pair_ok)
             state = partial_ptr + (bt * n_tiles + pid_m) * 4
             negatives = tl.where(allowed, s, float("-inf"))
@@ -200,22 +218,15 @@ def global_pointer_dq_kernel(qr_ptr, kr_ptr, bias_start_ptr, bias_end_ptr, keys_
                              INDEX_BLOCK: tl.constexpr):
     """dq' [B, Hq, n, d] fp32 of one row tile and grad_bias_start (zeroed by the launcher) of its rows."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // q_heads
-    hq = bh % q_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
-    q = _load_rows(qr_ptr, bh * n, rows, n, d, dims)
+    bh, b, hq, rows, dims, q = _head_tile(qr_ptr, q_heads, n, d, D, BLOCK_M)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    j_lo = tl.where(tril != 0, pid_m * BLOCK_M // BLOCK_N * BLOCK_N, 0)
-    for j0 in range(j_lo, n, BLOCK_N):
+    for j0 in range(_first_column(pid_m, tril, BLOCK_M, BLOCK_N), n, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(kr_ptr, bh * n, cols, n, d, dims)
-        s0 = _score_dot(q, k)
-        pair_ok = (rows[:, None] <= cols[None, :]) | (tril == 0)
+        s0, pair_ok = _shared_scores(q, k, rows, cols, tril)
         ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for g in range(0, group):
-            bt = b * q_heads * group + hq * group + g
+            bt = _type_row(b, hq, q_heads, group, g)
             ds_t = _type_gradient(s0, bias_start_ptr, bias_end_ptr, keys_ptr, starts_ptr, stats_ptr,
                                   grad_loss_ptr, bt, pid_m, rows, cols, n, n_keys, n_tiles, pair_ok,
                                   BLOCK_M, BLOCK_N, INDEX_BLOCK)
@@ -236,22 +247,16 @@ def global_pointer_dk_kernel(qr_ptr, kr_ptr, bias_start_ptr, bias_end_ptr, keys_
     """dk' [B, Hq, n, d] fp32 of one column tile and grad_bias_end (zeroed by the launcher) of its columns.
     The row tiles (BLOCK_M) are those of `starts`."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // q_heads
-    hq = bh % q_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, D)
-    k = _load_rows(kr_ptr, bh * n, cols, n, d, dims)
+    bh, b, hq, cols, dims, k = _head_tile(kr_ptr, q_heads, n, d, D, BLOCK_N)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     i_hi = tl.where(tril != 0, tl.minimum(n, (pid_n + 1) * BLOCK_N), n)
     for i0 in range(0, i_hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         q = _load_rows(qr_ptr, bh * n, rows, n, d, dims)
-        s0 = _score_dot(q, k)
-        pair_ok = (rows[:, None] <= cols[None, :]) | (tril == 0)
+        s0, pair_ok = _shared_scores(q, k, rows, cols, tril)
         ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for g in range(0, group):
-            bt = b * q_heads * group + hq * group + g
+            bt = _type_row(b, hq, q_heads, group, g)
             ds_t = _type_gradient(s0, bias_start_ptr, bias_end_ptr, keys_ptr, starts_ptr, stats_ptr,
                                   grad_loss_ptr, bt, i0 // BLOCK_M, rows, cols, n, n_keys, n_tiles, pair_ok,
                                   BLOCK_M, BLOCK_N, INDEX_BLOCK)
@@ -272,19 +277,12 @@ def global_pointer_decode_kernel(qr_ptr, kr_ptr, bias_start_ptr, bias_end_ptr, c
     """FILL False: counts[(b, t), row tile] += its hits (allowed, s > threshold). FILL True: counts holds
     each (type, row tile)'s first slot and advances past the keys ((b * H + t) * n + i) * n + j it writes."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // q_heads
-    hq = bh % q_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
-    q = _load_rows(qr_ptr, bh * n, rows, n, d, dims)
-    j_lo = tl.where(tril != 0, pid_m * BLOCK_M // BLOCK_N * BLOCK_N, 0)
-    for j0 in range(j_lo, n, BLOCK_N):
+    bh, b, hq, rows, dims, q = _head_tile(qr_ptr, q_heads, n, d, D, BLOCK_M)
+    for j0 in range(_first_column(pid_m, tril, BLOCK_M, BLOCK_N), n, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s0 = _score_dot(q, _load_rows(kr_ptr, bh * n, cols, n, d, dims))
-        pair_ok = (rows[:, None] <= cols[None, :]) | (tril == 0)
+        s0, pair_ok = _shared_scores(q, _load_rows(kr_ptr, bh * n, cols, n, d, dims), rows, cols, tril)
         for g in range(0, group):
-            bt = b * q_heads * group + hq * group + g
+            bt = _type_row(b, hq, q_heads, group, g)
             s, allowed = _type_scores(s0, bias_start_ptr, bias_end_ptr, bt, rows, cols, n, pair_ok)
             hit = (allowed & (s > threshold)).to(tl.int32)
             row_hits = tl.sum(hit, axis=1)
