@@ -53,13 +53,54 @@ def table_index(delta, width, rel_buckets=None):
     return delta.clamp(-half, half) + half
 
 
+# Attention dropout draws its keep mask from a counter-based hash of (seed, b * H + h, i, j), the
+# same in every backend (so a backward recomputes the forward's mask, and backends agree bit for bit):
+#   row = fmix32(fmix32(seed + bh * ROW_BH) + i * ROW_I);  u_ij = fmix32(row + j * COL_J)   (mod 2^32)
+#   keep iff u_ij >= dropout_threshold(p), and kept weights are scaled by 1 / (1 - p).
+# fmix32 is MurmurHash3's finaliser (full avalanche: neighbouring j give independent bits).
+FMIX_1, FMIX_2 = 0x85EBCA6B, 0xC2B2AE35
+ROW_BH, ROW_I, COL_J = 0x9E3779B1, 0x7FEB352D, 0x27D4EB2F
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant):
+    """x * constant mod 2^32 for int64 tensors x in [0, 2^32), in halves (no int64 overflow)."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _LOW32
+
+
+def fmix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, FMIX_1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, FMIX_2)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(p):
+    """The uint32 threshold of dropout probability p in [0, 1): keep iff hash >= it."""
+    return min(int(p * 2.0 ** 32), _LOW32)
+
+
+def dropout_keep(seed, batch, heads, lq, lk, p, device=None):
+    """bool [B, H, Lq, Lk]: which attention weights dropout keeps (see the comment above)."""
+    bh = torch.arange(batch * heads, dtype=torch.int64, device=device).view(batch, heads, 1, 1)
+    i = torch.arange(lq, dtype=torch.int64, device=device).view(1, 1, lq, 1)
+    j = torch.arange(lk, dtype=torch.int64, device=device).view(1, 1, 1, lk)
+    row = fmix32((seed + _mul32(bh, ROW_BH)) & _LOW32)
+    row = fmix32((row + _mul32(i, ROW_I)) & _LOW32)
+    return fmix32((row + _mul32(j, COL_J)) & _LOW32) >= dropout_threshold(p)
+
+
 def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_buckets=None, alibi_slopes=None,
-                     post_table=None, normalizer="softmax", key_padding_mask=None):
+                     post_table=None, normalizer="softmax", key_padding_mask=None, dropout_p=0.0, dropout_seed=0):
     """Reference of fastnotes.relpos_attention (arguments assumed valid; the public op checks them).
 
     s_ij = scale <q_i, k_j> + T[h, idx(delta)] - slope_h |delta|   (masked: -inf)
     softmax: a_ij = exp(s_ij) / sum_j exp(s_ij);  l2: a_ij = exp(s_ij) / sqrt(sum_j exp(2 s_ij))
-    o_i = sum_j a_ij C[h, idx(delta)] v_j   (C multiplies after the normalisation, no renormalisation)
+    o_i = sum_j a_ij C[h, idx(delta)] Z_ij v_j   (C multiplies after the normalisation, no renormalisation;
+    Z_ij = dropout_keep(...) / (1 - dropout_p), 1 without dropout)
     Rows with every key masked give 0. Works in float32 for float16/bfloat16 inputs.
     """
     out_dtype = q.dtype
@@ -97,4 +138,7 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
     attn = p / (norm if normalizer == "softmax" else torch.sqrt(norm))
     if post_table is not None:
         attn = attn * post_table.to(work)[:, table_index(delta, post_table.shape[1], rel_buckets)]
+    if dropout_p > 0:
+        keep = dropout_keep(dropout_seed, q.shape[0], heads, lq, lk, dropout_p, q.device)
+        attn = attn * keep.to(work) / (1.0 - dropout_p)
     return torch.matmul(attn, v).to(out_dtype)
