@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..kernels._dropout import COL_J, FMIX_1, FMIX_2, LOW32, ROW_BH, ROW_I, dropout_threshold
+
 NORMALIZERS = ("softmax", "l2")
 
 
@@ -53,14 +55,7 @@ def table_index(delta, width, rel_buckets=None):
     return delta.clamp(-half, half) + half
 
 
-# Attention dropout draws its keep mask from a counter-based hash of (seed, b * H + h, i, j), the
-# same in every backend (so a backward recomputes the forward's mask, and backends agree bit for bit):
-#   row = fmix32(fmix32(seed + bh * ROW_BH) + i * ROW_I);  u_ij = fmix32(row + j * COL_J)   (mod 2^32)
-#   keep iff u_ij >= dropout_threshold(p), and kept weights are scaled by 1 / (1 - p).
-# fmix32 is MurmurHash3's finaliser (full avalanche: neighbouring j give independent bits).
-FMIX_1, FMIX_2 = 0x85EBCA6B, 0xC2B2AE35
-ROW_BH, ROW_I, COL_J = 0x9E3779B1, 0x7FEB352D, 0x27D4EB2F
-_LOW32 = 0xFFFFFFFF
+_LOW32 = LOW32
 
 
 def _mul32(x, constant):
@@ -78,13 +73,8 @@ def fmix32(x):
     return x ^ (x >> 16)
 
 
-def dropout_threshold(p):
-    """The uint32 threshold of dropout probability p in [0, 1): keep iff hash >= it."""
-    return min(int(p * 2.0 ** 32), _LOW32)
-
-
 def dropout_keep(seed, batch, heads, lq, lk, p, device=None):
-    """bool [B, H, Lq, Lk]: which attention weights dropout keeps (see the comment above)."""
+    """bool [B, H, Lq, Lk]: which attention weights dropout keeps (the hash of kernels/_dropout.py)."""
     bh = torch.arange(batch * heads, dtype=torch.int64, device=device).view(batch, heads, 1, 1)
     i = torch.arange(lq, dtype=torch.int64, device=device).view(1, 1, lq, 1)
     j = torch.arange(lk, dtype=torch.int64, device=device).view(1, 1, 1, lk)
