@@ -58,7 +58,7 @@ def _check_table(name, table, heads, rel_buckets, device):
 
 
 def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes, post_table, normalizer,
-                     key_padding_mask):
+                     key_padding_mask, dropout_p, dropout_seed):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.check_tensor(_OP, name, t, _checks.FLOAT_DTYPES)
         if t.dim() != 4:
@@ -104,6 +104,11 @@ def _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes
         if key_padding_mask.shape != (batch, k.shape[2]):
             raise ValueError(f"{_OP}: key_padding_mask must be bool [batch={batch}, Lk={k.shape[2]}] (True = keep), "
                              f"got {tuple(key_padding_mask.shape)}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"{_OP}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)
+                                     or not 0 <= dropout_seed < 2 ** 32):
+        raise ValueError(f"{_OP}: dropout_seed must be None or an int in [0, 2^32), got {dropout_seed!r}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,10 +192,11 @@ class _RelPosAttentionFunction(torch.autograd.Function):
     diagonal vectors (which autograd folds into the tables and slopes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, kernels):
-        out, stat = kernels.attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal)
+    def forward(ctx, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, kernels):
+        out, stat = kernels.attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,
+                                              *dropout)
         ctx.save_for_backward(q, k, v, bias_diag, post_diag, key_bias, out, stat)
-        ctx.scale, ctx.normalizer, ctx.causal, ctx.kernels = scale, normalizer, causal, kernels
+        ctx.scale, ctx.normalizer, ctx.causal, ctx.dropout, ctx.kernels = scale, normalizer, causal, dropout, kernels
         return out
 
     @staticmethod
@@ -199,22 +205,24 @@ class _RelPosAttentionFunction(torch.autograd.Function):
         q, k, v, bias_diag, post_diag, key_bias, out, stat = ctx.saved_tensors
         with autocast_off(q.device):  # a backward called inside autocast: the launchers' torch ops as in forward
             dq, dk, dv, dbias, dpost = ctx.kernels.attention_backward(
-                q, k, v, bias_diag, post_diag, key_bias, ctx.scale, ctx.normalizer, ctx.causal, out, stat, grad_out)
+                q, k, v, bias_diag, post_diag, key_bias, ctx.scale, ctx.normalizer, ctx.causal, out, stat, grad_out,
+                *ctx.dropout)
         needs = ctx.needs_input_grad
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dbias if needs[3] else None, dpost if needs[4] else None, None, None, None, None, None)
+                dbias if needs[3] else None, dpost if needs[4] else None, None, None, None, None, None, None)
 
 
 @_dispatch.eager_op
 def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_buckets=None, alibi_slopes=None,
-                     post_table=None, normalizer="softmax", key_padding_mask=None):
+                     post_table=None, normalizer="softmax", key_padding_mask=None, dropout_p=0.0, dropout_seed=None):
     """Attention with relative-position terms before and after the normalisation, fused (the
     [Lq, Lk] matrix never exists; the backward recomputes it from one saved statistic per row).
 
         s_ij = scale <q_i, k_j> + rel_bias[h, idx(delta)] - alibi_slopes[h] |delta|   (masked: -inf)
         softmax: a_ij = exp(s_ij) / sum_j exp(s_ij)
         l2:      a_ij = exp(s_ij) / sqrt(sum_j exp(2 s_ij))        (Su's l2 normalisation)
-        o_i = sum_j a_ij post_table[h, idx(delta)] v_j             (URPE: no renormalisation)
+        o_i = sum_j a_ij post_table[h, idx(delta)] Z_ij v_j        (URPE: no renormalisation)
+        Z_ij = keep_ij / (1 - dropout_p), 1 without dropout        (attention dropout)
 
     delta = i + (Lk - Lq) - j (query row i sits at position i + Lk - Lq, the KV-cache convention).
     idx: T5 bucket of key - query = -delta when rel_buckets = (num_buckets, max_distance,
@@ -229,6 +237,12 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
         rel_bias, post_table: [H, R] tables (get gradients); alibi_slopes: [H] (gets a gradient).
         normalizer: 'softmax' | 'l2'.
         key_padding_mask: bool [B, Lk], True = attend.
+        dropout_p: attention-weight dropout probability in [0, 1) (pass 0 in eval mode: the op has no
+            training flag). The keep mask is a hash of (dropout_seed, b * H + h, i, j), the same on every
+            backend (kernels/_dropout.py), recomputed in the backward (nothing [Lq, Lk] is stored);
+            the normalisers sum the undropped weights, as dropout after softmax does.
+        dropout_seed: int in [0, 2^32); None draws one from torch's default CPU generator (so
+            torch.manual_seed makes runs repeatable).
     Rows whose keys are all masked give 0 (and zero gradients). The kernels' gradients are
     deterministic (private partial sums, no atomics); the fold of the diagonal gradients into the
     tables is torch's gather backward (deterministic on CPU; on CUDA under
@@ -243,9 +257,13 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
         with autocast_off(q.device):
             return relpos_attention(q, k, v, causal=causal, scale=scale, rel_bias=rel_bias, rel_buckets=rel_buckets,
                                     alibi_slopes=alibi_slopes, post_table=post_table, normalizer=normalizer,
-                                    key_padding_mask=key_padding_mask)
+                                    key_padding_mask=key_padding_mask, dropout_p=dropout_p, dropout_seed=dropout_seed)
     _check_arguments(q, k, v, causal, scale, rel_bias, rel_buckets, alibi_slopes, post_table, normalizer,
-                     key_padding_mask)
+                     key_padding_mask, dropout_p, dropout_seed)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = int(torch.randint(2 ** 32, (), dtype=torch.int64))
+    dropout = (dropout_p, dropout_seed or 0)
     if rel_buckets is not None:
         rel_buckets = tuple(rel_buckets)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
@@ -254,8 +272,9 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
     if backend == "reference":
         return reference.relpos_attention(q, k, v, causal=causal, scale=scale, rel_bias=rel_bias,
                                           rel_buckets=rel_buckets, alibi_slopes=alibi_slopes, post_table=post_table,
-                                          normalizer=normalizer, key_padding_mask=key_padding_mask)
-    if q.shape[2] == 1 and backend == "numba" and not (torch.is_grad_enabled() and any(
+                                          normalizer=normalizer, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                          dropout_seed=dropout[1])
+    if q.shape[2] == 1 and backend == "numba" and dropout_p == 0 and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rel_bias, alibi_slopes, post_table))):
         return _single_query(q, k, v, rel_bias, rel_buckets, alibi_slopes, post_table, key_padding_mask, scale,
                              normalizer)
@@ -263,7 +282,7 @@ def relpos_attention(q, k, v, *, causal=False, scale=None, rel_bias=None, rel_bu
     bias_diag, post_diag, key_bias = diagonal_terms(q, k, causal, rel_bias, rel_buckets, alibi_slopes, post_table,
                                                     key_padding_mask)
     return _RelPosAttentionFunction.apply(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal,
-                                          kernels)
+                                          dropout, kernels)
 
 
 def alibi_slopes(num_heads):

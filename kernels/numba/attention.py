@@ -30,6 +30,7 @@ import torch
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
+from .._dropout import COL_J, FMIX_1, FMIX_2, LOW32, ROW_BH, ROW_I, dropout_threshold
 from ._math import JIT_OPTIONS, fast_exp, fast_log, like, row_max
 from ._tensors import compute_view
 
@@ -84,10 +85,41 @@ def _exp_row(row, shift, post, normalizer):
     return total
 
 
+_U32 = {name: np.uint64(value) for name, value in
+        dict(FMIX_1=FMIX_1, FMIX_2=FMIX_2, ROW_BH=ROW_BH, ROW_I=ROW_I, COL_J=COL_J, LOW32=LOW32).items()}
+_FMIX_1, _FMIX_2, _ROW_BH, _ROW_I, _COL_J, _LOW32 = (_U32[n] for n in ("FMIX_1", "FMIX_2", "ROW_BH", "ROW_I",
+                                                                      "COL_J", "LOW32"))
+_SHIFT_13, _SHIFT_16 = np.uint64(13), np.uint64(16)
+
+
 @njit(**_JIT)
-def _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out,
-                  stat):
-    """One (batch, head, query tile) of the forward: streams over the key tiles, writes its rows."""
+def _fmix32(x):
+    """MurmurHash3's finaliser on a uint64 holding a 32-bit value (products stay below 2^64)."""
+    x ^= x >> _SHIFT_16
+    x = (x * _FMIX_1) & _LOW32
+    x ^= x >> _SHIFT_13
+    x = (x * _FMIX_2) & _LOW32
+    return x ^ (x >> _SHIFT_16)
+
+
+@njit(**_JIT)
+def _dropout_row(keep, seed, bh, i, j0, threshold, kept_scale):
+    """keep[c] <- kept_scale if dropout keeps weight (i, j0 + c) of query head bh, else 0 (the
+    hash of kernels/_dropout.py)."""
+    row = _fmix32((seed + np.uint64(bh) * _ROW_BH) & _LOW32)
+    row = _fmix32((row + np.uint64(i) * _ROW_I) & _LOW32)
+    zero = like(keep, 0.0)
+    for c in range(keep.shape[0]):
+        u = _fmix32((row + np.uint64(j0 + c) * _COL_J) & _LOW32)
+        keep[c] = kept_scale if u >= threshold else zero
+
+
+@njit(**_JIT)
+def _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, tile_q, tile_k,
+                  out, stat):
+    """One (batch, head, query tile) of the forward: streams over the key tiles, writes its rows.
+    dropout: (on, seed, threshold, kept scale, index of this call's first (batch, head) in the whole
+    batch, for the hash); the normalisers sum the undropped weights."""
     batch, heads, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[3]
     group = heads // k.shape[1]
@@ -105,6 +137,9 @@ def _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normaliz
     m = np.full(i1 - i0, ninf)
     norm = np.zeros(i1 - i0, q.dtype)
     acc = np.zeros((i1 - i0, dv), q.dtype)
+    dropping, seed, threshold, kept_scale, first_head = dropout
+    keep = np.empty(tile_k if dropping else 0, q.dtype)
+    kept_scale = like(q, kept_scale)
     # causal: key j is visible from row i iff j <= i + Lk - Lq
     j_end = min(lk, i1 + lk - lq) if causal else lk
     for j0 in range(0, j_end, tile_k):
@@ -115,6 +150,12 @@ def _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normaliz
             m_new = max(m[r], row_max(s[r]))
             shift = m_new if m_new != ninf else zero  # all masked so far: exp(-inf) = 0 below
             total = _exp_row(s[r], shift, post_diag[h, j0 - (i0 + r) + diag0:], normalizer)
+            if dropping:
+                row_keep = keep[:j1 - j0]
+                _dropout_row(row_keep, seed, first_head + b * heads + h, i0 + r, j0, threshold, kept_scale)
+                row = s[r]
+                for c in range(j1 - j0):
+                    row[c] *= row_keep[c]
             corr = fast_exp(m[r] - shift)
             norm[r] = norm[r] * (corr * corr if normalizer == L2 else corr) + total
             acc_row = acc[r]
@@ -137,32 +178,39 @@ def _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normaliz
 
 
 @njit(parallel=True, **_JIT)
-def _forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out, stat):
+def _forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, tile_q, tile_k, out,
+             stat):
     tasks = q.shape[0] * q.shape[1] * ((q.shape[2] + tile_q - 1) // tile_q)
     for task in prange(tasks):
-        _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k,
-                      out, stat)
+        _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, tile_q,
+                      tile_k, out, stat)
 
 
 @njit(**_JIT)
-def _forward_serial(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out, stat):
+def _forward_serial(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, tile_q, tile_k, out,
+                    stat):
     """The same tasks on the calling thread: for small calls (decoding, Lq = 1), where waking numba's
     thread pool costs more than the work, and stalls whenever a core is busy elsewhere."""
     tasks = q.shape[0] * q.shape[1] * ((q.shape[2] + tile_q - 1) // tile_q)
     for task in range(tasks):
-        _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k,
-                      out, stat)
+        _forward_task(task, q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, tile_q,
+                      tile_k, out, stat)
 
 
 @njit(**_JIT)
-def _backward_row(a_row, dp_row, row_stat, row_dot, post, grad_bias, grad_post, normalizer):
-    """One score row in place: a_row (scores in) <- A * C, dp_row (dO V^T in) <- dS; adds the row's
-    A * dP and dS into the diagonal gradients."""
+def _backward_row(a_row, dp_row, row_stat, row_dot, post, grad_bias, grad_post, normalizer, keep):
+    """One score row in place: a_row (scores in) <- A * W, dp_row (dO V^T in) <- dS; adds the row's
+    A * dP * Z and dS into the diagonal gradients. W = C * Z is what multiplies A in the forward
+    (post, the caller folds dropout's factors Z into it); keep holds Z, or nothing without dropout."""
     n = a_row.shape[0]
     for c in range(n):
         a_row[c] = fast_exp(a_row[c] - row_stat)
-    for c in range(n):
-        grad_post[c] += a_row[c] * dp_row[c]
+    if keep.shape[0]:
+        for c in range(n):
+            grad_post[c] += a_row[c] * dp_row[c] * keep[c]
+    else:
+        for c in range(n):
+            grad_post[c] += a_row[c] * dp_row[c]
     if normalizer == L2:
         for c in range(n):
             dp_row[c] = a_row[c] * (post[c] * dp_row[c] - a_row[c] * row_dot)
@@ -176,7 +224,7 @@ def _backward_row(a_row, dp_row, row_stat, row_dot, post, grad_bias, grad_post, 
 
 
 @njit(parallel=True, **_JIT)
-def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, tile_q, tile_k, out, stat,
+def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout, tile_q, tile_k, out, stat,
               grad_out, grad_q, grad_k, grad_v, grad_bias_diag, grad_post_diag):
     """grad_k, grad_v are per query head [B, H, Lk, .]; grad_bias_diag, grad_post_diag are per
     (batch, head) [B * H, Lq + Lk - 1]. Every output is written in full."""
@@ -186,10 +234,14 @@ def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal
     diag0 = lq - 1
     zero = like(q, 0.0)
     scale = like(q, scale)
+    dropping, seed, threshold, kept_scale, _ = dropout
+    kept_scale = like(q, kept_scale)
     for task in prange(batch * heads):
         b = task // heads
         h = task % heads
         hk = h // group
+        keep = np.empty(tile_k if dropping else 0, q.dtype)
+        weight = np.empty(tile_k if dropping else 0, q.dtype)
         # D_i = sum_e dO_ie O_ie: the row term of every variant (spec section 6)
         row_dot = np.empty(lq, q.dtype)
         for i in range(lq):
@@ -219,8 +271,15 @@ def _backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal
                 dp = np.dot(got, vt.T)
                 for r in range(i1 - i0):
                     e0 = j0 - (i0 + r) + diag0
-                    _backward_row(a[r], dp[r], stat[b, h, i0 + r], row_dot[i0 + r], post_diag[h, e0:],
-                                  grad_bias_diag[task, e0:], grad_post_diag[task, e0:], normalizer)
+                    post = post_diag[h, e0:e0 + j1 - j0]
+                    row_keep = keep[:j1 - j0]
+                    if dropping:
+                        _dropout_row(row_keep, seed, task, i0 + r, j0, threshold, kept_scale)
+                        post = weight[:j1 - j0]
+                        for c in range(j1 - j0):
+                            post[c] = post_diag[h, e0 + c] * row_keep[c]
+                    _backward_row(a[r], dp[r], stat[b, h, i0 + r], row_dot[i0 + r], post,
+                                  grad_bias_diag[task, e0:], grad_post_diag[task, e0:], normalizer, row_keep)
                 dvt += np.dot(a.T, got)
                 dk += np.dot(dp.T, qt)
                 grad_q[b, h, i0:i1] += np.dot(dp, kt) * scale
@@ -284,7 +343,15 @@ def forward_tiles(batch, heads, lq, threads):
 CHUNKED_COPY_BYTES = 4 << 20
 
 
-def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal):
+def _dropout_args(dropout_p, dropout_seed, first_head=0):
+    """(on, seed, uint32 threshold, scale of kept weights, first (batch, head) index) as the kernels
+    take them."""
+    return (dropout_p > 0, np.uint64(dropout_seed), np.uint64(dropout_threshold(dropout_p)),
+            1.0 / (1.0 - dropout_p), first_head)
+
+
+def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout_p=0.0,
+                      dropout_seed=0):
     """q [B, H, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, E]; bias_diag, post_diag [H, Lq + Lk - 1];
     key_bias [B, Lk]; all in one compute dtype (float32 or float64, or widened from half).
     Returns (out [B, H, Lq, E] in q.dtype, stat [B, H, Lq] in the compute dtype).
@@ -310,11 +377,13 @@ def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer
     with single_threaded_blas():
         for rows in chunks:
             kernel(*_arrays(*(t[rows] for t in work[:3])), *tables, _arrays(work[5][rows])[0], float(scale),
-                   NORMALIZER_CODES[normalizer], bool(causal), *tiles, out[rows].numpy(), stat[rows].numpy())
+                   NORMALIZER_CODES[normalizer], bool(causal), _dropout_args(dropout_p, dropout_seed, rows.start * heads),
+                   *tiles, out[rows].numpy(), stat[rows].numpy())
     return out.to(q.dtype), stat
 
 
-def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, out, stat, grad_out):
+def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, out, stat, grad_out,
+                       dropout_p=0.0, dropout_seed=0):
     """Returns (dq, dk, dv in the input dtypes, d bias_diag [H, Lq + Lk - 1], d post_diag
     [H, Lq + Lk - 1] in the compute dtype)."""
     work = [compute_view(t) for t in (q, k, v, bias_diag, post_diag, key_bias, out, stat, grad_out)]
@@ -328,7 +397,8 @@ def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalize
     grad_post = torch.empty(batch, heads, lq + lk - 1, dtype=dtype)
     arrays = _arrays(*work)
     with single_threaded_blas():
-        _backward(*arrays[:6], float(scale), NORMALIZER_CODES[normalizer], bool(causal), *BACKWARD_TILES,
+        _backward(*arrays[:6], float(scale), NORMALIZER_CODES[normalizer], bool(causal),
+                  _dropout_args(dropout_p, dropout_seed), *BACKWARD_TILES,
                   *arrays[6:], grad_q.numpy(), grad_k.numpy(), grad_v.numpy(),
                   grad_bias.numpy().reshape(batch * heads, -1), grad_post.numpy().reshape(batch * heads, -1))
     if kv_heads != heads:  # GQA: each kv head gets the sum over its query heads, in head order
