@@ -120,15 +120,65 @@ def test_no_dense_bias_or_mask(monkeypatch):
                  do_sample=False)
 
 
-def test_dropout_refused_or_dropped():
-    ref = build("t5-v1.0", dropout_rate=0.1)
+def _without_residual_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("family", ["t5-v1.0", "umt5"])
+def test_attention_dropout_in_training_matches_eager_with_the_same_masks(family, monkeypatch):
+    """Training mode with attention dropout (p = 0.3; the residual dropout set to 0 so that only
+    attention dropout differs): the patched model equals transformers' eager attention whose
+    dropout on the attention weights is given fastnotes' hash mask, seeded from torch's generator
+    in the same order: loss and every parameter gradient."""
+    from fastnotes.reference.attention import dropout_keep
+
+    ref = _without_residual_dropout(build(family, dropout_rate=0.3)).train()
     pat = patched(ref).train()
-    with pytest.raises(RuntimeError, match="attention_dropout=0.0"):
-        pat(**batch())
+    assert all(m.dropout == 0.3 for m in pat.modules() if isinstance(m, fhf._Patched))
+    inputs = batch()
+    labels = inputs["decoder_input_ids"]
+    dropout = torch.nn.functional.dropout
+    calls = []
+
+    def hashed_dropout(x, p=0.5, training=True, inplace=False):
+        if x.dim() != 4 or not training or p == 0:
+            return dropout(x, p, training, inplace)
+        calls.append(x.shape)
+        seed = int(torch.randint(2 ** 32, (), dtype=torch.int64))  # as relpos_attention draws it
+        return x * dropout_keep(seed, *x.shape, p).to(x.dtype) / (1 - p)
+
+    runs = []
+    for model in (ref, pat):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with monkeypatch.context() as m:
+            if model is ref:
+                m.setattr(torch.nn.functional, "dropout", hashed_dropout)
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == 6  # 2 encoder self, 2 decoder self, 2 cross
+    (loss_ref, grads_ref), (loss_pat, grads_pat) = runs
+    assert_near(loss_pat, loss_ref, "loss")
+    for name, grad in grads_ref.items():
+        assert_near(grads_pat[name], grad, name)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        eval_loss = pat.eval()(**inputs, labels=labels).loss
+    assert abs(eval_loss - loss_pat) > 1e-3  # dropout did something
+
+
+def test_attention_dropout_rate_set_or_turned_off():
+    ref = build("t5-v1.0", dropout_rate=0.1)
     dropped = patched(ref, attention_dropout=0.0).train()
     dropped(**batch()).logits.sum().backward()  # residual dropout still runs, attention dropout is off
     assert all(m.dropout == 0.0 for m in dropped.modules() if isinstance(m, fhf._Patched))
     assert dropped.encoder.dropout.p == 0.1
+    other = patched(ref, attention_dropout=0.25)
+    assert all(m.dropout == 0.25 for m in other.modules() if isinstance(m, fhf._Patched))
 
 
 def test_bad_arguments():
@@ -139,8 +189,9 @@ def test_bad_arguments():
         fhf.apply_to_t5("t5-small")
     with pytest.raises(TypeError, match="urpe"):
         fhf.apply_to_t5(model, urpe=1)
-    with pytest.raises(ValueError, match="attention_dropout"):
-        fhf.apply_to_t5(model, attention_dropout=0.1)
+    for bad in (1.0, -0.1, "0.1", True):
+        with pytest.raises(ValueError, match="attention_dropout"):
+            fhf.apply_to_t5(model, attention_dropout=bad)
     pat = patched(model, urpe=True)
     with pytest.raises(ValueError, match="urpe=False"):
         fhf.apply_to_t5(pat)

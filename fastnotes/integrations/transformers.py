@@ -13,9 +13,11 @@ the padding masks as key_padding_mask, and the decoder's KV cache (Lq = 1 agains
 during generate). The [1, H, Lq, Lk] position bias and the [B, 1, Lq, Lk] additive mask of
 transformers are never built: the model's mask hook returns the 2-D padding mask.
 
-Attention-probability dropout is not fused. A model with dropout_rate > 0 raises in training
-mode unless apply_to_t5(..., attention_dropout=0.0) is given, which drops only the dropout on
-the attention probabilities (the residual and feed-forward dropout of the model stay).
+Attention-probability dropout runs inside the fused kernels in training mode (relpos_attention's
+dropout_p, at the model's rate unless apply_to_t5(..., attention_dropout=p) sets another; 0.0 turns
+it off and leaves the residual and feed-forward dropout of the model as they are). Its mask comes
+from fastnotes' hash (seeded from torch's generator), not from torch's dropout, so a patched model
+in training mode draws other masks than the unpatched one, with the same distribution.
 
 urpe=True adds a learnable URPE table C [H, num_buckets] to every self-attention layer (the
 post-softmax factor of Luo et al. 2022, indexed by the same buckets as the bias), initialised
@@ -90,10 +92,6 @@ class _Patched:
     each library's calling convention into _attend."""
 
     def _attend(self, hidden_states, kv_states, mask, cache, table, kwargs):
-        if self.training and self.dropout > 0:
-            raise RuntimeError(f"{_OP}: attention dropout ({self.dropout}) is not supported by the fused attention; "
-                               "call apply_to_t5(model, attention_dropout=0.0) to drop only the attention-probability "
-                               "dropout (residual dropout stays), or set config.dropout_rate=0")
         batch, lq = hidden_states.shape[:2]
         heads, dim = self.n_heads, self.key_value_proj_dim
         q = self.q(hidden_states).view(batch, lq, heads, dim).transpose(1, 2)
@@ -124,8 +122,9 @@ class _Patched:
         post = getattr(self, "urpe_table", None) if not cross else None
         if table is None and post is None:
             buckets = None
-        out = relpos_attention(q, k, v, causal=causal, scale=1.0, rel_bias=table,
-                               rel_buckets=buckets, post_table=post, key_padding_mask=_key_mask(mask, batch, lk))
+        out = relpos_attention(q, k, v, causal=causal, scale=1.0, rel_bias=table, rel_buckets=buckets,
+                               post_table=post, key_padding_mask=_key_mask(mask, batch, lk),
+                               dropout_p=self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(batch, lq, heads * dim))
 
     def _own_table(self):
@@ -193,6 +192,13 @@ def _set_implementation(model, name):
         config._attn_implementation = name
 
 
+def _check_attention_dropout(op, attention_dropout):
+    if attention_dropout is not None and (isinstance(attention_dropout, bool) or not isinstance(
+            attention_dropout, (int, float)) or not 0 <= attention_dropout < 1):
+        raise ValueError(f"{op}: attention_dropout must be None (the model's rate) or a number in [0, 1), "
+                         f"got {attention_dropout!r}")
+
+
 def apply_to_t5(model, *, urpe=False, attention_dropout=None):
     """Make every attention layer of a T5 / MT5 / UMT5 model run fastnotes.relpos_attention, in
     place (parameters and state_dict keys unchanged, plus the URPE tables with urpe=True).
@@ -202,9 +208,9 @@ def apply_to_t5(model, *, urpe=False, attention_dropout=None):
             UMT5Attention (T5Model, T5ForConditionalGeneration, T5EncoderModel, MT5*, UMT5*, ...).
         urpe: add a learnable URPE table [H, num_buckets] (initialised to 1) to every
             self-attention layer, as the parameter ``urpe_table`` of that module.
-        attention_dropout: None (default): a model with dropout_rate > 0 raises in training mode,
-            since dropout on the attention probabilities is not fused; 0.0: no dropout on the
-            attention probabilities (the model's other dropout is unchanged).
+        attention_dropout: None (default): dropout on the attention probabilities at the model's
+            rate (config.dropout_rate) in training mode, inside the fused kernels; a number in
+            [0, 1): that rate instead (0.0: none; the model's other dropout is unchanged).
     Returns the model. Applying it twice is a no-op when urpe agrees; urpe=True on a patched
     model adds the tables, urpe=False on a model that has them raises.
     """
@@ -212,9 +218,7 @@ def apply_to_t5(model, *, urpe=False, attention_dropout=None):
         raise TypeError(f"{_OP}: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(urpe, bool):
         raise TypeError(f"{_OP}: urpe must be a bool, got {type(urpe).__name__}")
-    if attention_dropout is not None and not (isinstance(attention_dropout, (int, float)) and attention_dropout == 0):
-        raise ValueError(f"{_OP}: attention_dropout must be None or 0.0 (dropout on the attention probabilities "
-                         f"is not fused), got {attention_dropout!r}")
+    _check_attention_dropout(_OP, attention_dropout)
     classes = _attention_classes()
     targets = [m for m in model.modules() if type(m) in classes or isinstance(m, _Patched)]
     if not targets:
@@ -228,7 +232,7 @@ def apply_to_t5(model, *, urpe=False, attention_dropout=None):
         if not isinstance(m, _Patched):
             m.__class__ = _patched_class(type(m), classes[type(m)])
         if attention_dropout is not None:
-            m.dropout = 0.0
+            m.dropout = float(attention_dropout)
         if urpe and id(m) not in cross_ids and getattr(m, "urpe_table", None) is None:
             ref = m.q.weight
             m.urpe_table = torch.nn.Parameter(torch.ones(m.n_heads, m.relative_attention_num_buckets,
@@ -311,10 +315,6 @@ class _PatchedBloom:
         if output_attentions:
             raise ValueError(f"{_BLOOM_OP}: output_attentions=True: the fused attention never forms the attention "
                              "probabilities")
-        if self.training and self.attention_dropout.p > 0:
-            raise RuntimeError(f"{_BLOOM_OP}: attention dropout ({self.attention_dropout.p}) is not supported by the "
-                               "fused attention; call apply_to_bloom(model, attention_dropout=0.0) to drop only the "
-                               "attention-probability dropout, or set config.attention_dropout=0")
         cache = layer_past if cache is None else cache
         batch, lq = hidden_states.shape[:2]
         q, k, v = self._reshape(self.query_key_value(hidden_states))
@@ -331,7 +331,8 @@ class _PatchedBloom:
 
             slopes = self._fastnotes_slopes = _get_alibi_slopes(self.num_heads, q.device)
         out = relpos_attention(q, k, v, causal=True, scale=self.inv_norm_factor, alibi_slopes=slopes,
-                               key_padding_mask=_key_mask(attention_mask, batch, lk, _BLOOM_OP))
+                               key_padding_mask=_key_mask(attention_mask, batch, lk, _BLOOM_OP),
+                               dropout_p=self.attention_dropout.p if self.training else 0.0)
         out = self.dense(out.transpose(1, 2).reshape(batch, lq, self.hidden_size))
         return residual + torch.nn.functional.dropout(out, self.hidden_dropout, self.training), None
 
@@ -346,17 +347,15 @@ def apply_to_bloom(model, *, attention_dropout=None):
     right padding; a row with holes raises). Query rows at padded positions whose keys are all
     padding give 0 here (transformers gives an average of padding values there); no unpadded
     token sees them. Not supported (they raise): output_attentions=True, static caches, the
-    sliced dense layer of pretraining_tp > 1 with slow_but_exact=True, and attention dropout in
-    training unless attention_dropout=0.0 is given (which turns off only that dropout).
+    sliced dense layer of pretraining_tp > 1 with slow_but_exact=True. Attention dropout runs in
+    the fused kernels at config.attention_dropout, or at attention_dropout when given (as apply_to_t5).
     Returns the model; applying it twice is a no-op.
     """
     from transformers.models.bloom.modeling_bloom import BloomAttention
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{_BLOOM_OP}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if attention_dropout is not None and not (isinstance(attention_dropout, (int, float)) and attention_dropout == 0):
-        raise ValueError(f"{_BLOOM_OP}: attention_dropout must be None or 0.0 (dropout on the attention "
-                         f"probabilities is not fused), got {attention_dropout!r}")
+    _check_attention_dropout(_BLOOM_OP, attention_dropout)
     targets = [m for m in model.modules() if isinstance(m, BloomAttention)]
     if not targets:
         raise ValueError(f"{_BLOOM_OP}: model ({type(model).__name__}) has no BloomAttention layer")
@@ -368,7 +367,7 @@ def apply_to_bloom(model, *, attention_dropout=None):
         if not isinstance(m, _PatchedBloom):
             m.__class__ = _patched_class(type(m), None, _PatchedBloom)
         if attention_dropout is not None:
-            m.attention_dropout.p = 0.0
+            m.attention_dropout.p = float(attention_dropout)
     _set_implementation(model, ATTN_IMPLEMENTATION_BLOOM)
     return model
 
