@@ -120,3 +120,20 @@ def test_bad_dropout_arguments(change, words):
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match=words):
         fastnotes.relpos_attention(q, q, q, **{"dropout_p": 0.1, **change})
+
+
+def test_self_attention_module_dropout():
+    """RelPosSelfAttention(dropout=p): dropout in training mode only, repeatable under manual_seed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    layer = fastnotes.RelPosSelfAttention(16, 4, dropout=0.5)
+    plain = fastnotes.RelPosSelfAttention(16, 4, relative_bias=layer.relative_bias)
+    plain.load_state_dict(layer.state_dict())
+    torch.manual_seed(1)
+    first = layer(x)
+    torch.manual_seed(1)
+    assert torch.equal(layer(x), first)
+    assert not torch.allclose(first, plain(x))
+    torch.testing.assert_close(layer.eval()(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dropout"):
+        fastnotes.RelPosSelfAttention(16, 4, dropout=1.0)

@@ -39,11 +39,14 @@ class RelPosSelfAttention(torch.nn.Module):
             without 't5'. Initialised to 1, so training starts from plain attention. Pass
             post_table=<Parameter [num_heads, R]> to share one table across layers.
         normalizer: 'softmax' | 'l2'; causal; bias (of the projections).
+        dropout: dropout probability on the attention weights in training mode (inside the fused
+            kernels, seeded from torch's generator; see relpos_attention's dropout_p).
     forward(x, key_padding_mask=None) -> [B, L, embed_dim].
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, position="t5", relative_bias=None, urpe=False,
-                 post_table=None, normalizer="softmax", causal=False, num_buckets=32, max_distance=128, bias=True):
+                 post_table=None, normalizer="softmax", causal=False, num_buckets=32, max_distance=128, bias=True,
+                 dropout=0.0):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads != 0 or num_heads % num_kv_heads != 0:
@@ -52,6 +55,9 @@ class RelPosSelfAttention(torch.nn.Module):
             raise ValueError(f"RelPosSelfAttention: position must be 't5', 'alibi' or None, got {position!r}")
         if normalizer not in NORMALIZERS:
             raise ValueError(f"RelPosSelfAttention: normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"RelPosSelfAttention: dropout must be a number in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, embed_dim // num_heads
         self.normalizer, self.causal, self.position = normalizer, causal, position
         self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -77,5 +83,6 @@ class RelPosSelfAttention(torch.nn.Module):
             rel_bias=None if self.relative_bias is None else self.relative_bias.table,
             rel_buckets=None if self.relative_bias is None else self.relative_bias.rel_buckets,
             alibi_slopes=self.alibi if self.position == "alibi" else None,
-            post_table=self.post_table, normalizer=self.normalizer, key_padding_mask=key_padding_mask)
+            post_table=self.post_table, normalizer=self.normalizer, key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
