@@ -13,10 +13,10 @@ from fastnotes.integrations import transformers as fhf
 LENGTHS = (1024, 2048)
 
 
-def encoder(implementation):
+def encoder(implementation, dropout_rate=0.0):
     config = transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
                                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                                   dropout_rate=0.0, feed_forward_proj="relu",
+                                   dropout_rate=dropout_rate, feed_forward_proj="relu",
                                    attn_implementation="eager" if implementation == "fastnotes" else implementation)
     torch.manual_seed(0)
     model = transformers.T5EncoderModel(config).train()
@@ -81,8 +81,9 @@ def test_saved_bytes_linear_in_length_and_below_sdpa():
     assert fused[2048] * 4 < sdpa, f"fused {fused[2048]} bytes vs sdpa {sdpa}"
 
 
-def test_no_lq_by_lk_tensor_in_forward_or_backward():
-    big, ops = square_tensors(encoder("fastnotes"), 1024)
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.1], ids=["no-dropout", "attention-dropout"])
+def test_no_lq_by_lk_tensor_in_forward_or_backward(dropout_rate):
+    big, ops = square_tensors(encoder("fastnotes", dropout_rate), 1024)
     assert not big, f"[Lq, Lk]-sized tensors created: {big}"
     assert any("backward" in op for op in ops), "the mode did not see the backward"
     # the same detector on transformers' sdpa path finds its dense bias: the check can fail
