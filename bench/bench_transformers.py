@@ -9,6 +9,8 @@ apply_to_t5 against transformers' own attention implementations ('eager', 'sdpa'
 Cases (fp32, CPU):
   encoder L     T5EncoderModel forward under no_grad, B = 4, L in {512, 1024, 2048}
   train 1024    T5EncoderModel forward + backward of mean(hidden^2), B = 4 (no optimizer step)
+  train-dropout the same with dropout_rate = 0.1 (T5's default: attention, residual and feed-forward
+                dropout) in training mode; not in the default --cases
   generate      T5ForConditionalGeneration.generate, B = 1, 512 input tokens, greedy, exactly 64
                 new tokens (min_new_tokens = max_new_tokens = 64), KV cache on
   attention     relpos_attention alone, 4 x 8 x 1024 x 64, T5 bias (32 buckets, bidirectional):
@@ -43,29 +45,30 @@ import torch
 BATCH, LAYERS, D_MODEL, HEADS, D_KV, D_FF, VOCAB = 4, 6, 512, 8, 64, 2048, 32128
 ENCODER_LENGTHS = (512, 1024, 2048)
 TRAIN_LENGTH = 1024
+TRAIN_DROPOUT = 0.1  # the train-dropout case: T5's default dropout_rate (attention, residual, feed-forward)
 GEN_BATCH, GEN_INPUT, GEN_TOKENS = 1, 512, 64
 CONTENDERS = ("fastnotes", "eager", "sdpa", "flex_attention")
 ATTENTION_CONTENDERS = ("fastnotes-fwd", "flex-fwd", "sdpa-bias-fwd", "sdpa-bias4d-fwd", "fastnotes-fwdbwd",
                         "sdpa-bias-fwdbwd", "sdpa-bias4d-fwdbwd")
 
 
-def config(**extra):
+def config(dropout_rate=0.0, **extra):
     from transformers import T5Config
 
     return T5Config(vocab_size=VOCAB, d_model=D_MODEL, d_kv=D_KV, d_ff=D_FF, num_layers=LAYERS,
                     num_decoder_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=32,
-                    relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="relu",
+                    relative_attention_max_distance=128, dropout_rate=dropout_rate, feed_forward_proj="relu",
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **extra)
 
 
-def build(contender, cls_name):
+def build(contender, cls_name, dropout_rate=0.0):
     import transformers
 
     from fastnotes.integrations.transformers import apply_to_t5
 
     torch.manual_seed(0)
     implementation = "eager" if contender == "fastnotes" else contender
-    model = getattr(transformers, cls_name)(config(attn_implementation=implementation))
+    model = getattr(transformers, cls_name)(config(dropout_rate, attn_implementation=implementation))
     if contender == "fastnotes":
         apply_to_t5(model)
     return model
@@ -90,7 +93,7 @@ def case_fn(contender, case, length):
                                      min_new_tokens=GEN_TOKENS, do_sample=False, num_beams=1)
             assert out.shape[1] == GEN_TOKENS + 1, out.shape
         return generate
-    model = build(contender, "T5EncoderModel")
+    model = build(contender, "T5EncoderModel", TRAIN_DROPOUT if case == "train-dropout" else 0.0)
     inputs = ids(BATCH, length)
     if case == "encoder":
         model.eval()
@@ -198,6 +201,8 @@ def plan(quick, cases):
             rows.append(("encoder", length, CONTENDERS, 2 if length >= 2048 or quick else 3))
     if "train" in cases:
         rows.append(("train", TRAIN_LENGTH, CONTENDERS, 2 if quick else 3))
+    if "train-dropout" in cases:
+        rows.append(("train-dropout", TRAIN_LENGTH, CONTENDERS, 2 if quick else 3))
     if "generate" in cases:
         rows.append(("generate", GEN_INPUT, CONTENDERS, 2 if quick else 3))
     return rows
@@ -254,6 +259,7 @@ def markdown(results, meta):
         memory = (f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}" if "peak_extra_bytes" in r
                   and base.get("peak_extra_bytes") else "")
         label = {"encoder": f"encoder fwd B={BATCH} L={r['length']}", "train": f"train step B={BATCH} L={r['length']}",
+                 "train-dropout": f"train step, dropout {TRAIN_DROPOUT}, B={BATCH} L={r['length']}",
                  "generate": f"generate B={GEN_BATCH} {GEN_INPUT}->{GEN_TOKENS}"}[r["case"]]
         note = f" (failed: {r['error']})" if "error" in r else ""
         mib = f"{r['peak_extra_bytes'] / 2**20:.0f}" if "peak_extra_bytes" in r else "n/a"
@@ -289,7 +295,8 @@ def plot(results, path, key):
     colors = dict(zip(CONTENDERS, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=120)
     width = 0.8 / len(CONTENDERS)
-    titles = {"encoder": "enc fwd L={}", "train": "train L={}", "generate": "generate {}->64"}
+    titles = {"encoder": "enc fwd L={}", "train": "train L={}", "train-dropout": "train+dropout L={}",
+              "generate": "generate {}->64"}
     time_label = {"cpu_min_s": "CPU time of the call (s, log)", "min_s": "fastest call, wall (s, log)"}[key]
     for ax, field, ylabel in ((axes[0], key, time_label),
                               (axes[1], "peak_extra_bytes", "peak extra resident memory (MiB, log)")):

@@ -1,4 +1,4 @@
-"""Self-check cases for relative-position attention (T5 bias + URPE, softmax and l2)."""
+"""Self-check cases for relative-position attention (T5 bias + URPE, softmax and l2, attention dropout)."""
 import torch
 
 from ..attention import relpos_attention
@@ -25,8 +25,8 @@ def _relpos_attention_check(device, dtype):
     values = _inputs(gen, 2, 4, 2, 96, 16)
     mask = torch.rand(2, 96, generator=gen) < 0.9
     errors = {"value_error": 0.0, "grad_error": 0.0}
-    for causal, normalizer in ((False, "softmax"), (True, "l2")):
-        kwargs = dict(causal=causal, normalizer=normalizer, rel_buckets=_RELB)
+    for causal, normalizer, dropout_p in ((False, "softmax", 0.0), (True, "l2", 0.2)):
+        kwargs = dict(causal=causal, normalizer=normalizer, rel_buckets=_RELB, dropout_p=dropout_p, dropout_seed=7)
         upstream = torch.randn(2, 4, 96, 16, generator=gen, dtype=torch.float64)
         exact_in = [t.detach().clone().requires_grad_() for t in values]
         exact = reference_attention.relpos_attention(*exact_in[:3], rel_bias=exact_in[3], post_table=exact_in[4],
