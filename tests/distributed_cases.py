@@ -8,6 +8,11 @@ import time
 
 import torch
 import torch.distributed as dist
+# Loaded here, in every rank before init_process_group: its functions bind group=group.WORLD as a
+# default when imported, and imported later (by `import fastnotes` -> torch._dynamo, or by FSDP, in
+# a check) they would keep the default group alive after destroy_process_group, its gloo threads
+# running until the interpreter's teardown destroys it.
+import torch.distributed.nn  # noqa: F401
 
 TIMEOUT_S = 150          # the whole spawn: a hang fails the test instead of the CI job
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
