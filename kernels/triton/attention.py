@@ -13,14 +13,21 @@ backward (deterministic, no atomics):
           buffer that the launcher sums in a fixed order.
 Matrix products accumulate in fp32 on tensor cores: 3xTF32 for float32 inputs (float32 accuracy, not
 plain TF32), bf16/fp16 for 16-bit inputs.
+Dropout (HAS_DROPOUT): W = C Z with Z = keep / (1 - p), keep the hash of kernels/_dropout.py, recomputed
+per tile in every kernel; the normaliser uses the undropped weights.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .._dropout import COL_J, FMIX_1, FMIX_2, ROW_BH, ROW_I, dropout_threshold
+
 SOFTMAX, L2 = 0, 1
 NORMALIZER_CODES = {"softmax": SOFTMAX, "l2": L2}
 _L2 = tl.constexpr(L2)  # what the kernels compare the runtime normalizer code with
+# the hash constants; those >= 2^31 are uint32 literals in Triton, and the others multiply uint32 tensors
+_FMIX_1, _FMIX_2 = tl.constexpr(FMIX_1), tl.constexpr(FMIX_2)
+_ROW_BH, _ROW_I, _COL_J = tl.constexpr(ROW_BH), tl.constexpr(ROW_I), tl.constexpr(COL_J)
 # (BLOCK_M, BLOCK_N, num_warps) per kernel, input precision and padded head dim (<= 64 or 128),
 # chosen so that every configuration compiles without register spills (tests/test_triton_aot.py).
 # float32 with head dims over 64 spills at any tile size: the op sends it elsewhere (FP32_MAX_HEAD_DIM).
@@ -30,6 +37,10 @@ TILES = {
     ("forward", "16-bit", 64): (64, 64, 8), ("forward", "16-bit", 128): (64, 32, 8),
     ("dkdv", "16-bit", 64): (32, 32, 8), ("dkdv", "16-bit", 128): (32, 32, 8),
     ("dq", "16-bit", 64): (32, 32, 8), ("dq", "16-bit", 128): (32, 32, 8),
+}
+# With dropout the mask's hash takes registers of its own: smaller tiles where those above would spill.
+DROPOUT_TILES = {
+    ("forward", "fp32", 64): (32, 16, 4), ("forward", "16-bit", 64): (64, 32, 8), ("dq", "16-bit", 128): (32, 16, 8),
 }
 
 
@@ -47,9 +58,9 @@ def unsupported(q, v):
     return None
 
 
-def tiles(kernel, dtype, dim_pad):
-    precision = "fp32" if dtype in (torch.float32, "fp32") else "16-bit"
-    return TILES[(kernel, precision, 64 if dim_pad <= 64 else 128)]
+def tiles(kernel, dtype, dim_pad, dropout=False):
+    key = (kernel, "fp32" if dtype in (torch.float32, "fp32") else "16-bit", 64 if dim_pad <= 64 else 128)
+    return DROPOUT_TILES.get(key, TILES[key]) if dropout else TILES[key]
 
 
 @triton.jit
@@ -72,9 +83,36 @@ def _score_tile(q, k, bias_ptr, key_bias_ptr, rows, cols, b, h, lq, lk, scale, n
 
 
 @triton.jit
+def _fmix32(x):
+    """MurmurHash3's finaliser on uint32 (multiplies wrap mod 2^32, shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = x * _FMIX_1
+    x = x ^ (x >> 13)
+    x = x * _FMIX_2
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_rows(seed, bh, rows):
+    """The hash's part for query head bh and rows i (uint32 [BM]), shared by a row's key tiles.
+    The cast makes the seed uint32 under the interpreter too (it types a Python int by its value)."""
+    head = _fmix32(seed.to(tl.uint32) + bh.to(tl.uint32) * _ROW_BH)
+    return _fmix32(head + rows.to(tl.uint32) * _ROW_I)
+
+
+@triton.jit
+def _dropout_scale(row_hash, cols, threshold, keep_scale):
+    """Z [BM, BN]: keep_scale = 1 / (1 - p) where the hash of (row, j) is >= threshold, else 0."""
+    u = _fmix32(row_hash[:, None] + cols.to(tl.uint32)[None, :] * _COL_J)
+    return tl.where(u >= threshold.to(tl.uint32), keep_scale, 0.0)
+
+
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
 def attention_forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr, out_ptr, stat_ptr,
                              heads, group, lq, lk, d, e, scale, normalizer, causal,
-                             D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                             dropout_seed: tl.uint32, dropout_threshold: tl.uint32, dropout_scale,
+                             D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             HAS_DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
@@ -88,6 +126,8 @@ def attention_forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_p
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     norm = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, E], tl.float32)
+    if HAS_DROPOUT:
+        row_hash = _dropout_rows(dropout_seed, bh, rows)
     # causal: key j is visible from row i iff j <= i + Lk - Lq
     hi = tl.where(causal != 0, tl.minimum(lk, (pid_m + 1) * BLOCK_M + lk - lq), lk)
     for j0 in range(0, hi, BLOCK_N):
@@ -103,6 +143,8 @@ def attention_forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_p
         else:
             norm = norm * corr + tl.sum(p, axis=1)
         c = tl.load((post_ptr + h * n_diag) + diag, mask=inb, other=0.0)
+        if HAS_DROPOUT:
+            c = c * _dropout_scale(row_hash, cols, dropout_threshold, dropout_scale)
         v = _load_rows(v_ptr, kv_row0, cols, lk, e, edims)
         acc = acc * corr[:, None] + tl.dot((p * c).to(v.dtype), v, input_precision="tf32x3")
         m = m_new
@@ -131,10 +173,12 @@ def _weights(s, stat, row_dot, c, dp, normalizer):
     return a, ds
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
 def attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr, stat_ptr, row_dot_ptr, grad_out_ptr,
                           grad_k_ptr, grad_v_ptr, heads, group, lq, lk, d, e, scale, normalizer, causal,
-                          D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          dropout_seed: tl.uint32, dropout_threshold: tl.uint32, dropout_scale,
+                          D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
@@ -159,6 +203,8 @@ def attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr,
         row_dot = tl.load((row_dot_ptr + bh * lq) + rows, mask=in_rows, other=0.0)
         s, diag, inb = _score_tile(q, k, bias_ptr, key_bias_ptr, rows, cols, b, h, lq, lk, scale, n_diag)
         c = tl.load((post_ptr + h * n_diag) + diag, mask=inb, other=0.0)
+        if HAS_DROPOUT:  # W = C Z takes C's place in dS and dV
+            c = c * _dropout_scale(_dropout_rows(dropout_seed, bh, rows), cols, dropout_threshold, dropout_scale)
         dp = tl.dot(g, tl.trans(v), input_precision="tf32x3")
         a, ds = _weights(s, stat, row_dot, c, dp, normalizer)
         dv += tl.dot(tl.trans((a * c).to(g.dtype)), g, input_precision="tf32x3")
@@ -187,11 +233,12 @@ def _add_diagonal_sums(tile, scratch_ptr, row_ptr, e_first, n_diag, BLOCK_M: tl.
     tl.debug_barrier()  # the scratch and the row are read again by the next call
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_threshold"])
 def attention_dq_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr, stat_ptr, row_dot_ptr, grad_out_ptr,
                         grad_q_ptr, grad_bias_ptr, grad_post_ptr, scratch_ptr, heads, group, lq, lk, d, e, scale,
-                        normalizer, causal, D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        normalizer, causal, dropout_seed: tl.uint32, dropout_threshold: tl.uint32, dropout_scale,
+                        D: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
@@ -211,6 +258,8 @@ def attention_dq_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr, s
     stat = tl.load((stat_ptr + bh * lq) + rows, mask=in_rows, other=float("inf"))
     row_dot = tl.load((row_dot_ptr + bh * lq) + rows, mask=in_rows, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if HAS_DROPOUT:
+        row_hash = _dropout_rows(dropout_seed, bh, rows)
     hi = tl.where(causal != 0, tl.minimum(lk, (pid_m + 1) * BLOCK_M + lk - lq), lk)
     for j0 in range(0, hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
@@ -219,6 +268,8 @@ def attention_dq_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr, s
         s, diag, inb = _score_tile(q, k, bias_ptr, key_bias_ptr, rows, cols, b, h, lq, lk, scale, n_diag)
         c = tl.load((post_ptr + h * n_diag) + diag, mask=inb, other=0.0)
         dp = tl.dot(g, tl.trans(v), input_precision="tf32x3")
+        if HAS_DROPOUT:  # C (Z dP) = W dP in dS, and A Z dP is the gradient of C
+            dp = dp * _dropout_scale(row_hash, cols, dropout_threshold, dropout_scale)
         a, ds = _weights(s, stat, row_dot, c, dp, normalizer)
         dq += tl.dot(ds.to(k.dtype), k, input_precision="tf32x3")
         e_first = j0 - pid_m * BLOCK_M + lq - 1 - (BLOCK_M - 1)
@@ -231,13 +282,13 @@ def attention_dq_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, post_ptr, key_bias_ptr, s
 # ---- launch -------------------------------------------------------------------------------------
 
 
-def _config(kernel, q, v):
+def _config(kernel, q, v, dropout_p):
     """Constexprs and num_warps: padded head dims and tiles; 16 x 16 tiles under the interpreter
     (it pays per tile)."""
     dim_pad = max(16, triton.next_power_of_2(q.shape[3]))
     value_pad = max(16, triton.next_power_of_2(v.shape[3]))
     block_m, block_n, warps = (16, 16, 1) if q.device.type == "cpu" else \
-        tiles(kernel, q.dtype, max(dim_pad, value_pad))
+        tiles(kernel, q.dtype, max(dim_pad, value_pad), dropout_p > 0)
     return dict(D=dim_pad, E=value_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
 
@@ -246,21 +297,29 @@ def _common(q, k):
     return dict(heads=heads, group=heads // k.shape[1], lq=lq, lk=k.shape[2], d=d)
 
 
-def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal):
+def _dropout(p, seed):
+    """The kernels' dropout arguments for probability p in [0, 1) and seed in [0, 2^32)."""
+    return dict(dropout_seed=int(seed), dropout_threshold=dropout_threshold(p), dropout_scale=1.0 / (1.0 - p),
+                HAS_DROPOUT=p > 0)
+
+
+def attention_forward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, dropout_p=0.0,
+                      dropout_seed=0):
     """As kernels/numba/attention.attention_forward: (out [B, H, Lq, E] in q.dtype, stat [B, H, Lq] fp32)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, lq, _ = q.shape
-    config = _config("forward", q, v)
+    config = _config("forward", q, v, dropout_p)
     out = torch.empty(batch, heads, lq, v.shape[3], dtype=q.dtype, device=q.device)
     stat = torch.empty(batch, heads, lq, dtype=torch.float32, device=q.device)
     attention_forward_kernel[(triton.cdiv(lq, config["BLOCK_M"]), batch * heads)](
         q, k, v, bias_diag.float().contiguous(), post_diag.float().contiguous(), key_bias.float().contiguous(),
         out, stat, **_common(q, k), e=v.shape[3], scale=float(scale), normalizer=NORMALIZER_CODES[normalizer],
-        causal=int(causal), **config)
+        causal=int(causal), **_dropout(dropout_p, dropout_seed), **config)
     return out, stat
 
 
-def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, out, stat, grad_out):
+def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalizer, causal, out, stat, grad_out,
+                       dropout_p=0.0, dropout_seed=0):
     """As kernels/numba/attention.attention_backward: (dq, dk, dv, d bias_diag, d post_diag)."""
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     batch, heads, lq, d = q.shape
@@ -269,13 +328,13 @@ def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalize
         key_bias.float().contiguous()
     row_dot = (grad_out.float() * out.float()).sum(-1).contiguous()  # D_i = rowsum(dO * O)
     common = dict(**_common(q, k), e=dv_dim, scale=float(scale), normalizer=NORMALIZER_CODES[normalizer],
-                  causal=int(causal))
+                  causal=int(causal), **_dropout(dropout_p, dropout_seed))
     grad_k = torch.empty(batch, heads, lk, d, dtype=k.dtype if kv_heads == heads else torch.float32, device=q.device)
     grad_v = torch.empty(batch, heads, lk, dv_dim, dtype=grad_k.dtype, device=q.device)
-    config = _config("dkdv", q, v)
+    config = _config("dkdv", q, v, dropout_p)
     attention_dkdv_kernel[(triton.cdiv(lk, config["BLOCK_N"]), batch * heads)](
         q, k, v, bias_diag, post_diag, key_bias, stat, row_dot, grad_out, grad_k, grad_v, **common, **config)
-    config = _config("dq", q, v)
+    config = _config("dq", q, v, dropout_p)
     n_qt = triton.cdiv(lq, config["BLOCK_M"])
     grad_q = torch.empty_like(q)
     grad_bias = torch.zeros(batch, heads, n_qt, lq + lk - 1, dtype=torch.float32, device=q.device)
@@ -294,8 +353,9 @@ def attention_backward(q, k, v, bias_diag, post_diag, key_bias, scale, normalize
 def _aot_configs():
     configs = []
     scalars = {"heads": "i32", "group": "i32", "lq": "i32", "lk": "i32", "d": "i32", "e": "i32", "scale": "fp32",
-               "normalizer": "i32", "causal": "i32", "D": "constexpr", "E": "constexpr", "BLOCK_M": "constexpr",
-               "BLOCK_N": "constexpr"}
+               "normalizer": "i32", "causal": "i32", "dropout_seed": "u32", "dropout_threshold": "u32",
+               "dropout_scale": "fp32", "D": "constexpr", "E": "constexpr", "BLOCK_M": "constexpr",
+               "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr"}
     tables = {"bias_ptr": "*fp32", "post_ptr": "*fp32", "key_bias_ptr": "*fp32"}
     for ty in ("fp32", "fp16", "bf16"):
         for dim in (16, 32, 64) if ty == "fp32" else (32, 64, 128):
@@ -306,9 +366,11 @@ def _aot_configs():
                     ("dkdv", attention_dkdv_kernel, {**backward, "grad_k_ptr": f"*{ty}", "grad_v_ptr": f"*{ty}"}),
                     ("dq", attention_dq_kernel, {**backward, "grad_q_ptr": f"*{ty}", "grad_bias_ptr": "*fp32",
                                                  "grad_post_ptr": "*fp32", "scratch_ptr": "*fp32"})):
-                block_m, block_n, warps = tiles(name, ty, dim)
-                configs.append((kernel, {**signature, **scalars},
-                                {"D": dim, "E": dim, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps))
+                for dropout in (False, True):
+                    block_m, block_n, warps = tiles(name, ty, dim, dropout)
+                    configs.append((kernel, {**signature, **scalars}, {"D": dim, "E": dim, "BLOCK_M": block_m,
+                                                                      "BLOCK_N": block_n, "HAS_DROPOUT": dropout},
+                                    warps))
     return configs
 
 
