@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard  # before init_process_group: see docs/zlpr.md, "Exiting cleanly"
 
 from fastnotes.distributed import LabelParallelMultilabelCE
 from fastnotes.optim import Amos
@@ -131,7 +132,6 @@ def main():
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
-    from torch.distributed.fsdp import fully_shard
     torch.manual_seed(0)  # the same initial encoder on every rank before sharding
     encoder = Encoder(args.width).to(device)
     fully_shard(encoder.block)
