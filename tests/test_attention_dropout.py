@@ -137,3 +137,38 @@ def test_self_attention_module_dropout():
     torch.testing.assert_close(layer.eval()(x), plain(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="dropout"):
         fastnotes.RelPosSelfAttention(16, 4, dropout=1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_activation_checkpointing_recomputes_the_same_mask(rng, backend):
+    """torch.utils.checkpoint restores the RNG state before recomputing the forward, so a drawn seed
+    (dropout_seed=None) is drawn again identically: gradients equal the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+    tensors, kwargs = make_case(rng, batch=1, lq=40, lk=40)
+    kwargs.update(dropout_p=0.3)
+    grads = []
+    for checkpointed in (False, True):
+        leaves = {n: t.float().clone().requires_grad_() for n, t in tensors.items()}
+        torch.manual_seed(3)
+
+        def fn(q, k, v, rel_bias, post_table):
+            return fastnotes.relpos_attention(q, k, v, rel_bias=rel_bias, post_table=post_table, **kwargs).square()
+
+        with fastnotes.use_backend(backend):
+            out = checkpoint(fn, *leaves.values(), use_reentrant=False) if checkpointed else fn(*leaves.values())
+            out.sum().backward()
+        grads.append([t.grad for t in leaves.values()])
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
+
+
+def test_autocast_bfloat16_with_dropout(rng):
+    """Under CPU autocast the op runs in bfloat16 inputs (float32 accumulation) with the same mask."""
+    tensors, kwargs = make_case(rng, batch=1, lq=30, lk=30)
+    kwargs.update(dropout_p=0.25, dropout_seed=11)
+    exact = reference.relpos_attention(**{n: t.to(torch.bfloat16).double() if n in "qkv" else t
+                                          for n, t in tensors.items()}, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastnotes.relpos_attention(**{n: t.float() for n, t in tensors.items()}, **kwargs)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=2e-2)
