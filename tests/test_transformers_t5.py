@@ -294,3 +294,25 @@ def test_patched_model_from_threads():
         for t in threads:
             t.join()
     assert not errors, errors
+
+
+def test_gradient_checkpointing_with_attention_dropout():
+    """model.activation_checkpointing_enable() on a patched model in training with attention dropout:
+    the recomputed layers draw the same masks, so loss and gradients equal the run without it."""
+    base = _without_residual_dropout(build("t5-v1.1", dropout_rate=0.2))
+    inputs = batch()
+    runs = []
+    for checkpointing in (False, True):
+        model = patched(base).train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            assert model.is_activation_checkpointing
+        torch.manual_seed(5)
+        loss = model(**inputs, labels=inputs["decoder_input_ids"]).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = runs
+    assert torch.equal(loss_plain, loss_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name, grad in grads_plain.items():
+        assert torch.equal(grads_ckpt[name], grad), name
