@@ -85,11 +85,9 @@ def _exp_row(row, shift, post, normalizer):
     return total
 
 
-_U32 = {name: np.uint64(value) for name, value in
-        dict(FMIX_1=FMIX_1, FMIX_2=FMIX_2, ROW_BH=ROW_BH, ROW_I=ROW_I, COL_J=COL_J, LOW32=LOW32).items()}
-_FMIX_1, _FMIX_2, _ROW_BH, _ROW_I, _COL_J, _LOW32 = (_U32[n] for n in ("FMIX_1", "FMIX_2", "ROW_BH", "ROW_I",
-                                                                      "COL_J", "LOW32"))
-_SHIFT_13, _SHIFT_16 = np.uint64(13), np.uint64(16)
+# The hash in uint64 (numba mixes uint64 with int64 into float64, so every constant is a uint64)
+_FMIX_1, _FMIX_2, _ROW_BH, _ROW_I, _COL_J, _LOW32, _SHIFT_13, _SHIFT_16 = (
+    np.uint64(c) for c in (FMIX_1, FMIX_2, ROW_BH, ROW_I, COL_J, LOW32, 13, 16))
 
 
 @njit(**_JIT)
